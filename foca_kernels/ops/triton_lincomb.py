@@ -1,0 +1,96 @@
+"""The one fused Triton kernel: every state slot a rule rewrites, and the caller's output,
+as linear combinations of the slots it reads and the new feature, in one pass.
+
+Each program loads its block of every input once, forms all outputs in fp32 registers and
+only then stores, so an output may overwrite an input slot in place (elementwise: every
+element is read and written by the same program). Offsets are int64; loads are masked.
+Import this module only after TRITON_INTERPRET is settled: @triton.jit reads it here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lincomb_kernel(
+    slots_ptr,  # [n_slots, slot_stride] state allocation
+    feat_ptr,  # [n] new feature (unused when HAS_FEAT == 0)
+    out_ptr,  # [n] caller's output (unused when HAS_OUT == 0)
+    n,  # elements per tensor
+    read_offs,  # tuple: element offset of each slot read
+    write_offs,  # tuple: element offset of each slot written
+    coef,  # tuple: (NUM_WRITE + HAS_OUT) rows of (NUM_READ + HAS_FEAT) fp32 coefficients
+    NUM_READ: tl.constexpr,
+    HAS_FEAT: tl.constexpr,
+    NUM_WRITE: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    NUM_IN: tl.constexpr = NUM_READ + HAS_FEAT
+
+    xs = ()
+    for i in tl.static_range(NUM_READ):
+        x = tl.load(slots_ptr + read_offs[i] + offs, mask=mask, other=0.0)
+        xs = xs + (x.to(tl.float32),)
+    if HAS_FEAT:
+        x = tl.load(feat_ptr + offs, mask=mask, other=0.0)
+        xs = xs + (x.to(tl.float32),)
+
+    ys = ()
+    for j in tl.static_range(NUM_WRITE + HAS_OUT):
+        acc = coef[j * NUM_IN] * xs[0]
+        for i in tl.static_range(1, NUM_IN):
+            acc += coef[j * NUM_IN + i] * xs[i]
+        ys = ys + (acc,)
+
+    for j in tl.static_range(NUM_WRITE):
+        tl.store(slots_ptr + write_offs[j] + offs, ys[j].to(slots_ptr.dtype.element_ty), mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + offs, ys[NUM_WRITE].to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def interpreted() -> bool:
+    """Whether this module's kernel was built for the Triton interpreter."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def launch_config(n: int) -> tuple:
+    """(BLOCK, num_warps) for n elements."""
+    if interpreted():
+        # The interpreter pays ~2 ms per program: few, large programs.
+        return min(65536, max(16, triton.next_power_of_2(n))), 4
+    if n >= 1 << 20:
+        return 2048, 8
+    return 1024, 4
+
+
+def lincomb_triton(slots, feature, out, n, reads, writes, coef) -> None:
+    """Apply ``coef`` (rows: written slots, then out) to slots ``reads`` (+ feature)."""
+    has_feat = feature is not None
+    has_out = out is not None
+    num_in = len(reads) + int(has_feat)
+    assert len(coef) == (len(writes) + int(has_out)) * num_in and num_in > 0
+    stride = slots.stride(0)
+    block, num_warps = launch_config(n)
+    grid = (triton.cdiv(n, block),)
+    _lincomb_kernel[grid](
+        slots,
+        feature if has_feat else slots,
+        out if has_out else slots,
+        n,
+        tuple(int(r) * stride for r in reads),
+        tuple(int(w) * stride for w in writes),
+        tuple(float(c) for c in coef),
+        NUM_READ=len(reads),
+        HAS_FEAT=int(has_feat),
+        NUM_WRITE=len(writes),
+        HAS_OUT=int(has_out),
+        BLOCK=block,
+        num_warps=num_warps,
+    )

@@ -1,0 +1,161 @@
+"""Per-stream cache state: one allocation of full-size slots plus the bookkeeping that says
+which slot holds which role of the method, and at what time.
+
+:meth:`CacheState.plan` turns a method's :class:`~foca_kernels.methods.Transition` into one
+fused launch: the distinct slots to read, the slots to write, and a coefficient matrix.
+Roles that are carried over keep their slot (rotation is re-pointing, not copying); every
+new value goes into a slot nobody keeps, possibly one it reads (safe in an elementwise pass).
+Nothing here touches a model, and nothing changes until :meth:`commit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .methods import FEATURE, Keep, Method, Same, StepContext, Transition
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SLOT_ALIGN = 64  # slot stride in elements: keeps every slot 128-byte aligned for vector loads
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One fused update, in physical slots."""
+
+    reads: Tuple[int, ...]
+    has_feature: bool
+    writes: Tuple[int, ...]
+    has_out: bool
+    coef: Tuple[float, ...]  # rows: writes then out; columns: reads then feature
+    slot_of: Dict[str, Optional[int]]  # role -> slot after the step
+    time_of: Dict[str, Optional[float]]  # role -> time after the step
+
+    @property
+    def tensors_moved(self) -> int:
+        """Full-size tensors read plus written: the memory traffic of this launch."""
+        return len(self.reads) + int(self.has_feature) + len(self.writes) + int(self.has_out)
+
+
+class CacheState:
+    """Stored tensors of one cached stream (one module output) for one method."""
+
+    def __init__(self, method: Method, shape, dtype: torch.dtype, device, io_dtype: Optional[torch.dtype] = None):
+        if dtype not in STORAGE_DTYPES:
+            raise TypeError(f"state dtype must be one of {STORAGE_DTYPES}, got {dtype}")
+        io_dtype = dtype if io_dtype is None else io_dtype
+        if io_dtype not in STORAGE_DTYPES:
+            raise TypeError(f"feature dtype must be one of {STORAGE_DTYPES}, got {io_dtype}")
+        self.method = method
+        self.shape = torch.Size(shape)
+        self.numel = self.shape.numel()
+        if self.numel == 0:
+            raise ValueError(f"cannot cache an empty tensor (shape {tuple(self.shape)})")
+        self.dtype = dtype
+        self.io_dtype = io_dtype
+        stride = -(-self.numel // SLOT_ALIGN) * SLOT_ALIGN
+        self.slots = torch.zeros(method.n_slots, stride, dtype=dtype, device=device)
+        self.reset()
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all history (the allocation is kept and reused)."""
+        self._slot_of: Dict[str, Optional[int]] = {r: None for r in self.method.roles}
+        self._time_of: Dict[str, Optional[float]] = {r: None for r in self.method.roles}
+        self.t: Optional[float] = None  # time of the latest step
+        self.n_full = 0  # fully computed steps since the last reset
+        self.n_skip = 0  # consecutive skipped steps since the last full one
+        self.n_steps = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.slots.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.numel() * self.slots.element_size()
+
+    @property
+    def ready(self) -> bool:
+        """Whether enough full steps were seen for a forecast."""
+        return self.n_full >= self.method.min_full
+
+    def role(self, name: str) -> Optional[torch.Tensor]:
+        """View of the tensor a role holds now (None while undefined)."""
+        slot = self._slot_of[name]
+        return None if slot is None else self.slots[slot, : self.numel].view(self.shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheState({self.method.describe()}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"device={self.device}, n_full={self.n_full}, n_skip={self.n_skip}, nbytes={self.nbytes})"
+        )
+
+    # ---- planning ----------------------------------------------------------------------
+    def context(self, t_new: float) -> StepContext:
+        return StepContext(t_new, dict(self._time_of), self.n_full)
+
+    def plan(self, tr: Transition, t_new: float) -> Launch:
+        roles = self.method.roles
+        missing = set(roles) - set(tr.roles)
+        if missing:
+            raise AssertionError(f"{self.method.describe()} left roles {sorted(missing)} unspecified")
+        kept = {self._slot_of[v.role] for v in tr.roles.values() if isinstance(v, Keep)} - {None}
+        free = [s for s in range(self.method.n_slots) if s not in kept]
+
+        slot_of: Dict[str, Optional[int]] = {}
+        time_of: Dict[str, Optional[float]] = {}
+        written: List[Tuple[int, dict]] = []  # (slot, {slot or FEATURE: coef})
+        for role in roles:
+            v = tr.roles[role]
+            if isinstance(v, Keep):
+                slot_of[role], time_of[role] = self._slot_of[v.role], self._time_of[v.role]
+            elif v is None or isinstance(v, Same):
+                continue
+            else:
+                if not free:
+                    raise AssertionError(f"{self.method.describe()}: not enough slots for {role}")
+                slot = free.pop(0)
+                written.append((slot, self._in_slots(v)))
+                slot_of[role], time_of[role] = slot, tr.times.get(role, t_new)
+        for role in roles:
+            v = tr.roles[role]
+            if v is None:
+                slot_of[role] = time_of[role] = None
+            elif isinstance(v, Same):
+                slot_of[role], time_of[role] = slot_of[v.role], time_of[v.role]
+
+        out = self._in_slots(tr.out) if tr.out is not None else None
+        rows = [c for _, c in written] + ([out] if out is not None else [])
+        reads = tuple(sorted({k for row in rows for k in row if k != FEATURE}))
+        has_feature = any(FEATURE in row for row in rows)
+        cols = list(reads) + ([FEATURE] if has_feature else [])
+        coef = tuple(float(row.get(k, 0.0)) for row in rows for k in cols)
+        return Launch(reads, has_feature, tuple(s for s, _ in written), out is not None, coef, slot_of, time_of)
+
+    def _in_slots(self, combo) -> dict:
+        """A role-level combination as a slot-level one (aliased roles add up)."""
+        res: dict = {}
+        for key, c in combo.items():
+            if key == FEATURE:
+                k = FEATURE
+            else:
+                k = self._slot_of[key]
+                if k is None:
+                    raise AssertionError(f"{self.method.describe()} read undefined role {key!r}")
+            res[k] = res.get(k, 0.0) + float(c)
+        return {k: c for k, c in res.items() if c != 0.0}
+
+    def commit(self, launch: Launch, t_new: float, full: bool) -> None:
+        """Adopt the bookkeeping of a launch that has run."""
+        self._slot_of = dict(launch.slot_of)
+        self._time_of = dict(launch.time_of)
+        self.t = t_new
+        self.n_steps += 1
+        if full:
+            self.n_full += 1
+            self.n_skip = 0
+        else:
+            self.n_skip += 1

@@ -1,0 +1,69 @@
+"""Input checks for the public operations. Each failure names the problem; all of them run
+before anything is written, so a refused call leaves the state as it was."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .state import CacheState
+
+
+def check_state(buf) -> CacheState:
+    if not isinstance(buf, CacheState):
+        raise TypeError(f"buf must be a foca_kernels CacheState (see foca_kernels.allocate), got {type(buf).__name__}")
+    return buf
+
+
+def check_step(h, name: str = "h") -> float:
+    if isinstance(h, torch.Tensor):
+        if h.numel() != 1:
+            raise ValueError(f"step size {name} must be a scalar, got a tensor of shape {tuple(h.shape)}")
+        h = h.item()
+    if isinstance(h, bool) or not isinstance(h, numbers.Real):
+        raise TypeError(f"step size {name} must be a real number, got {type(h).__name__}")
+    h = float(h)
+    if not math.isfinite(h) or h <= 0.0:
+        raise ValueError(f"step size {name} must be finite and > 0, got {h!r}")
+    return h
+
+
+def check_tensor(buf: CacheState, x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.shape != buf.shape:
+        raise ValueError(f"{what} has shape {tuple(x.shape)} but the state caches shape {tuple(buf.shape)}")
+    if x.dtype != buf.io_dtype:
+        raise TypeError(f"{what} has dtype {x.dtype} but the state expects {buf.io_dtype}")
+    if x.device != buf.device:
+        raise ValueError(f"{what} is on {x.device} but the state lives on {buf.device}")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory ranges intersect."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + _extent(a) * a.element_size()
+    b1 = b0 + _extent(b) * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def _extent(x: torch.Tensor) -> int:
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()))
+
+
+def check_no_alias(buf: CacheState, x: torch.Tensor, what: str) -> None:
+    if overlaps(x, buf.slots):
+        raise ValueError(f"{what} aliases the state's own storage; pass a separate tensor")
+
+
+def check_ready(buf: CacheState) -> None:
+    if not buf.ready:
+        m = buf.method
+        raise RuntimeError(
+            f"{m.describe()} needs {m.min_full} fully computed step(s) (update_) before the first "
+            f"forecast_, this state has seen {buf.n_full}"
+        )

@@ -1,0 +1,13 @@
+"""Plain PyTorch reference implementations: the single readable definition of every rule.
+
+No performance tricks, no slot bookkeeping: each class keeps named tensors and applies the
+equations one by one, in whatever dtype it is given (float64 for oracles). Imports nothing
+from foca_kernels. Tests and benchmarks compare the fused kernels against these.
+"""
+
+from .foca import FoCaRef
+from .reuse import ReuseRef
+from .taylorseer import TaylorSeerRef
+from .trajectories import interval_schedule, make_ref, run_schedule
+
+__all__ = ["FoCaRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]
