@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import torch
 
+from .aliasing import overlaps
 from .torch_lincomb import lincomb_torch
 
 
@@ -24,6 +25,9 @@ def lincomb_(
     coef: List[float],
     backend: str,
 ) -> None:
+    for name, x in (("feature", feature), ("out", out)):
+        if x is not None and overlaps(x, slots):
+            raise ValueError(f"{name} aliases the state's own storage; pass a separate tensor")
     if backend == "triton":
         from .triton_lincomb import lincomb_triton  # imported late: see its docstring
 
