@@ -42,11 +42,17 @@ def _lincomb_kernel(
         x = tl.load(feat_ptr + offs, mask=mask, other=0.0)
         xs = xs + (x.to(tl.float32),)
 
+    # A zero coefficient means "not a term of this row" (the matrix is dense over the inputs
+    # of all rows): drop the input instead of multiplying it, so a non-finite value in a slot
+    # that row does not use cannot turn the row into 0 * inf = nan (the PyTorch path skips
+    # zero coefficients the same way).
     ys = ()
     for j in tl.static_range(NUM_WRITE + HAS_OUT):
-        acc = coef[j * NUM_IN] * xs[0]
+        c = coef[j * NUM_IN]
+        acc = c * tl.where(c != 0.0, xs[0], 0.0)
         for i in tl.static_range(1, NUM_IN):
-            acc += coef[j * NUM_IN + i] * xs[i]
+            c = coef[j * NUM_IN + i]
+            acc += c * tl.where(c != 0.0, xs[i], 0.0)
         ys = ys + (acc,)
 
     for j in tl.static_range(NUM_WRITE):
