@@ -10,7 +10,7 @@ from .backend import get_backend
 from .methods import Method, make_method
 from .ops import lincomb_
 from .state import SLOT_ALIGN, CacheState, Launch
-from .validation import check_no_alias, check_ready, check_state, check_step, check_tensor
+from .validation import check_no_alias, check_no_overlap, check_ready, check_state, check_step, check_tensor
 
 
 def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtype] = None, **options) -> CacheState:
@@ -77,6 +77,7 @@ def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[st
     check_state(buf)
     h = check_step(h)
     check_tensor(buf, out, "out")
+    check_no_overlap(out, "out")
     check_no_alias(buf, out, "out")
     check_ready(buf)
     t_new = _next_time(buf, h)

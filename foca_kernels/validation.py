@@ -42,6 +42,21 @@ def check_tensor(buf: CacheState, x, what: str) -> None:
         raise ValueError(f"{what} is on {x.device} but the state lives on {buf.device}")
 
 
+def check_no_overlap(x: torch.Tensor, what: str) -> None:
+    """Refuse a tensor whose elements share memory (expanded, or as_strided over itself): it
+    cannot hold a result, and finding out only when writing it would be after the launch has
+    rewritten a state slot. Conservative: dims sorted by stride must each step past the span
+    of the smaller ones, so an exotic interleaved layout without real overlap may be refused too."""
+    span = 1
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < span:
+            raise ValueError(
+                f"{what} has overlapping elements (shape {tuple(x.shape)}, strides {tuple(x.stride())}, "
+                f"e.g. an expanded tensor); pass a tensor with one memory location per element"
+            )
+        span += stride * (size - 1)
+
+
 def check_no_alias(buf: CacheState, x: torch.Tensor, what: str) -> None:
     if torch.compiler.is_compiling():
         return  # data pointers are not traceable; the op itself checks again at run time
