@@ -26,7 +26,9 @@ def check_step(h, name: str = "h") -> float:
     if isinstance(h, bool) or not isinstance(h, numbers.Real):
         raise TypeError(f"step size {name} must be a real number, got {type(h).__name__}")
     h = float(h)
-    if not math.isfinite(h) or h <= 0.0:
+    # Comparisons only (nan fails both): under torch.compile a step size that changed between
+    # calls is a SymFloat, which math.isfinite cannot take without a graph break.
+    if not 0.0 < h < math.inf:
         raise ValueError(f"step size {name} must be finite and > 0, got {h!r}")
     return h
 
