@@ -1,0 +1,276 @@
+"""Time one cache step (a skipped step's forecast or a full step's update) per provider.
+
+    python -m pytest bench -p no:cacheprovider
+
+Providers:
+  fused       foca_kernels.forecast_ / update_ on the benchmark device: the Triton kernel on
+              CUDA, the fused PyTorch path on CPU (never the Triton interpreter)
+  reference   reference/ (FoCaRef, TaylorSeerRef, ReuseRef), eager PyTorch, same dtype
+  cache_dit   cache-dit's FoCa / TaylorSeer calibrators (optional extra "peers"; skipped
+              when cache-dit is not installed; it has no plain-reuse calibrator)
+  copy_floor  dst.copy_(src) over half the fused launch's bytes, so it reads and writes
+              exactly the bytes the fused launch must move: the memory-bound floor
+
+Every state is first driven to its steady state (four full steps, then a skipped step); the
+timed call is then repeated, each repetition being one more step of the same kind. Bytes moved
+are the fused launch's (``CacheState.plan(...).tensors_moved`` tensors of numel elements) for
+every provider, so GB/s is an effective bandwidth and "fraction of floor" = copy time / time.
+Both use each benchmark's fastest round and the copy's fastest round, the copy timed right
+after the benchmark: on a shared machine disturbances only add time. Medians are recorded too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+
+import pytest
+import torch
+
+import foca_kernels as fk
+from reference import make_ref
+
+# op: (method, options, step)
+OPS = {
+    "foca_skip": ("foca", {"anchor": "secant"}, "skip"),
+    "foca_full": ("foca", {"anchor": "secant"}, "full"),
+    "taylorseer2_skip": ("taylorseer", {"order": 2}, "skip"),
+    "taylorseer2_full": ("taylorseer", {"order": 2}, "full"),
+    "reuse_skip": ("reuse", {}, "skip"),
+    "reuse_full": ("reuse", {}, "full"),
+}
+SIZES = {
+    "dit-xl2-256px": (256, 1152),  # DiT-XL/2 at 256x256: 256 tokens x 1152
+    "flux-1024px": (4608, 3072),  # FLUX at 1024x1024: 4096 image + 512 text tokens x 3072
+    "video-100k": (100_000, 3072),  # a video DiT: ~100k tokens x 3072
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+PROVIDERS = ("fused", "reference", "cache_dit", "copy_floor")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FULL_WARMUP = 4  # full steps before the skip that ends the warm-up: every role is defined
+ROUND_BUDGET_S = 0.4 if DEVICE.type == "cpu" else 0.2  # time per benchmark, roughly
+MIN_ROUNDS, MAX_ROUNDS = 3, 200
+
+
+def _video_enabled() -> bool:
+    if os.environ.get("FOCA_BENCH_VIDEO") is not None:
+        return os.environ["FOCA_BENCH_VIDEO"] == "1"
+    return DEVICE.type == "cuda" and torch.cuda.get_device_properties(DEVICE).total_memory >= 40 * 2**30
+
+
+def _cases():
+    sizes = [s for s in SIZES if s != "video-100k" or _video_enabled()]
+    dtypes = [d.strip() for d in os.environ.get("FOCA_BENCH_DTYPES", "bf16,fp32").split(",") if d.strip()]
+    unknown = set(dtypes) - set(DTYPES)
+    if unknown:
+        raise ValueError(f"FOCA_BENCH_DTYPES: unknown {sorted(unknown)}, expected some of {sorted(DTYPES)}")
+    cases = []
+    for op in OPS:
+        for size in sizes:
+            for dtype in dtypes:
+                for provider in PROVIDERS:
+                    if provider == "cache_dit" and OPS[op][0] == "reuse":
+                        continue
+                    cases.append(pytest.param(op, size, dtype, provider, id=f"{op}-{size}-{dtype}-{provider}"))
+    return cases
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+class _SyncEvery:
+    """Calls ``fn``; on CUDA waits for the device after every ``k``-th call. pytest-benchmark's
+    pedantic mode times ``k`` back-to-back calls per round, so the round ends only when the
+    last launch has finished, without a host-device round trip between launches."""
+
+    def __init__(self, fn, k: int):
+        self.fn, self.k, self.n = fn, k, 0
+
+    def __call__(self):
+        self.fn()
+        self.n += 1
+        if self.n % self.k == 0:
+            _sync()
+
+
+def _plan(fn, budget_s: float = ROUND_BUDGET_S):
+    """(iterations per round, rounds) from one timed call."""
+    fn()
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    est = max(time.perf_counter() - t0, 1e-7)
+    iterations = 1 if DEVICE.type == "cpu" else max(1, min(1000, int(2e-3 / est)))
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(budget_s / (est * iterations))))
+    return iterations, rounds
+
+
+def _seconds(fn, budget_s: float) -> list:
+    """Per-call times of ``fn`` over rounds, timed like the benchmarks."""
+    iterations, rounds = _plan(fn, budget_s)
+    target = _SyncEvery(fn, iterations)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            target()
+        times.append((time.perf_counter() - t0) / iterations)
+    return times
+
+
+def _copy_fn(nbytes: int):
+    src = torch.ones(nbytes // 2, dtype=torch.uint8, device=DEVICE)  # touched: no page faults
+    dst = torch.zeros_like(src)
+    return lambda: dst.copy_(src)
+
+
+# ---- providers -------------------------------------------------------------------------------
+def _features(shape, dtype):
+    """(warm, x): x is the feature of the timed full steps, warm(i) the i-th warm-up feature
+    (made on demand: at the video size each one is 1.2 GB in fp32)."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float32, device=DEVICE).to(dtype)
+    return (lambda i: x * (1.0 + 0.1 * (i % FULL_WARMUP))), x
+
+
+def _next_launch(buf, step):
+    t = buf.t + 1.0
+    ctx = buf.context(t)
+    return buf.plan(buf.method.full(ctx) if step == "full" else buf.method.skip(ctx), t)
+
+
+def _fused(op, warm, x):
+    method, options, step = OPS[op]
+    backend = "triton" if DEVICE.type == "cuda" else "torch"
+    buf = fk.allocate(x, method, **options)
+    out = torch.empty_like(x)
+    for i in range(FULL_WARMUP):
+        fk.update_(buf, warm(i), 1.0, backend=backend)
+    fk.forecast_(buf, out, 1.0, backend=backend)
+    if step == "full":
+        fn = lambda: fk.update_(buf, x, 1.0, backend=backend)  # noqa: E731
+    else:
+        fn = lambda: fk.forecast_(buf, out, 1.0, backend=backend)  # noqa: E731
+    return fn, buf
+
+
+def _steady_launch(op, shape, dtype):
+    """The launch of a steady-state step, planned on a meta-device state (no memory, no work):
+    the same warm-up as the providers, as bookkeeping only."""
+    method, options, step = OPS[op]
+    buf = fk.allocate(torch.empty(shape, dtype=dtype, device="meta"), method, **options)
+    for kind in ["full"] * FULL_WARMUP + ["skip"]:
+        t = 0.0 if buf.t is None else buf.t + 1.0
+        ctx = buf.context(t)
+        buf.commit(buf.plan(buf.method.full(ctx) if kind == "full" else buf.method.skip(ctx), t), t, kind == "full")
+    return _next_launch(buf, step)
+
+
+def _reference(op, warm, x):
+    method, options, step = OPS[op]
+    ref = make_ref(method, **options)
+    for i in range(FULL_WARMUP):
+        ref.full(warm(i), 1.0)
+    ref.forecast(1.0)
+    return (lambda: ref.full(x, 1.0)) if step == "full" else (lambda: ref.forecast(1.0))
+
+
+def _cache_dit(op, warm, x):
+    calibrators = pytest.importorskip(
+        "cache_dit.caching.cache_contexts.calibrators", reason="cache-dit (optional extra 'peers') not installed"
+    )
+    method, options, step = OPS[op]
+    if method == "foca":
+        cal = calibrators.FoCaCalibrator()
+    elif method == "taylorseer":
+        cal = calibrators.TaylorSeerCalibrator(n_derivatives=options["order"])
+    else:
+        raise AssertionError(f"no cache-dit calibrator for {method}")
+    # cache-dit's TaylorSeer defines its derivatives later than ours (only from its step 2 on,
+    # and its first mark_step_begin precedes any state): give it full steps until all are set.
+    for i in range(3 * FULL_WARMUP):
+        cal.mark_step_begin()
+        cal.update(warm(i))
+        if i + 1 >= FULL_WARMUP and (method != "taylorseer" or all(
+            d is not None for d in cal.states["default"].state["dY_current"]
+        )):
+            break
+    else:
+        raise AssertionError("cache-dit's TaylorSeer never defined all of its derivatives")
+    cal.mark_step_begin()
+    cal.approximate()
+    if step == "full":
+
+        def fn():
+            cal.mark_step_begin()
+            cal.update(x)
+
+        return fn
+    # A skip one step after the last full compute (cache-dit damps longer gaps differently);
+    # approximate() rolls its state forward without advancing the step counter.
+    return cal.approximate
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+@pytest.mark.parametrize("op,size,dtype,provider", _cases())
+def test_step(benchmark, op, size, dtype, provider, foca_bench_rows):
+    shape, torch_dtype = SIZES[size], DTYPES[dtype]
+    warm, x = _features(shape, torch_dtype)
+    numel = math.prod(shape)
+
+    # Bytes the fused launch moves in the steady state (bookkeeping on a meta-device state).
+    tensors_moved = _steady_launch(op, shape, torch_dtype).tensors_moved
+    nbytes = tensors_moved * numel * x.element_size()
+    buf = None
+    if provider == "fused":
+        fn, buf = _fused(op, warm, x)
+        assert _next_launch(buf, OPS[op][2]).tensors_moved == tensors_moved
+    elif provider == "reference":
+        fn = _reference(op, warm, x)
+    elif provider == "cache_dit":
+        fn = _cache_dit(op, warm, x)
+    else:
+        fn = _copy_fn(nbytes)
+    del warm
+
+    iterations, rounds = _plan(fn)
+    benchmark.group = f"{op} {size} {dtype}"
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
+    # Host page faults per call: on CPU, a fresh temporary above glibc's mmap threshold
+    # (<= 32 MiB) faults in every page on each call, and whether an eager provider's
+    # temporaries get recycled heap memory or fresh pages depends on the allocator's history.
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
+    if buf is not None:  # still in the steady state the bytes were planned for
+        assert _next_launch(buf, OPS[op][2]).tensors_moved == tensors_moved
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+
+    stats = benchmark.stats.stats
+    # The floor is timed right after, under the same conditions (a shared machine drifts).
+    del fn
+    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
+    info = {
+        "device": str(DEVICE),
+        "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
+        "backend": ("triton" if DEVICE.type == "cuda" else "torch") if provider == "fused" else provider,
+        "numel": numel,
+        "tensors_moved": tensors_moved,
+        "bytes_moved": nbytes,
+        "min_s": stats.min,
+        "median_s": stats.median,
+        "gb_per_s": nbytes / stats.min / 1e9,  # from the least disturbed round
+        "copy_floor_s": floor,
+        "fraction_of_copy_floor": floor / stats.min,
+        "page_faults_per_call": faults,
+    }
+    benchmark.extra_info.update(info)
+    foca_bench_rows.append({"op": op, "size": size, "dtype": dtype, "provider": provider, **info})
