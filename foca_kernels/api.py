@@ -8,7 +8,7 @@ import torch
 
 from .backend import get_backend
 from .methods import Method, make_method
-from .ops import lincomb_
+from .ops import lincomb_, run_lincomb
 from .state import SLOT_ALIGN, CacheState, Launch
 from .validation import check_no_alias, check_no_overlap, check_ready, check_state, check_step, check_tensor
 
@@ -40,7 +40,9 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
 
 
 def _run(buf: CacheState, launch: Launch, feature, out, backend) -> None:
-    lincomb_(
+    # The custom op is what torch.compile sees; eager calls skip its dispatcher.
+    op = lincomb_ if torch.compiler.is_compiling() else run_lincomb
+    op(
         buf.slots,
         feature,
         out,

@@ -1,7 +1,8 @@
 """The fused update as a torch custom op, so torch.compile traces it without graph breaks.
 
 The op mutates the state allocation and the caller's output in place and returns nothing;
-its fake implementation therefore has nothing to compute.
+its fake implementation therefore has nothing to compute. Eager callers skip the custom-op
+dispatcher (~70 us per call on CPU) and call :func:`run_lincomb` directly.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from .aliasing import overlaps
-from .torch_lincomb import lincomb_torch
+from .dispatch import run_lincomb
 
 
 @torch.library.custom_op("foca_kernels::lincomb_", mutates_args=("slots", "out"))
@@ -25,17 +25,7 @@ def lincomb_(
     coef: List[float],
     backend: str,
 ) -> None:
-    for name, x in (("feature", feature), ("out", out)):
-        if x is not None and overlaps(x, slots):
-            raise ValueError(f"{name} aliases the state's own storage; pass a separate tensor")
-    if backend == "triton":
-        from .triton_lincomb import lincomb_triton  # imported late: see its docstring
-
-        lincomb_triton(slots, feature, out, n, reads, writes, coef)
-    elif backend == "torch":
-        lincomb_torch(slots, feature, out, n, reads, writes, coef)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
+    run_lincomb(slots, feature, out, n, reads, writes, coef, backend)
 
 
 @lincomb_.register_fake

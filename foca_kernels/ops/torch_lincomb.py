@@ -1,10 +1,18 @@
 """The same fused update written with PyTorch ops, for devices Triton does not serve.
 
-All outputs are formed in fp32 before any is stored, so a slot may be overwritten in place
-exactly as in the Triton kernel; each output is then rounded once to its storage dtype.
+Works through the tensors in cache-sized chunks (on CPU) with one reused fp32 accumulator
+per distinct output row: every output of a chunk is formed in fp32 before any is stored, so
+a slot may be overwritten in place exactly as in the Triton kernel, and each output is
+rounded once to its storage dtype. Rows with identical coefficients (FoCa's new F and the
+caller's out) are computed once and stored twice. Zero coefficients are skipped, as in the
+kernel, so a non-finite value in an unused input cannot leak into a row.
 """
 
 from __future__ import annotations
+
+import torch
+
+CPU_CHUNK = 1 << 16  # elements: a chunk of every input and accumulator stays in L2
 
 
 def lincomb_torch(slots, feature, out, n, reads, writes, coef) -> None:
@@ -13,16 +21,30 @@ def lincomb_torch(slots, feature, out, n, reads, writes, coef) -> None:
         xs.append(feature)
     num_in = len(xs)
     dests = [slots[w, :n] for w in writes] + ([out] if out is not None else [])
-    ys = []
-    for j in range(len(dests)):
-        acc = None
-        for c, x in zip(coef[j * num_in : (j + 1) * num_in], xs):
-            if c == 0.0:
-                continue
-            if acc is None:
-                acc = x.float() * c  # fresh fp32 tensor even when x is fp32
-            else:
-                acc.add_(x, alpha=c)
-        ys.append(acc if acc is not None else xs[0].new_zeros(xs[0].shape, dtype=xs[0].dtype).float())
-    for dst, y in zip(dests, ys):
-        dst.copy_(y)
+    rows = [tuple(coef[j * num_in : (j + 1) * num_in]) for j in range(len(dests))]
+    targets: dict = {}
+    for row, dst in zip(rows, dests):
+        targets.setdefault(row, []).append(dst)
+
+    step = CPU_CHUNK if slots.device.type == "cpu" else n
+    accs = [torch.empty(min(step, n), dtype=torch.float32, device=slots.device) for _ in targets]
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        parts = [x[s:e] for x in xs]
+        for row, acc_buf in zip(targets, accs):
+            acc = acc_buf[: e - s]
+            first = True
+            for c, x in zip(row, parts):
+                if c == 0.0:
+                    continue
+                if first:
+                    acc.copy_(x)  # exact widening to fp32, then scale in fp32
+                    acc.mul_(c)
+                    first = False
+                else:
+                    acc.add_(x, alpha=c)  # fp32 accumulate
+            if first:
+                acc.zero_()
+        for row, acc_buf in zip(targets, accs):
+            for dst in targets[row]:
+                dst[s:e].copy_(acc_buf[: e - s])
