@@ -1,0 +1,293 @@
+"""Public entry points: enable / disable the cache on a model or a diffusers pipeline, reset
+it, name contexts, and read its counters and memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+from .config import CacheConfig, FocaCacheWarning
+from .controller import CacheController
+from .targets import Site, select_sites
+from .wrap import AttributePatch, is_foca_wrapper
+
+ATTR = "_foca_cache"  # the controller, on the model it was enabled on
+
+
+# ---- finding models --------------------------------------------------------------------
+def _unwrap(m: nn.Module) -> nn.Module:
+    return getattr(m, "_orig_mod", m)  # torch.compile's OptimizedModule
+
+
+def _models(obj) -> Tuple[List[Tuple[str, nn.Module]], Optional[object]]:
+    """(name, model) pairs to cache and the pipeline they belong to (None for a model)."""
+    if isinstance(obj, nn.Module):
+        return [("model", _unwrap(obj))], None
+    comps = getattr(obj, "components", None)
+    if isinstance(comps, dict):
+        found = [
+            (k, _unwrap(v))
+            for k, v in comps.items()
+            if isinstance(v, nn.Module) and (k.startswith("transformer") or k.startswith("unet") or k == "prior")
+        ]
+        if not found:
+            raise ValueError(f"{type(obj).__name__} has no transformer/unet component to cache")
+        return found, obj
+    raise TypeError(f"expected an nn.Module or a diffusers pipeline, got {type(obj).__name__}")
+
+
+def _controller(model: nn.Module) -> Optional[CacheController]:
+    return model.__dict__.get(ATTR)
+
+
+# ---- wrappers --------------------------------------------------------------------------
+# The wrappers' own frames are skipped by dynamo (compile_frames) and the controller's
+# methods are disabled for it, so under torch.compile the Python state machine runs eagerly
+# and only the original forwards are traced.
+def _root_forward(ctl: CacheController):
+    def make(orig):
+        def forward(*args, **kwargs):
+            if not ctl.active or ctl.current is not None:
+                return orig(*args, **kwargs)
+            ctl.begin_step(args, kwargs)
+            try:
+                out = orig(*args, **kwargs)
+            except BaseException:
+                ctl.abort_step()
+                raise
+            return ctl.end_step(out)
+
+        return forward
+
+    return make
+
+
+def _module_forward(ctl: CacheController, site: Site):
+    def make(orig):
+        def forward(*args, **kwargs):
+            if ctl.current is None or not ctl.active:
+                return orig(*args, **kwargs)
+            out, group = ctl.before_module(site, args, kwargs)
+            if out is not None:
+                return out  # skipped: the forecast, the module does not run
+            out = orig(*args, **kwargs)
+            if group is not None:
+                ctl.after_module(group, out, args, kwargs)
+            return out
+
+        return forward
+
+    return make
+
+
+def _cache_context(ctl: CacheController):
+    def make(orig):
+        @contextmanager
+        def cache_context(name, **kwargs):
+            with ctl.stack.enter(name, **kwargs), orig(name, **kwargs):
+                yield
+
+        return cache_context
+
+    return make
+
+
+def _reset_stateful_cache(ctl: CacheController):
+    def make(orig):
+        def _reset_stateful_cache(*args, **kwargs):
+            ctl.reset()  # diffusers pipelines call this when a generation ends
+            return orig(*args, **kwargs)
+
+        return _reset_stateful_cache
+
+    return make
+
+
+# ---- public API --------------------------------------------------------------------------
+def enable_cache(model_or_pipeline, config: Optional[CacheConfig] = None, **options) -> None:
+    """Cache the model's (or the pipeline's transformers') modules as ``config`` says.
+
+    ``options`` are CacheConfig fields, used instead of or on top of ``config``:
+    ``enable_cache(pipe, interval=5, method="foca")``. Enabling on a model that already has
+    the cache raises (call :func:`disable_cache` first); nothing is ever wrapped twice.
+    """
+    if config is None:
+        config = CacheConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    elif not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+    models, pipeline = _models(model_or_pipeline)
+    for name, model in models:  # check everything before touching anything
+        if _controller(model) is not None or is_foca_wrapper(model.__dict__.get("forward")):
+            raise RuntimeError(f"foca cache is already enabled on {name} ({type(model).__name__}); disable_cache first")
+        if getattr(model, "_cache_config", None) is not None:
+            raise RuntimeError(
+                f"{name} ({type(model).__name__}) has diffusers' own caching enabled "
+                f"({type(model._cache_config).__name__}); call its disable_cache() first"
+            )
+    plans = []
+    for name, model in models:
+        sites = select_sites(model, config)
+        for s in sites:
+            if is_foca_wrapper(s.module.__dict__.get("forward")):
+                raise RuntimeError(f"{name}.{s.name} is already cached by another enable_cache; disable that first")
+        plans.append((model, sites))
+    done = []
+    try:
+        for model, sites in plans:
+            _enable_one(model, config, sites, pipeline)
+            done.append(model)
+    except BaseException:
+        for model in done:  # all or nothing
+            disable_cache(model)
+        raise
+
+
+def _enable_one(model: nn.Module, config: CacheConfig, sites: List[Site], pipeline) -> None:
+    ctl = CacheController(model, config, sites, pipeline)
+    ctl.compile_safe()
+    try:
+        root = AttributePatch(model, "forward", _root_forward(ctl), skip_dynamo=True)
+        ctl.patches.append(root)
+        probe = Site("", model, "output")
+        probe.bind_signature(root.original)
+        ts = config.timestep_arg
+        ctl.timestep_index = probe.params.get(ts) if isinstance(ts, str) else None
+        for site in sites:
+            site.bind_signature(site.module.forward)
+            ctl.patches.append(AttributePatch(site.module, "forward", _module_forward(ctl, site), skip_dynamo=True))
+        if callable(getattr(model, "cache_context", None)):  # diffusers CacheMixin
+            ctl.patches.append(AttributePatch(model, "cache_context", _cache_context(ctl)))
+        if callable(getattr(model, "_reset_stateful_cache", None)):
+            ctl.patches.append(AttributePatch(model, "_reset_stateful_cache", _reset_stateful_cache(ctl)))
+    except BaseException:
+        for p in reversed(ctl.patches):
+            p.restore()
+        raise
+    model.__dict__[ATTR] = ctl
+
+
+def disable_cache(model_or_pipeline) -> bool:
+    """Remove the cache: the original forward methods (the same objects) are back and the
+    cached tensors are released. Returns whether a cache was enabled."""
+    models, _ = _models(model_or_pipeline)
+    found = False
+    for _, model in models:
+        ctl = _controller(model)
+        if ctl is None:
+            continue
+        found = True
+        ctl.active = False  # a wrapper that cannot be removed (see below) just passes through
+        for patch in reversed(ctl.patches):
+            if not patch.restore():
+                warnings.warn(
+                    f"foca cache: {type(patch.obj).__name__}.{patch.attr} was wrapped again after the cache was "
+                    "enabled; the cache's wrapper stays in that chain as a pass-through",
+                    FocaCacheWarning,
+                    stacklevel=2,
+                )
+        ctl.reset(free_memory=True)
+        del model.__dict__[ATTR]
+    return found
+
+
+def is_cache_enabled(model_or_pipeline) -> bool:
+    models, _ = _models(model_or_pipeline)
+    return any(_controller(m) is not None for _, m in models)
+
+
+def _controllers(obj, strict: bool = True) -> List[Tuple[str, CacheController]]:
+    models, _ = _models(obj)
+    ctls = [(n, _controller(m)) for n, m in models if _controller(m) is not None]
+    if strict and not ctls:
+        raise RuntimeError(f"foca cache is not enabled on this {type(obj).__name__}")
+    return ctls
+
+
+def reset_cache(model_or_pipeline, *, free_memory: bool = False, clear_stats: bool = False) -> None:
+    """Forget all cached history (the next call starts a new generation). ``free_memory``
+    also releases the cached tensors; ``clear_stats`` zeroes the counters of cache_info."""
+    for _, ctl in _controllers(model_or_pipeline):
+        ctl.reset(free_memory=free_memory)
+        if clear_stats:
+            ctl.clear_stats()
+
+
+@contextmanager
+def cache_context(model_or_pipeline, name: str, **info):
+    """Run the enclosed model calls in cache context ``name`` (own step counter and states),
+    like diffusers' ``transformer.cache_context(name)``, for any cached model. ``info`` may
+    carry step_index, num_inference_steps, timestep, sigma."""
+    with ExitStack() as stack:
+        for _, ctl in _controllers(model_or_pipeline):
+            stack.enter_context(ctl.stack.enter(name, **info))
+        yield
+
+
+@contextmanager
+def cached(model_or_pipeline, config: Optional[CacheConfig] = None, **options):
+    """``with cached(pipe, interval=5): pipe(...)``: enable for the block, disable after."""
+    enable_cache(model_or_pipeline, config, **options)
+    try:
+        yield
+    finally:
+        disable_cache(model_or_pipeline)
+
+
+@dataclass
+class CacheInfo:
+    """Counters and memory of a cache (summed over a pipeline's models)."""
+
+    enabled: bool
+    method: str = ""
+    schedule: str = ""
+    modules: int = 0  # cached modules
+    streams: int = 0  # allocated states (one per output tensor, call, context)
+    state_bytes: int = 0  # sum of the states' nbytes
+    buffer_bytes: int = 0  # preallocated forecast outputs and residual scratch
+    steps_full: int = 0  # model calls decided "compute" (summed over contexts)
+    steps_skipped: int = 0  # model calls decided "skip"
+    calls_computed: int = 0  # cached-module calls that ran the module
+    calls_forecast: int = 0  # cached-module calls answered by a forecast
+    calls_forced: int = 0  # computed on a skipped step: not enough history yet
+    shape_resets: int = 0
+    generations: int = 0
+    contexts: Dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.buffer_bytes
+
+
+def cache_info(model_or_pipeline) -> CacheInfo:
+    ctls = _controllers(model_or_pipeline, strict=False)
+    if not ctls:
+        return CacheInfo(enabled=False)
+    info = CacheInfo(enabled=True, method=ctls[0][1].method.describe(), schedule=repr(ctls[0][1].schedule))
+    for name, ctl in ctls:
+        info.modules += len(ctl.sites)
+        info.calls_computed += ctl.calls_computed
+        info.calls_forecast += ctl.calls_forecast
+        info.calls_forced += ctl.calls_forced
+        info.shape_resets += ctl.shape_resets
+        for cname, ctx in ctl.contexts.items():
+            s = ctx.summary()
+            info.streams += s["streams"]
+            info.state_bytes += s["state_bytes"]
+            info.buffer_bytes += s["buffer_bytes"]
+            info.steps_full += s["steps_full"]
+            info.steps_skipped += s["steps_skipped"]
+            info.generations += s["generations"]
+            info.contexts[cname if len(ctls) == 1 else f"{name}/{cname}"] = s
+    return info
+
+
+def cache_states(model_or_pipeline) -> list:
+    """All allocated :class:`~foca_kernels.CacheState` objects (for inspection)."""
+    return [st for _, ctl in _controllers(model_or_pipeline) for st in ctl.states()]

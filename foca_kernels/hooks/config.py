@@ -1,0 +1,154 @@
+"""CacheConfig: everything a user chooses when turning caching on (validated on creation)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..methods import Method, make_method
+from ..state import STORAGE_DTYPES
+
+GRANULARITIES = ("module", "block")
+CACHE_MODES = ("output", "residual")
+TIME_SOURCES = ("step", "timesteps", "sigmas")
+
+Target = Union[str, Tuple[str, str]]  # regex, or (regex, "output" | "residual")
+Mask = Union[Sequence[bool], Callable[[int, Optional[int]], bool]]
+
+
+class FocaCacheWarning(UserWarning):
+    """Something the cache handled on its own but the user should know (e.g. a reset)."""
+
+
+@dataclass
+class CacheConfig:
+    """How to cache a model's modules.
+
+    Schedule (per model call, i.e. per sampling step of one cache context):
+      interval: N. After the warm-up, N-1 forecast steps then one full step, repeated
+          ("FoCa (N=5)" in the paper). ``interval=1`` computes every step.
+      warmup: steps computed fully at the start (>= 1: the first step has nothing to forecast).
+      final: steps computed fully at the end. Needs the number of steps: taken from
+          ``num_inference_steps`` here, else from the diffusers cache context, else from the
+          pipeline's scheduler (when :func:`enable_cache` got a pipeline). Ignored (with a
+          warning) when none of these is known.
+      mask: explicit per-step schedule instead of interval/warmup/final: a sequence of bools
+          (True = compute; steps past its end are computed) or a callable
+          ``(step, num_steps_or_None) -> bool``.
+      A module that has not seen enough full steps for its method (FoCa: 2) is computed on a
+      skipped step, so the first forecasts of a generation may come one step later.
+
+    Method: ``method`` "foca" | "taylorseer" | "reuse" (or a :class:`foca_kernels.Method`),
+      ``method_options`` e.g. ``{"anchor": "secant"}`` (FoCa) or ``{"order": 2}`` (TaylorSeer).
+      ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
+      for an fp32 model); None keeps the features' dtype.
+
+    What is cached:
+      granularity "module" (paper: attention and feed-forward outputs of each block; FLUX:
+          image and text streams of the double blocks, and the single blocks) or "block" (each
+          block's output or residual, see ``block_cache``).
+      targets: regexes (``re.fullmatch`` on names from ``model.named_modules()``) replacing the
+          model-family defaults; an entry may be ``(regex, "output" | "residual")``. Plain
+          strings cache the module's output at "module" granularity and follow
+          ``block_cache`` at "block" granularity. Needed for models the package does not know.
+      block_cache: "residual" (output minus the matching input, re-added on skipped steps)
+          or "output" (the block output itself).
+
+    Time:
+      time "step": h = 1 per step (every public implementation; the paper's h);
+          "timesteps": h = |t_k - t_(k-1)| from the ``timestep`` argument the model receives;
+          "sigmas": h = |sigma_k - sigma_(k-1)| from the diffusers cache context's ``sigma``,
+          else from the pipeline scheduler's ``sigmas`` (needs a pipeline).
+      timestep_arg: name (or positional index) of the model's timestep argument.
+      num_inference_steps: steps per generation if known in advance.
+      detect_new_generation: start over when a model call looks like the first step of a
+          new generation (the first timestep seen again, timesteps running backwards, step
+          count past num_inference_steps). Reads the timestep (one host sync per call on GPU).
+
+    Buffers: ``reuse_output_buffers`` writes forecasts into one preallocated tensor per
+      cached output (no allocation per step; a value returned on a skipped step is
+      overwritten at the next skipped step of the same module). False allocates each time.
+    """
+
+    interval: int = 3
+    warmup: int = 2
+    final: int = 0
+    method: Union[str, Method] = "foca"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    state_dtype: Optional[torch.dtype] = None
+    granularity: str = "module"
+    targets: Optional[Sequence[Target]] = None
+    block_cache: str = "residual"
+    mask: Optional[Mask] = None
+    time: str = "step"
+    timestep_arg: Union[str, int] = "timestep"
+    num_inference_steps: Optional[int] = None
+    detect_new_generation: bool = True
+    reuse_output_buffers: bool = True
+    default_context: str = "default"
+    backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
+
+    def __post_init__(self):
+        for name in ("interval", "warmup", "final"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the first step has nothing to forecast from), got {self.warmup}")
+        if self.final < 0:
+            raise ValueError(f"final must be >= 0, got {self.final}")
+        self.method_options = dict(self.method_options or {})
+        self.make_method()  # validates method + options now rather than at the first step
+        if self.state_dtype is not None and self.state_dtype not in STORAGE_DTYPES:
+            raise TypeError(f"state_dtype must be None or one of {STORAGE_DTYPES}, got {self.state_dtype}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.block_cache not in CACHE_MODES:
+            raise ValueError(f"block_cache must be one of {CACHE_MODES}, got {self.block_cache!r}")
+        if self.time not in TIME_SOURCES:
+            raise ValueError(f"time must be one of {TIME_SOURCES}, got {self.time!r}")
+        if self.targets is not None:
+            if isinstance(self.targets, (str, bytes)):
+                self.targets = [self.targets]
+            for t in self.targets:
+                if isinstance(t, tuple):
+                    if len(t) != 2 or not isinstance(t[0], str) or t[1] not in CACHE_MODES:
+                        raise ValueError(f"a target is a regex or (regex, one of {CACHE_MODES}), got {t!r}")
+                elif not isinstance(t, str):
+                    raise TypeError(f"a target is a regex string, got {type(t).__name__}")
+            if not self.targets:
+                raise ValueError("targets is empty; use None for the model family's defaults")
+        if self.mask is not None and not callable(self.mask):
+            self.mask = tuple(bool(m) for m in self.mask)
+            if not self.mask:
+                raise ValueError("mask is empty")
+            if not self.mask[0]:
+                warnings.warn("mask[0] is False: the first step is always computed", FocaCacheWarning, stacklevel=3)
+        if self.num_inference_steps is not None and (
+            isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
+        ):
+            raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
+        if not isinstance(self.timestep_arg, (str, int)):
+            raise TypeError("timestep_arg must be an argument name or a positional index")
+
+    def make_method(self) -> Method:
+        """A fresh :class:`~foca_kernels.Method` for this configuration."""
+        if isinstance(self.method, Method):
+            if self.method_options:
+                raise TypeError("method_options given together with a Method instance")
+            return self.method
+        return make_method(self.method, **self.method_options)
+
+    def pattern(self, num_steps: int) -> str:
+        """The planned schedule as a string, 'F' computed and 's' skipped, e.g. 'FFssFssF'.
+
+        Modules whose method is not ready yet are computed on an 's' step (see the class
+        docstring), so the realised pattern can differ in the first steps."""
+        from .schedule import Schedule
+
+        return Schedule.from_config(self).pattern(num_steps)

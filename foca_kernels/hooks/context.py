@@ -1,0 +1,92 @@
+"""Cache contexts: independent caches for the calls a pipeline makes per step.
+
+diffusers pipelines that run classifier-free guidance as two model calls name them with
+``with transformer.cache_context("cond"): ...`` / ``("uncond")``; every name gets its own
+step counter and its own states. Calls outside any named context go to the default context.
+CFG batched into one call needs nothing special: states are elementwise over the whole
+tensor, batch dimension included, so each sample (and each CFG half) keeps its own history.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from .step_counter import StepCounter
+from .stream import StreamGroup
+
+
+class ContextState:
+    """Step counter, cached streams and counts of one context."""
+
+    def __init__(self, name: str, time: str, detect: bool):
+        self.name = name
+        self.counter = StepCounter(time, detect)
+        self.groups: Dict[Tuple[str, int], StreamGroup] = {}
+        self.num_steps: Optional[int] = None  # of the current generation, when known
+        self.steps_full = 0
+        self.steps_skipped = 0
+        self.generations = 0  # generations started in this context
+        self.inference = False  # whether the last call ran under torch.inference_mode
+        self.last_full: Optional[bool] = None  # decision of the latest step
+
+    def reset(self) -> None:
+        """Start over (a new generation): counter and histories; allocations are kept."""
+        self.counter.reset()
+        for g in self.groups.values():
+            g.reset()
+
+    def free(self) -> None:
+        self.counter.reset()
+        self.groups.clear()
+
+    def states(self) -> list:
+        return [st for g in self.groups.values() for st in g.states()]
+
+    def state_bytes(self) -> int:
+        return sum(st.nbytes for st in self.states())
+
+    def buffer_bytes(self) -> int:
+        return sum(g.buffer_bytes() for g in self.groups.values())
+
+    def summary(self) -> dict:
+        return {
+            "step": self.counter.step,
+            "last_full": self.last_full,
+            "num_steps": self.num_steps,
+            "steps_full": self.steps_full,
+            "steps_skipped": self.steps_skipped,
+            "generations": self.generations,
+            "streams": len(self.states()),
+            "state_bytes": self.state_bytes(),
+            "buffer_bytes": self.buffer_bytes(),
+        }
+
+
+@dataclass
+class ActiveContext:
+    name: str
+    info: Dict[str, Any]  # what the pipeline told: step_index, num_inference_steps, timestep, sigma
+
+
+class ContextStack:
+    """The context the next model call belongs to (innermost ``cache_context`` wins)."""
+
+    def __init__(self, default: str):
+        self.default = default
+        self._stack: List[ActiveContext] = []
+
+    @property
+    def current(self) -> ActiveContext:
+        return self._stack[-1] if self._stack else ActiveContext(self.default, {})
+
+    @contextmanager
+    def enter(self, name: str, **info):
+        if not isinstance(name, str):
+            raise TypeError(f"a cache context name must be a string, got {type(name).__name__}")
+        self._stack.append(ActiveContext(name, {k: v for k, v in info.items() if v is not None}))
+        try:
+            yield
+        finally:
+            self._stack.pop()

@@ -1,0 +1,252 @@
+"""The state machine behind the hooks of one model.
+
+The model's own forward is wrapped to mark one step: it picks the context, detects a new
+generation, advances the step counter, takes the full/skip decision and the time step,
+then runs the model. Each cached module's forward is wrapped to either run the module and
+feed its output(s) to the cache (full step), or return the forecast without running the
+module (skipped step). All decisions are Python-side; tensors are touched only by the
+fused ops (plus the residual sub/add).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .config import CacheConfig, FocaCacheWarning
+from .context import ContextStack, ContextState
+from .schedule import Schedule
+from .stream import StreamGroup, input_signature
+from .targets import Site
+
+
+def _scalar(v) -> Optional[float]:
+    """A timestep argument as one number (None if there is none)."""
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        # max: pipelines with per-token timesteps (Wan 2.2 expand_timesteps) mask some to 0
+        return float(v.max()) if v.numel() else None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class StepInfo:
+    """What the cached modules need to know during one model call."""
+
+    ctx: ContextState
+    step: int
+    full: bool
+    update: bool  # whether full steps feed the cache (False when nothing is forecast later)
+    tau: float
+    calls: Dict[str, int] = field(default_factory=dict)  # module name -> calls so far this step
+    written: List[torch.Tensor] = field(default_factory=list)  # forecast tensors returned
+    warned_shape: bool = False
+
+
+class CacheController:
+    def __init__(self, model: torch.nn.Module, config: CacheConfig, sites: List[Site], pipeline=None):
+        self.model_ref = weakref.ref(model)
+        self.config = config
+        self.method = config.make_method()
+        self.schedule = Schedule.from_config(config)
+        self.sites = sites
+        self.contexts: Dict[str, ContextState] = {}
+        self.stack = ContextStack(config.default_context)
+        self.current: Optional[StepInfo] = None
+        self.active = True
+        self.patches: list = []
+        self.pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
+        self.timestep_index: Optional[int] = None  # positional index of the timestep argument
+        self.calls_computed = 0
+        self.calls_forecast = 0
+        self.calls_forced = 0  # computed on a skipped step: the module's cache was not ready
+        self.shape_resets = 0
+        self._warned: set = set()
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"foca cache: {message}", FocaCacheWarning, stacklevel=4)
+
+    def _scheduler(self):
+        pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        return getattr(pipe, "scheduler", None)
+
+    def _timestep(self, args, kwargs) -> Optional[float]:
+        key = self.config.timestep_arg
+        if isinstance(key, int):
+            v = args[key] if key < len(args) else None
+        else:
+            v = kwargs.get(key)
+            if v is None and self.timestep_index is not None and self.timestep_index < len(args):
+                v = args[self.timestep_index]
+        return _scalar(v)
+
+    def _num_steps(self, info: Dict[str, Any]) -> Optional[int]:
+        if self.config.num_inference_steps is not None:
+            return self.config.num_inference_steps
+        n = info.get("num_inference_steps")
+        if n is not None:
+            return int(n)
+        sched = self._scheduler()
+        ts = getattr(sched, "timesteps", None) if sched is not None else None
+        if ts is not None:
+            n = len(ts) - int(getattr(sched, "begin_index", None) or 0)
+            return n if n > 0 else None
+        return None
+
+    def _sigma(self, info: Dict[str, Any], step: int) -> float:
+        if info.get("sigma") is not None:
+            return float(info["sigma"])
+        sched = self._scheduler()
+        sigmas = getattr(sched, "sigmas", None) if sched is not None else None
+        if sigmas is None:
+            raise ValueError(
+                "time='sigmas' needs the sigma of each step: enable the cache on the pipeline (its "
+                "scheduler's sigmas are used) or call the model inside cache_context(name, sigma=...)"
+            )
+        i = int(getattr(sched, "begin_index", None) or 0) + step
+        if i >= len(sigmas):
+            raise ValueError(f"time='sigmas': step {step} is past the scheduler's {len(sigmas)} sigmas")
+        return float(sigmas[i])
+
+    # ---- one model call ----------------------------------------------------------------
+    def begin_step(self, args, kwargs) -> None:
+        """Start one model call: sets :attr:`current`."""
+        cfg = self.config
+        active = self.stack.current
+        ctx = self.contexts.get(active.name)
+        if ctx is None:
+            ctx = self.contexts[active.name] = ContextState(active.name, cfg.time, cfg.detect_new_generation)
+        # States made under inference_mode cannot be updated outside it: start them afresh.
+        inference = torch.is_inference_mode_enabled()
+        if ctx.inference and not inference:
+            ctx.free()
+        ctx.inference = inference
+
+        info = active.info
+        ts = self._timestep(args, kwargs) if (cfg.time == "timesteps" or cfg.detect_new_generation) else None
+        if ts is None:
+            ts = _scalar(info.get("timestep"))
+        num_steps = self._num_steps(info)
+        step_index = info.get("step_index")
+        if ctx.counter.is_new_generation(ts, step_index, num_steps):
+            ctx.reset()
+        if not ctx.counter.started:
+            ctx.generations += 1
+        step = ctx.counter.advance(ts, step_index)
+        ctx.num_steps = num_steps
+        if num_steps is None and self.schedule.needs_num_steps:
+            self._warn_once(
+                "final", f"final={cfg.final} needs the number of steps: pass num_inference_steps or enable on the pipeline"
+            )
+        value = ts if cfg.time == "timesteps" else self._sigma(info, step) if cfg.time == "sigmas" else None
+        tau = ctx.counter.set_time(value)
+        full = self.schedule.is_full(step, num_steps)
+        ctx.last_full = full
+        if full:
+            ctx.steps_full += 1
+        else:
+            ctx.steps_skipped += 1
+        update = (not full) or self.schedule.skips_after(step, num_steps)
+        self.current = StepInfo(ctx, step, full, update, tau)
+
+    def abort_step(self) -> None:
+        self.current = None
+
+    def end_step(self, out):
+        """End the model call. Returned forecast buffers must not leave the model: the next
+        step would overwrite them."""
+        step, self.current = self.current, None
+        if not step.written or not self.config.reuse_output_buffers:
+            return out
+        ptrs = {t.untyped_storage().data_ptr() for t in step.written}
+
+        def own(t):
+            return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in ptrs
+
+        if own(out):
+            self._warn_once("alias", "the model returns a cached module's output as is; returning a copy")
+            return out.clone()
+        if type(out) in (tuple, list) and any(own(t) for t in out):
+            self._warn_once("alias", "the model returns a cached module's output as is; returning a copy")
+            return type(out)(t.clone() if own(t) else t for t in out)
+        return out
+
+    def before_module(self, site: Site, args, kwargs):
+        """(forecast, None) on a skipped call: return the forecast, do not run the module;
+        (None, group): run the module, then :meth:`after_module` (group None: nothing to feed)."""
+        step = self.current
+        ctx = step.ctx
+        idx = step.calls.get(site.name, 0)
+        step.calls[site.name] = idx + 1
+        group = ctx.groups.get((site.name, idx))
+        if group is None:
+            group = ctx.groups[(site.name, idx)] = StreamGroup(site)
+        if group.uncacheable is not None:
+            self.calls_computed += 1
+            return None, None
+
+        sig = input_signature(args, kwargs)
+        if sig != group.signature:
+            if group.signature is not None and group.has_history:
+                self.shape_resets += 1
+                if not step.warned_shape:
+                    step.warned_shape = True
+                    warnings.warn(
+                        f"foca cache: input shapes (or dtypes/devices) of {site.name!r} changed at step "
+                        f"{step.step} of context {ctx.name!r}; the cache of every module whose inputs changed "
+                        "is reset (computed until it has enough history again)",
+                        FocaCacheWarning,
+                        stacklevel=3,
+                    )
+                group.reset()
+            group.signature = sig
+
+        if not step.full and group.ready:
+            self.calls_forecast += 1
+            return group.forecast(args, kwargs, step.tau, self.config, step.written), None
+
+        self.calls_computed += 1
+        if not step.full:
+            self.calls_forced += 1
+        return None, (group if step.update else None)
+
+    def after_module(self, group: StreamGroup, out, args, kwargs) -> None:
+        group.update(out, args, kwargs, self.current.tau, self.config, self.method)
+
+    def compile_safe(self) -> None:
+        """Keep torch.compile (dynamo) out of the bookkeeping: it runs eagerly, while the
+        model code between cached modules and the cached modules themselves still compile
+        (with a graph break at each cached module)."""
+        from torch.compiler import disable
+
+        for name in ("begin_step", "abort_step", "end_step", "before_module", "after_module"):
+            setattr(self, name, disable(getattr(self, name)))
+
+    # ---- lifetime ----------------------------------------------------------------------
+    def reset(self, free_memory: bool = False) -> None:
+        for ctx in self.contexts.values():
+            if free_memory:
+                ctx.free()
+            else:
+                ctx.reset()
+        if free_memory:
+            self.contexts.clear()
+
+    def clear_stats(self) -> None:
+        self.calls_computed = self.calls_forecast = self.calls_forced = self.shape_resets = 0
+        for ctx in self.contexts.values():
+            ctx.steps_full = ctx.steps_skipped = ctx.generations = 0
+
+    def states(self) -> list:
+        return [st for ctx in self.contexts.values() for st in ctx.states()]

@@ -1,0 +1,260 @@
+"""Cached streams: one :class:`~foca_kernels.CacheState` per output tensor of one call of one
+cached module in one cache context, plus the preallocated tensor forecasts are written into.
+
+All arithmetic on cached values goes through ``foca_kernels.api.update_`` / ``forecast_``
+(looked up on the module at call time). The only other tensor work here is forming a
+residual (output - input) on full steps and adding the input back on skipped steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import api as _api
+from ..state import STORAGE_DTYPES, CacheState
+from .targets import Site
+
+
+class Stream:
+    """One cached output tensor."""
+
+    __slots__ = ("state", "buffer")
+
+    def __init__(self):
+        self.state: Optional[CacheState] = None
+        self.buffer: Optional[torch.Tensor] = None
+
+    @property
+    def state_bytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes
+
+    @property
+    def buffer_bytes(self) -> int:
+        b = self.buffer
+        return 0 if b is None else b.numel() * b.element_size()
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """The stream's own tensor shaped like ``like`` (allocated on first use or on change)."""
+        b = self.buffer
+        if b is None or b.shape != like.shape or b.dtype != like.dtype or b.device != like.device:
+            b = self.buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return b
+
+    def update(self, feature: torch.Tensor, h: float, config, method) -> None:
+        st = self.state
+        if st is None or st.shape != feature.shape or st.io_dtype != feature.dtype or st.device != feature.device:
+            self.state = st = _api.allocate(feature, method, dtype=config.state_dtype)
+        _api.update_(st, feature, h, backend=config.backend)
+
+    def forecast(self, h: float, config) -> torch.Tensor:
+        st = self.state
+        if config.reuse_output_buffers:
+            b = self.buffer
+            if b is None or b.shape != st.shape or b.dtype != st.io_dtype or b.device != st.device:
+                b = self.buffer = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
+        else:
+            b = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
+        return _api.forecast_(st, b, h, backend=config.backend)
+
+
+class _Const:
+    """A non-tensor element of a module's output (e.g. None), returned as is on skipped steps."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def flatten(out) -> Tuple[Optional[List[torch.Tensor]], Any]:
+    """(tensors, template) of a module output; (None, reason) if it cannot be cached."""
+    if isinstance(out, torch.Tensor):
+        items, container = [out], None
+    elif type(out) in (tuple, list):
+        items, container = list(out), type(out)
+    else:
+        return None, f"its output is a {type(out).__name__} (only tensors and tuples/lists of tensors are cached)"
+    tensors, layout = [], []
+    for x in items:
+        if isinstance(x, torch.Tensor):
+            if x.dtype not in STORAGE_DTYPES:
+                return None, f"it returns a {x.dtype} tensor (cached dtypes: {STORAGE_DTYPES})"
+            if x.numel() == 0:
+                return None, "it returns an empty tensor"
+            layout.append(len(tensors))
+            tensors.append(x)
+        else:
+            layout.append(_Const(x))
+    if not tensors:
+        return None, "its output holds no tensor"
+    return tensors, (container, tuple(layout))
+
+
+def same_template(a, b) -> bool:
+    if a is None or b is None or a[0] is not b[0] or len(a[1]) != len(b[1]):
+        return False
+    for x, y in zip(a[1], b[1]):
+        if isinstance(x, _Const) != isinstance(y, _Const):
+            return False
+        if isinstance(x, _Const) and x.value is not y.value and x.value != y.value:
+            return False
+    return True
+
+
+def rebuild(template, tensors: Sequence[torch.Tensor]):
+    container, layout = template
+    if container is None:
+        return tensors[0]
+    return container(x.value if isinstance(x, _Const) else tensors[x] for x in layout)
+
+
+def input_signature(args, kwargs) -> tuple:
+    """Shapes, dtypes and devices of a call's tensor arguments (one level into tuples/lists)."""
+    sig = []
+    for key, x in enumerate(args):
+        _sig_add(sig, key, x)
+    for key in sorted(kwargs):
+        _sig_add(sig, key, kwargs[key])
+    return tuple(sig)
+
+
+def _sig_add(sig, key, x) -> None:
+    if isinstance(x, torch.Tensor):
+        sig.append((key, x.shape, x.dtype, x.device))
+    elif isinstance(x, (tuple, list)):
+        for j, y in enumerate(x):
+            if isinstance(y, torch.Tensor):
+                sig.append((key, j, y.shape, y.dtype, y.device))
+
+
+class StreamGroup:
+    """Everything cached for one call of one module in one context: a stream per output tensor."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.mode = site.mode
+        self.signature: Optional[tuple] = None
+        self.template = None
+        self.streams: List[Stream] = []
+        self.inputs: List[Optional[str]] = []  # residual: input name per stream (None: cache as is)
+        self.last_tau: Optional[float] = None
+        self.uncacheable: Optional[str] = None
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    @property
+    def has_history(self) -> bool:
+        return any(s.state is not None and s.state.n_steps > 0 for s in self.streams)
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.uncacheable is None
+            and self.template is not None
+            and self.last_tau is not None
+            and all(s.state is not None and s.state.ready for s in self.streams)
+        )
+
+    def reset(self) -> None:
+        """Forget the history, keep the allocations."""
+        for s in self.streams:
+            if s.state is not None:
+                s.state.reset()
+        self.last_tau = None
+
+    def drop(self) -> None:
+        """Forget everything, allocations included."""
+        self.streams = []
+        self.template = None
+        self.inputs = []
+        self.last_tau = None
+
+    def states(self) -> List[CacheState]:
+        return [s.state for s in self.streams if s.state is not None]
+
+    def buffer_bytes(self) -> int:
+        return sum(s.buffer_bytes for s in self.streams)
+
+    # ---- inputs ------------------------------------------------------------------------
+    def _arg(self, name: str, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = self.site.params.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def _resolve_inputs(self, out_items, args, kwargs) -> Optional[List[Optional[str]]]:
+        """Input name per output tensor for a residual, or None if they cannot be matched."""
+        spec = self.site.residual
+        container, layout = self.template
+        names: List[Optional[str]] = []
+        if spec != "auto":
+            spec = tuple(spec)
+            if len(spec) != len(layout):
+                return None
+            for pos, x in enumerate(layout):
+                if not isinstance(x, _Const):
+                    names.append(spec[pos])
+        else:
+            named = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            for k, i in self.site.params.items():
+                if i < len(args) and isinstance(args[i], torch.Tensor):
+                    named.setdefault(k, args[i])
+            for t in out_items:
+                cands = [k for k, v in named.items() if v.shape == t.shape and v.dtype == t.dtype]
+                if len(cands) > 1 and "hidden_states" in cands:
+                    cands = ["hidden_states"]
+                if len(cands) != 1:
+                    return None
+                names.append(cands[0])
+        for name, t in zip(names, out_items):
+            if name is None:
+                continue
+            x = self._arg(name, args, kwargs)
+            if not isinstance(x, torch.Tensor) or x.shape != t.shape or x.dtype != t.dtype:
+                return None
+        return names
+
+    # ---- steps -------------------------------------------------------------------------
+    def update(self, out, args, kwargs, tau: float, config, method) -> None:
+        """A computed call: feed its output(s) to the states."""
+        tensors, template = flatten(out)
+        if tensors is None:
+            self.uncacheable = template
+            self.site.warn_once("uncacheable", f"not cached: {template}")
+            return
+        if not same_template(self.template, template):
+            self.drop()
+            self.template = template
+            self.streams = [Stream() for _ in tensors]
+            self.inputs = [None] * len(tensors)
+            if self.mode == "residual":
+                names = self._resolve_inputs(tensors, args, kwargs)
+                if names is None:
+                    self.site.warn_once(
+                        "residual",
+                        "cannot match its outputs to inputs of the same shape for a residual; caching the output instead",
+                    )
+                    self.mode = "output"
+                else:
+                    self.inputs = names
+        h = 1.0 if self.last_tau is None else tau - self.last_tau
+        for stream, t, name in zip(self.streams, tensors, self.inputs):
+            if name is not None:
+                x = self._arg(name, args, kwargs)
+                t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
+            stream.update(t, h, config, method)
+        self.last_tau = tau
+
+    def forecast(self, args, kwargs, tau: float, config, written: list):
+        """A skipped call: the forecast output(s), without running the module."""
+        h = tau - self.last_tau
+        outs = []
+        for stream, name in zip(self.streams, self.inputs):
+            y = stream.forecast(h, config)
+            if name is not None:
+                y.add_(self._arg(name, args, kwargs))
+            outs.append(y)
+            written.append(y)
+        self.last_tau = tau
+        return rebuild(self.template, outs)

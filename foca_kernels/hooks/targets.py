@@ -1,0 +1,82 @@
+"""Which modules of a model are cached: family defaults or user regexes over module names."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch.nn as nn
+
+from .config import CacheConfig, FocaCacheWarning
+from .families import Residual, Rule, default_rules
+
+
+@dataclass(eq=False)
+class Site:
+    """One cached module: where it is, and how its outputs map onto cached streams."""
+
+    name: str
+    module: nn.Module
+    mode: str  # "output" | "residual"
+    residual: Residual = "auto"  # for "residual": names of the inputs, per output element
+    params: Dict[str, int] = field(default_factory=dict)  # argument name -> positional index
+    warned: set = field(default_factory=set)  # warnings already given for this site
+
+    def bind_signature(self, fn) -> None:
+        """Remember positional indices of ``fn``'s arguments (to find inputs by name)."""
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return
+        i = 0
+        for p in sig.parameters.values():
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                self.params[p.name] = i
+                i += 1
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(f"foca cache, module {self.name!r}: {message}", FocaCacheWarning, stacklevel=4)
+
+
+def _rules(model: nn.Module, config: CacheConfig) -> List[Rule]:
+    if config.targets is None:
+        return list(default_rules(model, config.granularity))
+    plain = "output" if config.granularity == "module" else "block"
+    return [Rule(t[0], t[1]) if isinstance(t, tuple) else Rule(t, plain) for t in config.targets]
+
+
+def select_sites(model: nn.Module, config: CacheConfig) -> List[Site]:
+    """Modules of ``model`` to cache, outermost first; a match inside another match is dropped."""
+    rules = [(re.compile(r.pattern), r) for r in _rules(model, config)]
+    sites: List[Site] = []
+    nested: List[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        rule = next((r for rx, r in rules if rx.fullmatch(name)), None)
+        if rule is None:
+            continue
+        if any(name.startswith(s.name + ".") for s in sites):
+            nested.append(name)
+            continue
+        mode = config.block_cache if rule.mode == "block" else rule.mode
+        sites.append(Site(name, module, mode, rule.residual if mode == "residual" else None))
+    if nested:
+        warnings.warn(
+            f"foca cache: {len(nested)} matched module(s) lie inside other cached modules and are not cached "
+            f"separately (e.g. {nested[0]!r})",
+            FocaCacheWarning,
+            stacklevel=3,
+        )
+    if not sites:
+        what = "targets" if config.targets is not None else f"default {config.granularity}-level targets"
+        raise ValueError(
+            f"no module of {type(model).__name__} matches the {what}; pass CacheConfig(targets=[regex, ...]) "
+            "with regexes over the names in model.named_modules()"
+        )
+    return sites
