@@ -15,25 +15,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _lincomb_kernel(
-    slots_ptr,  # [n_slots, slot_stride] state allocation
-    feat_ptr,  # [n] new feature (unused when HAS_FEAT == 0)
-    out_ptr,  # [n] caller's output (unused when HAS_OUT == 0)
-    n,  # elements per tensor
-    read_offs,  # tuple: element offset of each slot read
-    write_offs,  # tuple: element offset of each slot written
-    coef,  # tuple: (NUM_WRITE + HAS_OUT) rows of (NUM_READ + HAS_FEAT) fp32 coefficients
-    NUM_READ: tl.constexpr,
-    HAS_FEAT: tl.constexpr,
-    NUM_WRITE: tl.constexpr,
-    HAS_OUT: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _combine_block(
+    slots_ptr, feat_ptr, out_ptr, offs, mask, read_offs, write_offs, coef,
+    NUM_READ: tl.constexpr, HAS_FEAT: tl.constexpr, NUM_WRITE: tl.constexpr, HAS_OUT: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
+    """Load every input at ``offs`` once, form every output in fp32, then store them all."""
     NUM_IN: tl.constexpr = NUM_READ + HAS_FEAT
-
     xs = ()
     for i in tl.static_range(NUM_READ):
         x = tl.load(slots_ptr + read_offs[i] + offs, mask=mask, other=0.0)
@@ -61,6 +48,37 @@ def _lincomb_kernel(
         tl.store(out_ptr + offs, ys[NUM_WRITE].to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _lincomb_kernel(
+    slots_ptr,  # [n_slots, slot_stride] state allocation
+    feat_ptr,  # [n] new feature (unused when HAS_FEAT == 0)
+    out_ptr,  # [n] caller's output (unused when HAS_OUT == 0)
+    n,  # elements per tensor
+    n_body,  # n rounded down to a multiple of TAIL: the part every program covers
+    read_offs,  # tuple: element offset of each slot read
+    write_offs,  # tuple: element offset of each slot written
+    coef,  # tuple: (NUM_WRITE + HAS_OUT) rows of (NUM_READ + HAS_FEAT) fp32 coefficients
+    NUM_READ: tl.constexpr,
+    HAS_FEAT: tl.constexpr,
+    NUM_WRITE: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,  # 16, or 0 when n is a multiple of 16
+):
+    # The body is masked against n_body, a multiple of 16, so the compiler can prove whole
+    # 16-byte groups in or out of bounds and emit vector accesses; the < 16 elements past it
+    # are done by program 0 with a scalar mask. One launch either way.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    _combine_block(slots_ptr, feat_ptr, out_ptr, offs, offs < n_body, read_offs, write_offs, coef,
+                   NUM_READ, HAS_FEAT, NUM_WRITE, HAS_OUT)
+    if TAIL > 0:
+        if pid == 0:
+            toffs = n_body + tl.arange(0, TAIL).to(tl.int64)
+            _combine_block(slots_ptr, feat_ptr, out_ptr, toffs, toffs < n, read_offs, write_offs, coef,
+                           NUM_READ, HAS_FEAT, NUM_WRITE, HAS_OUT)
+
+
 def interpreted() -> bool:
     """Whether this module's kernel was built for the Triton interpreter."""
     return bool(triton.knobs.runtime.interpret)
@@ -83,13 +101,15 @@ def lincomb_triton(slots, feature, out, n, reads, writes, coef) -> None:
     num_in = len(reads) + int(has_feat)
     assert len(coef) == (len(writes) + int(has_out)) * num_in and num_in > 0
     stride = slots.stride(0)
+    n_body = n - n % 16
     block, num_warps = launch_config(n)
-    grid = (triton.cdiv(n, block),)
+    grid = (max(1, triton.cdiv(n_body, block)),)
     _lincomb_kernel[grid](
         slots,
         feature if has_feat else slots,
         out if has_out else slots,
         n,
+        n_body,
         tuple(int(r) * stride for r in reads),
         tuple(int(w) * stride for w in writes),
         tuple(float(c) for c in coef),
@@ -98,5 +118,6 @@ def lincomb_triton(slots, feature, out, n, reads, writes, coef) -> None:
         NUM_WRITE=len(writes),
         HAS_OUT=int(has_out),
         BLOCK=block,
+        TAIL=16 if n_body < n else 0,
         num_warps=num_warps,
     )
