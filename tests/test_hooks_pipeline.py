@@ -52,6 +52,7 @@ def run_dit(pipe, labels=(1, 2), seed=0):
 
 @pytest.fixture(scope="module")
 def flux_pipe():
+    pytest.importorskip("transformers", reason="diffusers' FluxPipeline needs transformers (extra 'diffusers')")
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),  # non-uniform sigmas
         vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=T.flux(),
