@@ -2,7 +2,7 @@
 
     python -m foca_kernels.demo.train              # writes foca_kernels/demo/assets/*
 
-1. the digits classifier (CNN, 40 epochs, ~1 min on 2 CPU cores);
+1. the digits classifier (CNN, 40 epochs, seconds on 2 CPU cores);
 2. the digits DiT: rectified flow (velocity target ``noise - x0``, logit-normal noise levels),
    10% of labels dropped to the null class for classifier-free guidance, AdamW with warm-up
    and cosine decay, an EMA of the weights (the EMA is what ships, stored in float16);
