@@ -26,6 +26,20 @@ def lincomb_torch(slots, feature, out, n, reads, writes, coef) -> None:
     for row, dst in zip(rows, dests):
         targets.setdefault(row, []).append(dst)
 
+    # A row that is one input times 1.0 into tensors of that input's dtype is a plain copy
+    # (widening to fp32 and rounding back is exact). Done first and directly, when none of
+    # its destinations is an input of this call (else it would clobber what others read).
+    read_ptrs = {x.data_ptr() for x in xs}
+    for row in list(targets):
+        nz = [(c, x) for c, x in zip(row, xs) if c != 0.0]
+        dsts = targets[row]
+        if (len(nz) == 1 and nz[0][0] == 1.0 and all(d.dtype == nz[0][1].dtype for d in dsts)
+                and not any(d.data_ptr() in read_ptrs for d in dsts)):
+            for dst in targets.pop(row):
+                dst.copy_(nz[0][1])
+    if not targets:
+        return
+
     step = CPU_CHUNK if slots.device.type == "cpu" else n
     accs = [torch.empty(min(step, n), dtype=torch.float32, device=slots.device) for _ in targets]
     for s in range(0, n, step):
