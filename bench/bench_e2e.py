@@ -1,0 +1,780 @@
+"""End to end: sample a class-conditional DiT with and without feature caching, side by side.
+
+    FOCA_BENCH_THREADS=1 python -m pytest bench -k e2e -p no:cacheprovider -q --benchmark-json=bench-e2e.json
+
+(``bench -k e2e``, not ``bench/bench_e2e.py``: bench/conftest.py collects ``bench_*.py`` itself,
+and pytest collects a file named on the command line a second time.)
+
+Model: diffusers' DiTTransformer2DModel in the DiT-S/2 configuration (hidden 384 = 6 heads x 64,
+12 blocks, patch 2, learned sigma) at 256 px (a 32x32x4 latent: 256 tokens), random weights
+(seed 0), class-conditional. Sampler: DDIM (DiT's 1000-step linear betas), 50 steps,
+classifier-free guidance 4.0 batched in one model call, 2 class labels (the model sees 4
+samples per call), driven exactly as ``DiTPipeline`` drives the transformer (``_generate`` is
+its loop without the VAE decode; ``test_driver_matches_ditpipeline`` checks that on a small
+model with a tiny VAE).
+
+Configurations (ids):
+  uncached                     the model as is (reference output and speed)
+  fk-foca-N3/N5/N7             foca_kernels.hooks.enable_cache(model, interval=N): FoCa
+                               (secant anchor), module granularity (attn1 and ff of each
+                               block), warm-up 2, fp32 state
+  fk-taylorseer2-N5, fk-reuse-N5   the same hooks with TaylorSeer order 2 / plain reuse
+  fk-taylorseer2-dsched        TaylorSeer-2 through the hooks on diffusers' TaylorSeer schedule
+                               (a mask), for a like-for-like comparison with the next row
+  diffusers-taylorseer2-N5     diffusers' TaylorSeer hook (cache_interval 5,
+                               disable_cache_before_step 2, max_order 2, fp32 factors) on the
+                               same modules. DiTTransformer2DModel is not a CacheMixin (no
+                               enable_cache) and DiTPipeline sets no cache context, so it is
+                               attached with diffusers' apply_taylorseer_cache and each call runs
+                               in CacheMixin.cache_context, reset per generation as
+                               CacheMixin._reset_stateful_cache does
+  cachedit-foca-N5, cachedit-taylorseer2-N5
+                               cache-dit (optional extra "peers"; skipped when absent) on the
+                               bare transformer: DBCache F1B0 with steps_computation_mask = the
+                               N=5 schedule and the "static" policy (a fixed schedule, no
+                               threshold), FoCa / TaylorSeer(order 2) calibrator on the residual
+                               of blocks 1..11 (cache-dit enforces Fn_compute_blocks >= 1, so
+                               block 0 runs on every step); cache_dit.refresh_context before
+                               each generation
+
+Measurement: every test is ONE generation of one configuration; the configurations run in
+passes, the second pass in reverse order (ABBA), so the uncached model runs first and last and
+a linear drift of the shared machine cancels in the means over passes. Per configuration
+(benchmark.extra_info of each pass; the aggregates in the last pass's extra_info and in the
+markdown table printed at the end):
+  seconds per generation (mean over passes), speed-up = mean uncached / mean configuration;
+  full / skipped steps and the fraction of block compute skipped (attn1 and ff calls not run,
+  counted by forward hooks on their first linear layers; for the foca-kernels rows also
+  cache_info's calls_forecast / (calls_computed + calls_forecast), asserted equal); one full
+  and one skipped step (every model call is timed; medians over the pooled calls of each
+  kind); forecast overhead = (skipped step - stub step) / uncached full step, where the stub
+  step is the same model call with the cached parts replaced by free stubs (timed in the
+  uncached tests: what a skipped step costs with a zero-cost cache); full-step overhead =
+  (cached full step - uncached full step) / uncached full step; cache memory after a
+  generation (foca-kernels: cache_info state_bytes / buffer_bytes; peers: the tensors their
+  states hold, once per storage); relative L2 error of the final latents against the
+  uncached model from the same noise; whether the passes gave bit-identical latents.
+
+Environment:
+  FOCA_BENCH_THREADS=N   torch CPU threads (bench/conftest.py; 1 on a shared machine)
+  FOCA_E2E_FULL=1        3 passes instead of 2 and extra rows (bf16 cache state, block
+                         granularity, diffusers' TaylorSeer with its default bf16 factors,
+                         cache-dit FoCa at N=3 and N=7)
+  FOCA_E2E_PASSES=P      passes (overrides the above)
+  FOCA_E2E_BATCH=B       class labels per generation (default 2: the model sees 2B samples)
+  FOCA_E2E_STEPS=S       sampling steps (default 50)
+  FOCA_E2E_MODEL         dit-s2 (default), dit-b2, or tiny (a 4-block toy for smoke runs)
+  FOCA_E2E_SCHEDULER     ddim (default) or dpm (DPMSolverMultistepScheduler)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # before cache_dit is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers", reason="the end-to-end benchmark needs diffusers (extra 'diffusers')")
+
+from foca_kernels.hooks import CacheConfig, cache_info, disable_cache, enable_cache, reset_cache  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FULL = os.environ.get("FOCA_E2E_FULL", "0") == "1"
+PASSES = int(os.environ.get("FOCA_E2E_PASSES", "3" if FULL else "2"))
+BATCH = int(os.environ.get("FOCA_E2E_BATCH", "2"))
+STEPS = int(os.environ.get("FOCA_E2E_STEPS", "50"))
+MODEL = os.environ.get("FOCA_E2E_MODEL", "dit-s2")
+SCHEDULER = os.environ.get("FOCA_E2E_SCHEDULER", "ddim")
+GUIDANCE = 4.0  # DiTPipeline's default
+SEED = 0
+CLOCK_NAME = "process CPU time" if DEVICE.type == "cpu" else "wall-clock"
+STUB_REPS = 8  # stub calls per kind in each uncached test (interleaved)
+
+MODELS = {  # DiT paper configurations (hidden = heads x 64), 256 px -> 32x32 latent
+    "dit-s2": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=32),
+    "dit-b2": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12, sample_size=32),
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, sample_size=16),
+}
+LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample classes
+
+
+# ---- model, scheduler, the DiTPipeline loop ----------------------------------------------------
+def _make_model():
+    if MODEL not in MODELS:
+        raise ValueError(f"FOCA_E2E_MODEL={MODEL!r}: expected one of {sorted(MODELS)}")
+    torch.manual_seed(SEED)
+    model = diffusers.DiTTransformer2DModel(
+        in_channels=4, out_channels=8, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=1000,
+        **MODELS[MODEL],
+    )
+    return model.eval().to(DEVICE)
+
+
+def _make_scheduler():
+    betas = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    if SCHEDULER == "ddim":
+        return diffusers.DDIMScheduler(clip_sample=False, **betas)
+    if SCHEDULER == "dpm":
+        return diffusers.DPMSolverMultistepScheduler(**betas)
+    raise ValueError(f"FOCA_E2E_SCHEDULER={SCHEDULER!r}: expected ddim or dpm")
+
+
+def _labels(batch: int = BATCH) -> List[int]:
+    return [LABELS[i % len(LABELS)] for i in range(batch)]
+
+
+def _noise(model, batch: int, seed: int = SEED) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
+    size = model.config.sample_size
+    return torch.randn((batch, model.config.in_channels, size, size), generator=g).to(DEVICE, model.dtype)
+
+
+@torch.no_grad()
+def _generate(model, scheduler, class_labels: List[int], latents: torch.Tensor, steps: int = STEPS,
+              guidance_scale: float = GUIDANCE, call: Optional[Callable] = None) -> torch.Tensor:
+    """DiTPipeline.__call__ up to (not including) the VAE decode; returns the final latents.
+    ``call(model, *args, **kwargs)`` replaces the plain model call (to enter a cache context)."""
+    call = call or (lambda m, *a, **k: m(*a, **k))
+    batch_size = len(class_labels)
+    latent_channels = model.config.in_channels
+    latent_model_input = torch.cat([latents] * 2) if guidance_scale > 1 else latents
+    class_labels = torch.tensor(class_labels, device=DEVICE).reshape(-1)
+    class_null = torch.tensor([1000] * batch_size, device=DEVICE)
+    class_labels_input = torch.cat([class_labels, class_null], 0) if guidance_scale > 1 else class_labels
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        if guidance_scale > 1:
+            half = latent_model_input[: len(latent_model_input) // 2]
+            latent_model_input = torch.cat([half, half], dim=0)
+        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+        timesteps = t
+        if not torch.is_tensor(timesteps):
+            dtype = torch.float64 if isinstance(timesteps, float) else torch.int64
+            timesteps = torch.tensor([timesteps], dtype=dtype, device=latent_model_input.device)
+        elif len(timesteps.shape) == 0:
+            timesteps = timesteps[None].to(latent_model_input.device)
+        timesteps = timesteps.expand(latent_model_input.shape[0])
+        noise_pred = call(model, latent_model_input, timestep=timesteps, class_labels=class_labels_input).sample
+        if guidance_scale > 1:
+            eps, rest = noise_pred[:, :latent_channels], noise_pred[:, latent_channels:]
+            cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+            half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+            eps = torch.cat([half_eps, half_eps], dim=0)
+            noise_pred = torch.cat([eps, rest], dim=1)
+        if model.config.out_channels // 2 == latent_channels:
+            model_output, _ = torch.split(noise_pred, latent_channels, dim=1)
+        else:
+            model_output = noise_pred
+        latent_model_input = scheduler.step(model_output, t, latent_model_input).prev_sample
+    if guidance_scale > 1:
+        latents, _ = latent_model_input.chunk(2, dim=0)
+    else:
+        latents = latent_model_input
+    return latents
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def _clock() -> float:
+    """The clock of step times and speed-ups: on the CPU this process's CPU time (another job
+    on a shared machine preempts the benchmark and adds wall-clock time, not CPU time; with
+    one torch thread and an idle machine the two agree), on CUDA wall-clock."""
+    return time.process_time() if DEVICE.type == "cpu" else time.perf_counter()
+
+
+# ---- instrumentation ---------------------------------------------------------------------------
+def _unit_probes(model) -> List[torch.nn.Module]:
+    """The first linear layer of each block's attn1 and ff: it runs iff that module computes."""
+    return [m for blk in model.transformer_blocks for m in (blk.attn1.to_q, blk.ff.net[0].proj)]
+
+
+class Recorder:
+    """Times every model call (forward pre/post hooks on the transformer, outside any wrapper
+    a cache puts on its forward) and counts the cached units (attn1, ff) that really ran."""
+
+    def __init__(self, model):
+        self.units_per_call = 2 * len(model.transformer_blocks)
+        self.units = 0
+        self.calls: List[tuple] = []  # (seconds, units computed in that call)
+        self._t0 = 0.0
+        self._u0 = 0
+        self.handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+        for probe in _unit_probes(model):
+            self.handles.append(probe.register_forward_hook(self._count))
+
+    def _count(self, *_):
+        self.units += 1
+
+    def _pre(self, *_):
+        _sync()
+        self._u0 = self.units
+        self._t0 = _clock()
+
+    def _post(self, *_):
+        _sync()
+        self.calls.append((_clock() - self._t0, self.units - self._u0))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def split(self):
+        """(full-call times, other-call times)."""
+        full = [t for t, u in self.calls if u == self.units_per_call]
+        other = [t for t, u in self.calls if u < self.units_per_call]
+        return full, other
+
+
+def _tensor_bytes(obj, seen: set, depth: int = 0) -> int:
+    """Bytes of the tensors reachable from ``obj`` (attributes, dicts, lists), once per storage."""
+    if depth > 6 or obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.device)
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in vars(obj).values())
+    return 0
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+def _fk_mask(interval: int, warmup: int = 2, steps: int = STEPS) -> List[bool]:
+    pattern = CacheConfig(interval=interval, warmup=warmup).pattern(steps)
+    return [c == "F" for c in pattern]
+
+
+def _diffusers_mask(interval: int, before: int, steps: int = STEPS) -> List[bool]:
+    """diffusers' TaylorSeerCacheHook._measure_should_compute, per step."""
+    return [k < before or (k - before - 1) % interval == 0 for k in range(steps)]
+
+
+# ---- providers ---------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    call: Optional[Callable] = None  # replaces the model call inside the loop
+    before: Callable = lambda: None  # before each generation (inside the timed region)
+    memory: Callable = lambda: (0, 0)  # (state bytes, buffer bytes) after a generation
+    stats: Callable = lambda: {}  # extra numbers after all rounds
+    stub: str = "modules"  # what a skipped step does not run: "modules", "blocks" or "blocks1+"
+    teardown: Callable = lambda: None
+    notes: Dict[str, object] = field(default_factory=dict)
+
+
+def _setup_uncached(base):
+    return Setup(copy.deepcopy(base), stub="none")  # base itself never gets hooks: it is copied
+
+
+def _setup_fk(base, **options):
+    model = copy.deepcopy(base)
+    cfg = CacheConfig(**options)
+    enable_cache(model, cfg)
+
+    def memory():
+        info = cache_info(model)
+        return info.state_bytes, info.buffer_bytes
+
+    def stats():
+        info = cache_info(model)
+        n = info.calls_computed + info.calls_forecast
+        return {
+            "cache_info": {k: getattr(info, k) for k in (
+                "modules", "streams", "steps_full", "steps_skipped", "calls_computed", "calls_forecast",
+                "calls_forced", "shape_resets", "generations")},
+            "skipped_fraction_cache_info": info.calls_forecast / n if n else 0.0,
+        }
+
+    reset_cache(model, clear_stats=True)
+    return Setup(model, memory=memory, stats=stats, stub="blocks" if options.get("granularity") == "block" else "modules",
+                 teardown=lambda: disable_cache(model), notes={"schedule": cfg.pattern(STEPS)})
+
+
+def _setup_diffusers(base, interval: int, before: int, order: int, dtype):
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+    from diffusers.models.cache_utils import CacheMixin
+
+    model = copy.deepcopy(base)
+    if hasattr(model, "enable_cache"):  # a diffusers version where DiT is a CacheMixin
+        raise AssertionError("DiTTransformer2DModel gained enable_cache: use it here")
+    cfg = TaylorSeerCacheConfig(
+        cache_interval=interval, disable_cache_before_step=before, max_order=order, taylor_factors_dtype=dtype,
+        cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"],  # the modules the fk rows cache
+    )
+    apply_taylorseer_cache(model, cfg)
+    hooked = [m for m in model.modules() if getattr(m, "_diffusers_hook", None) is not None
+              and "taylorseer_cache" in m._diffusers_hook.hooks]
+    assert len(hooked) == 2 * len(model.transformer_blocks), len(hooked)
+
+    def call(m, *args, **kwargs):  # what CacheMixin.cache_context does for a CacheMixin model
+        with CacheMixin.cache_context(m, "cond"):
+            return m(*args, **kwargs)
+
+    def memory():
+        seen: set = set()
+        total = 0
+        for m in hooked:
+            hook = m._diffusers_hook.hooks["taylorseer_cache"]
+            for state in hook.state_manager._state_cache.values():
+                total += _tensor_bytes(state.taylor_factors, seen)
+        return total, 0
+
+    return Setup(
+        model, call=call, before=lambda: CacheMixin._reset_stateful_cache(model), memory=memory,
+        notes={"schedule": "".join("F" if f else "s" for f in _diffusers_mask(interval, before)),
+               "config": repr(cfg)},
+    )
+
+
+def _setup_cachedit(base, calibrator: str, mask: List[bool], warmup: int = 2):
+    cache_dit = pytest.importorskip("cache_dit", reason="cache-dit (optional extra 'peers') not installed")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    from cache_dit import DBCacheConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig
+
+    model = copy.deepcopy(base)
+    cal = FoCaCalibratorConfig() if calibrator == "foca" else TaylorSeerCalibratorConfig(taylorseer_order=2)
+    cfg = DBCacheConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=warmup, num_inference_steps=STEPS,
+        steps_computation_mask=[int(f) for f in mask], steps_computation_policy="static",
+        enable_separate_cfg=False,  # DiT batches cond and uncond in one call
+    )
+    cache_dit.enable_cache(model, cache_config=cfg, calibrator_config=cal)
+    manager = model._context_manager
+    names = list(model._context_names)
+
+    def contexts():
+        return [manager.get_context(n) for n in names]
+
+    def memory():
+        seen: set = set()
+        state = buffers = 0
+        for ctx in contexts():
+            for c in (ctx.calibrator, ctx.encoder_calibrator, ctx.cfg_calibrator, ctx.cfg_encoder_calibrator):
+                if c is not None:
+                    state += _tensor_bytes(c.states, seen)
+            buffers += _tensor_bytes(ctx.buffers, seen)
+        return state, buffers
+
+    def stats():
+        ctx = contexts()[0]
+        return {"cache_dit_cached_steps": list(ctx.get_cached_steps())}
+
+    # cache-dit's transformer-only context refreshes itself only once a call finds the step
+    # count already past num_inference_steps, i.e. one call into the next generation (whose
+    # first step would then be served from the previous generation's cache): refresh
+    # explicitly before each generation, as cache_dit.refresh_context's docs do per request.
+    return Setup(
+        model, before=lambda: cache_dit.refresh_context(model), memory=memory, stats=stats, stub="blocks1+",
+        notes={"schedule": "".join("F" if f else "s" for f in mask), "config": cfg.strify() + "+" + cal.strify()},
+    )
+
+
+# (id, label, setup, options)
+def _configs():
+    fk5 = _fk_mask(5)
+    rows = [
+        ("uncached", "uncached", _setup_uncached, {}),
+        ("fk-foca-N3", "foca-kernels FoCa N=3", _setup_fk, dict(interval=3, method="foca")),
+        ("fk-foca-N5", "foca-kernels FoCa N=5", _setup_fk, dict(interval=5, method="foca")),
+        ("fk-foca-N7", "foca-kernels FoCa N=7", _setup_fk, dict(interval=7, method="foca")),
+        ("fk-taylorseer2-N5", "foca-kernels TaylorSeer-2 N=5", _setup_fk,
+         dict(interval=5, method="taylorseer", method_options={"order": 2})),
+        ("fk-reuse-N5", "foca-kernels reuse N=5", _setup_fk, dict(interval=5, method="reuse")),
+        ("fk-taylorseer2-dsched", "foca-kernels TaylorSeer-2, diffusers' schedule", _setup_fk,
+         dict(mask=_diffusers_mask(5, 2), method="taylorseer", method_options={"order": 2})),
+        ("diffusers-taylorseer2-N5", "diffusers TaylorSeer hook, order 2, interval 5, fp32 factors",
+         _setup_diffusers, dict(interval=5, before=2, order=2, dtype=torch.float32)),
+        ("cachedit-foca-N5", "cache-dit FoCa calibrator, F1B0, N=5 mask", _setup_cachedit,
+         dict(calibrator="foca", mask=fk5)),
+        ("cachedit-taylorseer2-N5", "cache-dit TaylorSeer-2 calibrator, F1B0, N=5 mask", _setup_cachedit,
+         dict(calibrator="taylorseer", mask=fk5)),
+    ]
+    if FULL:
+        rows += [
+            ("fk-foca-N5-bf16state", "foca-kernels FoCa N=5, bf16 state", _setup_fk,
+             dict(interval=5, method="foca", state_dtype=torch.bfloat16)),
+            ("fk-foca-N5-block", "foca-kernels FoCa N=5, block residuals", _setup_fk,
+             dict(interval=5, method="foca", granularity="block")),
+            ("diffusers-taylorseer2-N5-bf16", "diffusers TaylorSeer hook, order 2, interval 5, bf16 factors (default)",
+             _setup_diffusers, dict(interval=5, before=2, order=2, dtype=torch.bfloat16)),
+            ("cachedit-foca-N3", "cache-dit FoCa calibrator, F1B0, N=3 mask", _setup_cachedit,
+             dict(calibrator="foca", mask=_fk_mask(3))),
+            ("cachedit-foca-N7", "cache-dit FoCa calibrator, F1B0, N=7 mask", _setup_cachedit,
+             dict(calibrator="foca", mask=_fk_mask(7))),
+        ]
+    return rows
+
+
+CONFIGS = {c[0]: c for c in _configs()}
+
+
+def _params():
+    """Pass 1 in order, pass 2 reversed, ... (ABBA: the uncached model runs first and last)."""
+    ids = list(CONFIGS)
+    out = []
+    for p in range(PASSES):
+        for cid in (ids if p % 2 == 0 else ids[::-1]):
+            out.append(pytest.param(cid, p, id=f"{cid}-p{p + 1}"))
+    return out
+
+
+# ---- session state -----------------------------------------------------------------------------
+class Baseline:
+    """The seeded model and inputs, the uncached reference latents, the uncached step times and
+    the stub timings (pooled over the uncached tests)."""
+
+    def __init__(self):
+        self.model = _make_model()
+        self.scheduler = _make_scheduler()
+        self.labels = _labels()
+        self.noise = _noise(self.model, len(self.labels))
+        self.latents: Optional[torch.Tensor] = None
+        self.stub_s: Dict[str, List[float]] = {"modules": [], "blocks1+": [], "blocks": []}
+
+    def ensure_reference(self):
+        """One uncached generation if no uncached test has run yet (``-k`` without it)."""
+        if self.latents is None:
+            self.latents = _generate(self.model, self.scheduler, self.labels, self.noise)
+        if not self.stub_s["modules"]:
+            self.time_stubs()
+
+    @torch.no_grad()
+    def time_stubs(self, reps: int = STUB_REPS):
+        """Time model calls with the cached parts replaced by free stubs: what a skipped step
+        still runs. "modules": attn1 and ff of every block return a preallocated tensor (the
+        module-granularity rows); "blocks1+": blocks 1.. return their input (cache-dit F1B0);
+        "blocks": every block returns its input (block granularity). Mid-trajectory input,
+        the kinds interleaved, the first call of each dropped."""
+        m = self.model
+        n = 2 * len(self.labels)
+        size = m.config.sample_size
+        x = torch.randn((n, m.config.in_channels, size, size), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        t = torch.full((n,), 500, dtype=torch.int64, device=DEVICE)
+        y = torch.tensor(self.labels + [1000] * len(self.labels), device=DEVICE)
+        tokens = (size // m.config.patch_size) ** 2
+        zeros = torch.zeros((n, tokens, m.inner_dim), device=DEVICE, dtype=m.dtype)
+
+        def stub_modules():
+            for blk in m.transformer_blocks:
+                blk.attn1.forward = blk.ff.forward = lambda *a, **k: zeros
+
+        def stub_blocks(first: int):
+            for blk in list(m.transformer_blocks)[first:]:
+                blk.forward = lambda hidden_states, *a, **k: hidden_states
+
+        def restore():
+            for mod in m.modules():
+                mod.__dict__.pop("forward", None)
+
+        for i in range(reps + 1):
+            for kind, patch in (("modules", stub_modules), ("blocks1+", lambda: stub_blocks(1)),
+                                ("blocks", lambda: stub_blocks(0))):
+                patch()
+                try:
+                    _sync()
+                    t0 = _clock()
+                    m(x, timestep=t, class_labels=y)
+                    _sync()
+                    if i:
+                        self.stub_s[kind].append(_clock() - t0)
+                finally:
+                    restore()
+
+
+@dataclass
+class Row:
+    cid: str
+    label: str
+    setup: Optional[Setup] = None
+    rec: Optional[Recorder] = None
+    passes: List[int] = field(default_factory=list)
+    gen_s: List[float] = field(default_factory=list)  # wall-clock per generation
+    gen_clock: List[float] = field(default_factory=list)  # _clock() per generation (CPU time on CPU)
+    calls: List[tuple] = field(default_factory=list)  # (_clock() seconds, units run), pooled over passes
+    first: Optional[torch.Tensor] = None  # final latents of the first pass
+    repeatable: bool = True
+    memory: tuple = (0, 0)
+    stub: str = "none"
+    notes: Dict[str, object] = field(default_factory=dict)
+    stats: Dict[str, object] = field(default_factory=dict)
+    extra: Optional[dict] = None  # the last pass's benchmark.extra_info (aggregates go there)
+    agg: Dict[str, object] = field(default_factory=dict)
+
+
+_BASE: Optional[Baseline] = None
+ROWS: Dict[str, Row] = {}  # in order of first appearance
+
+
+@pytest.fixture(scope="module")
+def base():
+    global _BASE
+    if _BASE is None:
+        _BASE = Baseline()
+    return _BASE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _session_rows(request):
+    """Registers the summary printer (a test module cannot define pytest hooks itself), and
+    after the module's last test computes the aggregates, puts them into the last pass's
+    extra_info (pytest-benchmark writes its JSON after this) and releases the models."""
+    pm = request.config.pluginmanager
+    if pm.get_plugin("foca_e2e_summary") is None:
+        pm.register(_Summary(), "foca_e2e_summary")
+    yield
+    for row in ROWS.values():
+        _release(row)
+    if _BASE is not None and "uncached" in ROWS:
+        for row in ROWS.values():
+            row.agg = _aggregate(row)
+            if row.extra is not None:
+                row.extra["aggregate"] = row.agg
+
+
+def _release(row: Row):
+    if row.rec is not None:
+        row.rec.remove()
+        row.rec = None
+    if row.setup is not None:
+        row.setup.teardown()
+        row.setup = None
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ---- the driver is DiTPipeline's loop --------------------------------------------------------
+def test_driver_matches_ditpipeline():
+    """``_generate`` + decode equals DiTPipeline on a small DiT with a tiny random VAE."""
+    torch.manual_seed(SEED)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=1000,
+    ).eval().to(DEVICE)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    ).eval().to(DEVICE)
+    pipe = diffusers.DiTPipeline(transformer=model, vae=vae, scheduler=_make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    labels = [1, 2]
+    g = torch.Generator(device="cpu").manual_seed(3)
+    images = pipe(class_labels=labels, generator=g, num_inference_steps=6, output_type="pt").images
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator(device="cpu").manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        latents = _generate(model, _make_scheduler(), labels, noise, steps=6)
+        samples = vae.decode(1 / vae.config.scaling_factor * latents).sample  # as DiTPipeline
+    torch.testing.assert_close((samples / 2 + 0.5).clamp(0, 1), images, rtol=0, atol=0)
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cid,pass_index", _params())
+def test_e2e(benchmark, base, cid, pass_index):
+    _, label, setup_fn, options = CONFIGS[cid]
+    if cid != "uncached":
+        base.ensure_reference()
+    row = ROWS.setdefault(cid, Row(cid, label))
+    if row.setup is None:
+        row.setup = setup_fn(base.model, **options)
+        row.rec = Recorder(row.setup.model)
+        row.stub, row.notes = row.setup.stub, dict(row.setup.notes)
+    s, rec = row.setup, row.rec
+    n0 = len(rec.calls)
+    result = {}
+
+    def one_generation():
+        _sync()
+        t0, c0 = time.perf_counter(), _clock()
+        s.before()
+        out = _generate(s.model, base.scheduler, base.labels, base.noise, call=s.call)
+        _sync()
+        result["s"], result["clock_s"] = time.perf_counter() - t0, _clock() - c0
+        result["out"] = out
+        result["memory"] = s.memory()
+
+    benchmark.group = f"e2e {MODEL} {SCHEDULER} {STEPS} steps batch {BATCH}"
+    benchmark.pedantic(one_generation, rounds=1, iterations=1, warmup_rounds=0)
+    calls = rec.calls[n0:]
+    out = result["out"]
+    row.passes.append(pass_index)
+    row.gen_s.append(result["s"])
+    row.gen_clock.append(result["clock_s"])
+    row.calls += calls
+    row.memory = result["memory"]
+    if row.first is None:
+        row.first = out
+    elif not torch.equal(out, row.first):
+        row.repeatable = False
+    if cid == "uncached":
+        if base.latents is None:
+            base.latents = out
+        base.time_stubs()
+    if cid.startswith("fk-") or cid == "uncached":
+        assert row.repeatable, f"{cid}: this generation differs from the first one (state not reset?)"
+    if len(row.passes) == sum(1 for p in _params() if p.values[0] == cid):  # its last pass
+        row.stats = s.stats()
+        _release(row)
+
+    units = sum(u for _, u in calls)
+    full = [t for t, u in calls if u == rec.units_per_call]
+    other = [t for t, u in calls if u < rec.units_per_call]
+    info = {
+        "label": label,
+        "pass": pass_index + 1,
+        "model": MODEL,
+        "scheduler": SCHEDULER,
+        "steps": STEPS,
+        "batch": BATCH,
+        "cfg_batched": True,
+        "device": str(DEVICE),
+        "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
+        "generation_s": result["s"],
+        "generation_clock_s": result["clock_s"],
+        "clock": "process CPU time" if DEVICE.type == "cpu" else "wall",
+        "steps_full": len(full),
+        "steps_skipped": len(other),
+        "skipped_fraction": 1.0 - units / (len(calls) * rec.units_per_call),
+        "full_step_median_s": statistics.median(full) if full else None,
+        "skip_step_median_s": statistics.median(other) if other else None,
+        "state_bytes": row.memory[0],
+        "buffer_bytes": row.memory[1],
+        "rel_l2_error": _rel_l2(out, base.latents),
+        **row.notes,
+        **row.stats,
+    }
+    if "skipped_fraction_cache_info" in row.stats:  # cache_info counts the same calls (all passes)
+        total = sum(rec.units_per_call - u for _, u in row.calls) / (len(row.calls) * rec.units_per_call)
+        assert math.isclose(row.stats["skipped_fraction_cache_info"], total, abs_tol=1e-9), (row.stats, total)
+    benchmark.extra_info.update(info)
+    row.extra = benchmark.extra_info
+
+
+def _med(xs: List[float]) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
+def _aggregate(row: Row) -> dict:
+    u = ROWS["uncached"]
+    per_call = 2 * len(_BASE.model.transformer_blocks)
+    full = [t for t, n in row.calls if n == per_call]
+    other = [t for t, n in row.calls if n < per_call]
+    full0 = _med([t for t, n in u.calls if n == per_call])
+    stub = _med(_BASE.stub_s.get(row.stub, []))
+    skip = _med(other)
+    fullc = _med(full)
+    units = sum(n for _, n in row.calls)
+    npass = max(1, len(row.passes))
+    mean, mean_clock = statistics.fmean(row.gen_s), statistics.fmean(row.gen_clock)
+    return {
+        "passes": len(row.passes),
+        "generation_s": list(row.gen_s),
+        "generation_clock_s": list(row.gen_clock),
+        "mean_s": mean,
+        "mean_clock_s": mean_clock,
+        "speedup": statistics.fmean(u.gen_clock) / mean_clock,
+        "speedup_wall": statistics.fmean(u.gen_s) / mean,
+        "speedup_per_pass": [a / b for a, b in zip(u.gen_clock, row.gen_clock)] if row.cid != "uncached" else None,
+        "steps_full": len(full) / npass,
+        "steps_skipped": len(other) / npass,
+        "skipped_fraction": 1.0 - units / (len(row.calls) * per_call),
+        "full_step_s": fullc,
+        "skip_step_s": skip,
+        "uncached_full_step_s": full0,
+        "stub_kind": row.stub,
+        "stub_s": stub if row.cid != "uncached" else None,
+        "forecast_overhead": (skip - stub) / full0 if (skip is not None and stub is not None) else None,
+        "full_step_overhead": (fullc - full0) / full0 if (fullc is not None and row.cid != "uncached") else None,
+        "state_bytes": row.memory[0],
+        "buffer_bytes": row.memory[1],
+        "rel_l2_error": _rel_l2(row.first, _BASE.latents),
+        "repeatable": row.repeatable,
+    }
+
+
+# ---- summary -----------------------------------------------------------------------------------
+def _fmt_s(s: Optional[float]) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
+
+
+def _fmt_bytes(b: Optional[int]) -> str:
+    return "0" if not b else f"{b / 2**20:.1f} MiB"
+
+
+def _fmt_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+class _Summary:
+    def pytest_terminal_summary(self, terminalreporter):
+        rows = [r for r in ROWS.values() if r.agg]
+        if not rows:
+            return
+        tr = terminalreporter
+        tr.section("foca-kernels end-to-end summary")
+        threads = f", {torch.get_num_threads()} torch threads" if DEVICE.type == "cpu" else ""
+        tr.write_line(
+            f"{MODEL} ({SCHEDULER}, {STEPS} steps, {BATCH} labels x 2 CFG in one call), device {DEVICE}{threads}, "
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, {PASSES} passes (ABBA order)"
+        )
+        tr.write_line(
+            f"times: {CLOCK_NAME} unless marked wall; per generation = mean over passes; speed-up = mean uncached / mean; "
+            "skipped = attn1+ff calls not run; step times = medians over calls; "
+            "forecast overhead = (skipped step - stub step) / uncached full step; "
+            "full-step overhead = (full step - uncached full step) / uncached full step; "
+            "error = relative L2 of the final latents vs uncached"
+        )
+        tr.write_line("")
+        tr.write_line(
+            "| configuration | full / skipped steps | block compute skipped | per generation | speed-up | "
+            "per generation (wall) | speed-up (wall) | full step | skipped step | forecast overhead | "
+            "full-step overhead | cache state | buffers | rel. L2 error |"
+        )
+        tr.write_line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            a = r.agg
+            unc = r.cid == "uncached"
+            note = "" if a["repeatable"] else " (passes differ)"
+            tr.write_line(
+                f"| {r.cid} | {a['steps_full']:g} / {a['steps_skipped']:g} | {_fmt_pct(a['skipped_fraction'])} | "
+                f"{_fmt_s(a['mean_clock_s'])} | {a['speedup']:.2f}x | {_fmt_s(a['mean_s'])} | {a['speedup_wall']:.2f}x | "
+                f"{_fmt_s(a['full_step_s'])} | "
+                f"{_fmt_s(a['skip_step_s'])} | {'-' if unc else _fmt_pct(a['forecast_overhead'])} | "
+                f"{'-' if unc else _fmt_pct(a['full_step_overhead'])} | "
+                f"{'-' if unc else _fmt_bytes(a['state_bytes'])} | {'-' if unc else _fmt_bytes(a['buffer_bytes'])} | "
+                f"{'-' if unc else format(a['rel_l2_error'], '.2e')}{note} |"
+            )
+        tr.write_line("")
+        u = ROWS["uncached"]
+        tr.write_line(
+            "uncached generation per pass: " + ", ".join(f"{_fmt_s(c)} ({_fmt_s(w)} wall)" for c, w in zip(u.gen_clock, u.gen_s))
+            + "; stub steps (median): " + ", ".join(f"{k} {_fmt_s(_med(v))}" for k, v in _BASE.stub_s.items())
+        )
+        for r in rows:
+            if r.cid != "uncached":
+                tr.write_line(
+                    f"{r.cid}: per pass {', '.join(_fmt_s(t) for t in r.gen_clock)}, speed-up per pass "
+                    f"{', '.join(f'{x:.2f}' for x in r.agg['speedup_per_pass'])}; schedule {r.notes.get('schedule', '')}"
+                )
