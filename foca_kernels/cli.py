@@ -1,0 +1,173 @@
+"""The ``foca-kernels`` console script.
+
+    foca-kernels demo                      # short fidelity run on the shipped digits DiT (< 2 min on 2 CPU cores)
+    foca-kernels demo --full               # the full table of docs/fidelity.md
+    foca-kernels demo --n 5 9 --methods reuse taylorseer1 foca-secant foca-bdf2 --samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_OUT = "foca-demo-out"
+FULL_SAMPLES = 100
+DEMO_DEPENDENCIES = ("diffusers", "safetensors", "sklearn", "matplotlib", "PIL", "tqdm")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(
+        prog="foca-kernels",
+        description="Fused feature-caching forecasts (FoCa, TaylorSeer, reuse) for Diffusion Transformers.",
+    )
+    ap.add_argument("--version", action="version", version=f"foca-kernels {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser(
+        "demo",
+        help="measure caching fidelity on the small trained digits DiT shipped with the package",
+        description=(
+            "Sample the shipped class-conditional digits DiT (diffusers DiTTransformer2DModel, 50 rectified-flow "
+            "Euler steps) with full compute, with fewer steps at the same cost, and with each caching method at "
+            "each interval N; print speed-up, fraction skipped, PSNR / relative L2 against full compute, "
+            "trajectory and forecast errors, classifier accuracy and classifier-feature FID; write the table "
+            "(markdown, CSV, JSON), sample grids and a per-step error plot to --out. Without options a short "
+            f"run: methods {', '.join(_demo_defaults()['methods'])}, N in "
+            f"{{{', '.join(map(str, _demo_defaults()['intervals']))}}}, {_demo_defaults()['samples']} samples."
+        ),
+    )
+    d.add_argument("--full", action="store_true",
+                   help=f"the full table: every method, N in {{2, 3, 5, 7, 9}}, {FULL_SAMPLES} samples "
+                        "(7-10 minutes on 2 shared CPU cores; the tables of docs/fidelity.md)")
+    d.add_argument("--n", "--intervals", dest="intervals", type=int, nargs="+", metavar="N",
+                   help="cache intervals N (every N-th step computed)")
+    d.add_argument("--methods", nargs="+", metavar="M",
+                   help="runs: full, steps (fewer steps, same cost), reuse, taylorseer1, taylorseer2, taylorseer3, "
+                        "foca (package default anchor), foca-secant, foca-bdf2 ('full' is always run)")
+    d.add_argument("--samples", type=int, help="images per run (labels i %% 10)")
+    d.add_argument("--steps", type=int, default=None, help="sampling steps of the full run (default 50)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the sampler's)")
+    d.add_argument("--warmup", type=int, default=2, help="first steps always computed (default 2)")
+    d.add_argument("--final", type=int, default=0, help="last steps always computed (default 0)")
+    d.add_argument("--granularity", choices=("module", "block"), default="module",
+                   help="cache attention/feed-forward modules (default) or whole blocks' residuals")
+    d.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="fused-op implementation (auto: Triton on CUDA or with TRITON_INTERPRET=1, else PyTorch)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared machine two OpenMP threads fighting other "
+                        "jobs were measured 3-4x slower than one; 0 = torch's choice)")
+    d.add_argument("--repeats", type=int, default=1, help="timed repetitions per run, the fastest counts")
+    d.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default ./{DEFAULT_OUT})")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--untrained", action="store_true", help=argparse.SUPPRESS)  # tests: seeded random weights
+    return ap
+
+
+def _demo_defaults():
+    from .demo.harness import DEMO_INTERVALS, DEMO_METHODS, DEMO_SAMPLES
+
+    return dict(methods=DEMO_METHODS, intervals=DEMO_INTERVALS, samples=DEMO_SAMPLES)
+
+
+def _untrained_model():
+    import torch
+
+    from .demo.model import build_digits_dit
+
+    torch.manual_seed(0)
+    return build_digits_dit(init=False).eval().requires_grad_(False)
+
+
+def demo(args) -> int:
+    from .demo.harness import ALL_METHODS, DEFAULT_INTERVALS, HarnessConfig, run_harness, write_outputs
+
+    defaults = _demo_defaults()
+    if args.full:
+        methods, intervals, samples = ALL_METHODS, DEFAULT_INTERVALS, FULL_SAMPLES
+    else:
+        methods, intervals, samples = defaults["methods"], defaults["intervals"], defaults["samples"]
+    cfg = HarnessConfig(
+        methods=args.methods or methods,
+        intervals=args.intervals or intervals,
+        samples=args.samples or samples,
+        num_steps=args.steps or 50,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        warmup=args.warmup,
+        final=args.final,
+        granularity=args.granularity,
+        backend=None if args.backend == "auto" else args.backend,
+        repeats=args.repeats,
+        threads=args.threads or None,
+        progress=not args.no_progress,
+    )
+    model = _untrained_model() if args.untrained else None
+    what = "UNTRAINED (seeded random) digits DiT" if args.untrained else "shipped digits DiT"
+    print(f"foca-kernels demo: {what}, {cfg.samples} samples x {cfg.num_steps} steps; "
+          f"runs: {', '.join(cfg.methods)}; N in {{{', '.join(map(str, cfg.intervals))}}}", flush=True)
+    t0 = time.perf_counter()
+    res = run_harness(cfg, model=model)
+    files = write_outputs(res, args.out)
+    m = res.machine
+    print()
+    print(res.to_text(), end="")
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"fused ops: {m['backend']}; load average at start {_load(m.get('loadavg_start'))}")
+    print("columns: skipped = fraction of cached-module calls forecast (steps: of the 50-step compute not done); "
+          "speed-up = full time / run time;\n  PSNR, rel-L2 = final samples vs full compute (same seeds); "
+          "traj err = mean per-step rel. error of the model output vs full;\n  fcst err = mean teacher-forced forecast "
+          "error of the cached modules; accuracy = digits classifier on the requested class;\n  FID test / full = "
+          "Frechet distance in the classifier's feature space to the test digits / to the full-compute samples.")
+    for line in _summary(res):
+        print(line)
+    print(f"\nwrote {len(files)} files to {args.out}/: {', '.join(sorted(Path(p).name for p in files.values()))}")
+    print("full tables and how to read them: docs/fidelity.md")
+    print(f"done in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def _load(v) -> str:
+    return "-" if not v else " ".join(f"{x:.2f}" for x in v)
+
+
+def _summary(res) -> List[str]:
+    from .demo.harness import BASELINES
+
+    lines = []
+    for n in res.config.intervals:
+        rows = [r for r in res.runs if r.interval == n and r.method not in BASELINES]
+        if len(rows) < 2:
+            continue
+        best = max(rows, key=lambda r: r.psnr)
+        lines.append(f"N={n}: closest to full compute: {best.method} "
+                     f"(PSNR {best.psnr:.1f} dB, rel-L2 {best.rel_l2:.4f})")
+    return (["", *lines] if lines else [])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 0
+    if args.command == "demo":
+        try:
+            return demo(args)
+        except ModuleNotFoundError as e:  # the demo extra is missing
+            if (e.name or "").split(".")[0] not in DEMO_DEPENDENCIES:
+                raise
+            print(f"foca-kernels demo needs the demo extra (pip install 'foca-kernels[demo]'): {e}", file=sys.stderr)
+            return 1
+    ap.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
