@@ -9,7 +9,7 @@ import torch
 from .backend import get_backend
 from .methods import Method, make_method
 from .ops import lincomb_, run_lincomb
-from .state import SLOT_ALIGN, CacheState, Launch
+from .state import CacheState, Launch, slot_stride
 from .validation import check_no_alias, check_no_overlap, check_ready, check_state, check_step, check_tensor
 
 
@@ -36,7 +36,7 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
     else:
         shape, dtype = torch.Size(example), dtype or torch.float32
     n = shape.numel()
-    return m.n_slots * (-(-n // SLOT_ALIGN) * SLOT_ALIGN) * torch.empty((), dtype=dtype).element_size()
+    return m.n_slots * slot_stride(n) * torch.empty((), dtype=dtype).element_size()
 
 
 def _run(buf: CacheState, launch: Launch, feature, out, backend) -> None:

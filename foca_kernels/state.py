@@ -21,6 +21,11 @@ STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLOT_ALIGN = 64  # slot stride in elements: keeps every slot 128-byte aligned for vector loads
 
 
+def slot_stride(numel: int) -> int:
+    """Elements between consecutive slots: numel rounded up to SLOT_ALIGN."""
+    return -(-numel // SLOT_ALIGN) * SLOT_ALIGN
+
+
 @dataclass(frozen=True)
 class Launch:
     """One fused update, in physical slots."""
@@ -55,7 +60,7 @@ class CacheState:
             raise ValueError(f"cannot cache an empty tensor (shape {tuple(self.shape)})")
         self.dtype = dtype
         self.io_dtype = io_dtype
-        stride = -(-self.numel // SLOT_ALIGN) * SLOT_ALIGN
+        stride = slot_stride(self.numel)
         self.slots = torch.zeros(method.n_slots, stride, dtype=dtype, device=device)
         self.reset()
 

@@ -258,6 +258,17 @@ def _case_id(rule, size, dtypes):
 CASES = [(r, s, d) for r in RULES for s in SIZES for d in DTYPES]
 
 
+def _expected_vector_accesses(kwargs, dtypes):
+    """(loads, stores) of 16 bytes a thread needs to read each input and write each output once."""
+    per_thread = kwargs["BLOCK"] // (32 * kwargs["num_warps"])
+    state_dtype, io_dtype = DTYPES[dtypes]
+    s_bytes = per_thread * torch.empty((), dtype=state_dtype).element_size()
+    io_bytes = per_thread * torch.empty((), dtype=io_dtype).element_size()
+    loads = (kwargs["NUM_READ"] * s_bytes + kwargs["HAS_FEAT"] * io_bytes) // VECTOR_BYTES
+    stores = (kwargs["NUM_WRITE"] * s_bytes + kwargs["HAS_OUT"] * io_bytes) // VECTOR_BYTES
+    return loads, stores
+
+
 def _check_vectorised(ck, kwargs, dtypes):
     ptx = ck.asm["ptx"]
     accesses = _ptx_global_accesses(ptx)
@@ -265,12 +276,7 @@ def _check_vectorised(ck, kwargs, dtypes):
     assert not narrow, f"{len(narrow)} global accesses are not {VECTOR_BYTES}-byte vectors:\n" + "\n".join(narrow[:20])
 
     # Each input read once and each output written once, all in 16-byte pieces.
-    per_thread = kwargs["BLOCK"] // (32 * kwargs["num_warps"])
-    state_dtype, io_dtype = DTYPES[dtypes]
-    s_bytes = per_thread * torch.empty((), dtype=state_dtype).element_size()
-    io_bytes = per_thread * torch.empty((), dtype=io_dtype).element_size()
-    loads = (kwargs["NUM_READ"] * s_bytes + kwargs["HAS_FEAT"] * io_bytes) // VECTOR_BYTES
-    stores = (kwargs["NUM_WRITE"] * s_bytes + kwargs["HAS_OUT"] * io_bytes) // VECTOR_BYTES
+    loads, stores = _expected_vector_accesses(kwargs, dtypes)
     n_ld = sum(op == "ld" for op, _, _ in accesses)
     n_st = sum(op == "st" for op, _, _ in accesses)
     assert (n_ld, n_st) == (loads, stores), f"expected {loads} loads and {stores} stores, PTX has {n_ld} and {n_st}"
@@ -301,16 +307,11 @@ def test_odd_sized_feature_is_vectorised(dtypes):
     accesses = _ptx_global_accesses(ck.asm["ptx"])
     vec = [(op, line) for op, nbytes, line in accesses if nbytes == VECTOR_BYTES]
     scalar = [(op, nbytes, line) for op, nbytes, line in accesses if nbytes != VECTOR_BYTES]
-    per_thread = kwargs["BLOCK"] // (32 * kwargs["num_warps"])
-    state_dtype, io_dtype = DTYPES[dtypes]
-    s_bytes = per_thread * torch.empty((), dtype=state_dtype).element_size()
-    io_bytes = per_thread * torch.empty((), dtype=io_dtype).element_size()
-    loads = (kwargs["NUM_READ"] * s_bytes + kwargs["HAS_FEAT"] * io_bytes) // VECTOR_BYTES
-    stores = (kwargs["NUM_WRITE"] * s_bytes + kwargs["HAS_OUT"] * io_bytes) // VECTOR_BYTES
+    loads, stores = _expected_vector_accesses(kwargs, dtypes)
     assert ([op for op, _ in vec].count("ld"), [op for op, _ in vec].count("st")) == (loads, stores)
     n_in = kwargs["NUM_READ"] + kwargs["HAS_FEAT"]
     n_out = kwargs["NUM_WRITE"] + kwargs["HAS_OUT"]
-    esize = torch.empty((), dtype=state_dtype).element_size()
+    esize = torch.empty((), dtype=DTYPES[dtypes][0]).element_size()
     assert sorted(op for op, _, _ in scalar) == ["ld"] * n_in + ["st"] * n_out, "\n".join(l for *_, l in scalar)
     assert all(nbytes == esize for _, nbytes, _ in scalar), "\n".join(l for *_, l in scalar)
 
