@@ -2,7 +2,8 @@
 
     foca-kernels demo                      # short fidelity run on the shipped digits DiT (< 2 min on 2 CPU cores)
     foca-kernels demo --full               # the full table of docs/fidelity.md
-    foca-kernels demo --n 5 9 --methods reuse taylorseer1 foca-secant foca-bdf2 --samples 200
+    foca-kernels demo --model mnist        # the same on the 28x28 MNIST DiT (196 tokens)
+    foca-kernels demo --n 5 9 --methods reuse taylorseer2 foca-r0 foca-r3 foca-r4 --samples 200
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="measure caching fidelity on the small trained digits DiT shipped with the package",
+        help="measure caching fidelity on the small trained DiTs shipped with the package",
         description=(
             "Sample the shipped class-conditional digits DiT (diffusers DiTTransformer2DModel, 50 rectified-flow "
             "Euler steps) with full compute, with fewer steps at the same cost, and with each caching method at "
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
             f"{{{', '.join(map(str, _demo_defaults()['intervals']))}}}, {_demo_defaults()['samples']} samples."
         ),
     )
+    d.add_argument("--model", choices=("digits", "mnist"), default="digits",
+                   help="shipped model: digits (8x8, 64 tokens, fast; default) or mnist (28x28, 196 tokens)")
     d.add_argument("--full", action="store_true",
                    help=f"the full table: every method, N in {{2, 3, 5, 7, 9}}, {FULL_SAMPLES} samples "
                         "(7-10 minutes on 2 shared CPU cores; the tables of docs/fidelity.md)")
@@ -48,14 +51,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="cache intervals N (every N-th step computed)")
     d.add_argument("--methods", nargs="+", metavar="M",
                    help="runs: full, steps (fewer steps, same cost), reuse, taylorseer1, taylorseer2, taylorseer3, "
-                        "foca (package default anchor), foca-secant, foca-bdf2 ('full' is always run)")
+                        "foca (package default reading), foca-r0 (= foca-secant), foca-r3, foca-r4, foca-r6, "
+                        "foca-bdf2 ('full' is always run)")
     d.add_argument("--samples", type=int, help="images per run (labels i %% 10)")
     d.add_argument("--steps", type=int, default=None, help="sampling steps of the full run (default 50)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default: the sampler's)")
-    d.add_argument("--warmup", type=int, default=2, help="first steps always computed (default 2)")
-    d.add_argument("--final", type=int, default=0, help="last steps always computed (default 0)")
+    d.add_argument("--warmup", type=int, default=None,
+                   help="first steps always computed (default: CacheConfig's)")
+    d.add_argument("--final", type=int, default=None, help="last steps always computed (default: CacheConfig's)")
     d.add_argument("--granularity", choices=("module", "block"), default="module",
                    help="cache attention/feed-forward modules (default) or whole blocks' residuals")
     d.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
@@ -100,8 +105,9 @@ def demo(args) -> int:
         num_steps=args.steps or 50,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
-        warmup=args.warmup,
-        final=args.final,
+        **({} if args.warmup is None else {"warmup": args.warmup}),
+        **({} if args.final is None else {"final": args.final}),
+        model=args.model,
         granularity=args.granularity,
         backend=None if args.backend == "auto" else args.backend,
         repeats=args.repeats,
@@ -109,8 +115,9 @@ def demo(args) -> int:
         progress=not args.no_progress,
     )
     model = _untrained_model() if args.untrained else None
-    what = "UNTRAINED (seeded random) digits DiT" if args.untrained else "shipped digits DiT"
-    print(f"foca-kernels demo: {what}, {cfg.samples} samples x {cfg.num_steps} steps; "
+    what = "UNTRAINED (seeded random) digits DiT" if args.untrained else f"shipped {args.model} DiT"
+    print(f"foca-kernels demo: {what}, {cfg.samples} samples x {cfg.num_steps} steps, "
+          f"warm-up {cfg.warmup}, final {cfg.final}; "
           f"runs: {', '.join(cfg.methods)}; N in {{{', '.join(map(str, cfg.intervals))}}}", flush=True)
     t0 = time.perf_counter()
     res = run_harness(cfg, model=model)
@@ -123,7 +130,7 @@ def demo(args) -> int:
     print("columns: skipped = fraction of cached-module calls forecast (steps: of the 50-step compute not done); "
           "speed-up = full time / run time;\n  PSNR, rel-L2 = final samples vs full compute (same seeds); "
           "traj err = mean per-step rel. error of the model output vs full;\n  fcst err = mean teacher-forced forecast "
-          "error of the cached modules; accuracy = digits classifier on the requested class;\n  FID test / full = "
+          "error of the cached modules; accuracy = the model's classifier on the requested class;\n  FID test / full = "
           "Frechet distance in the classifier's feature space to the test digits / to the full-compute samples.")
     for line in _summary(res):
         print(line)

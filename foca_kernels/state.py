@@ -11,7 +11,7 @@ Nothing here touches a model, and nothing changes until :meth:`commit`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,7 @@ class Launch:
     coef: Tuple[float, ...]  # rows: writes then out; columns: reads then feature
     slot_of: Dict[str, Optional[int]]  # role -> slot after the step
     time_of: Dict[str, Optional[float]]  # role -> time after the step
+    memo: Any = None  # the method's host-side scalars after the step
 
     @property
     def tensors_moved(self) -> int:
@@ -73,6 +74,7 @@ class CacheState:
         self.n_full = 0  # fully computed steps since the last reset
         self.n_skip = 0  # consecutive skipped steps since the last full one
         self.n_steps = 0
+        self._memo: Any = None  # the method's host-side scalars (Transition.memo)
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +102,7 @@ class CacheState:
 
     # ---- planning ----------------------------------------------------------------------
     def context(self, t_new: float) -> StepContext:
-        return StepContext(t_new, dict(self._time_of), self.n_full)
+        return StepContext(t_new, dict(self._time_of), self.n_full, self.t, self._memo)
 
     def plan(self, tr: Transition, t_new: float) -> Launch:
         roles = self.method.roles
@@ -138,7 +140,8 @@ class CacheState:
         has_feature = any(FEATURE in row for row in rows)
         cols = list(reads) + ([FEATURE] if has_feature else [])
         coef = tuple(float(row.get(k, 0.0)) for row in rows for k in cols)
-        return Launch(reads, has_feature, tuple(s for s, _ in written), out is not None, coef, slot_of, time_of)
+        return Launch(reads, has_feature, tuple(s for s, _ in written), out is not None, coef, slot_of, time_of,
+                      tr.memo)
 
     def _in_slots(self, combo) -> dict:
         """A role-level combination as a slot-level one (aliased roles add up)."""
@@ -157,6 +160,7 @@ class CacheState:
         """Adopt the bookkeeping of a launch that has run."""
         self._slot_of = dict(launch.slot_of)
         self._time_of = dict(launch.time_of)
+        self._memo = launch.memo
         self.t = t_new
         self.n_steps += 1
         if full:

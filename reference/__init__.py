@@ -5,9 +5,9 @@ equations one by one, in whatever dtype it is given (float64 for oracles). Impor
 from foca_kernels. Tests and benchmarks compare the fused kernels against these.
 """
 
-from .foca import FoCaRef
+from .foca import FoCaRef, FoCaRestartRef
 from .reuse import ReuseRef
 from .taylorseer import TaylorSeerRef
 from .trajectories import interval_schedule, make_ref, run_schedule
 
-__all__ = ["FoCaRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]
+__all__ = ["FoCaRef", "FoCaRestartRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]

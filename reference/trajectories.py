@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .foca import FoCaRef
+from .foca import FoCaRef, FoCaRestartRef
 from .reuse import ReuseRef
 from .taylorseer import TaylorSeerRef
 
 
+DEFAULT_READING = "r0"  # must match foca_kernels.methods.DEFAULT_FOCA_READING (a test checks it)
+
+
 def make_ref(method: str = "foca", **options):
     if method == "foca":
+        reading = options.pop("reading", None)
+        reading = reading or ("r0" if "anchor" in options else DEFAULT_READING)
+        if reading in ("r3", "r6"):
+            return FoCaRestartRef(reading)
+        if reading == "r4":
+            return FoCaRef("secant", contraction=options.get("contraction", 0.5))
         return FoCaRef(**options)
     if method == "taylorseer":
         return TaylorSeerRef(**options)

@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import foca_kernels as fk
-from foca_kernels.methods import FoCa, Reuse, TaylorSeer
-from reference import FoCaRef, ReuseRef, TaylorSeerRef, interval_schedule, make_ref
+from foca_kernels.methods import FoCa, FoCaClosed, Reuse, TaylorSeer
+from reference import FoCaRef, FoCaRestartRef, ReuseRef, TaylorSeerRef, interval_schedule, make_ref
 
 # --------------------------------------------------------------------------------------
 # methods under test
@@ -49,6 +49,10 @@ METHODS = [
     ("taylorseer", {"order": 2}),
     ("taylorseer", {"order": 3}),
     ("reuse", {}),
+    # readings r3, r4, r6 (docs/method.md); appended so the indices above stay valid
+    ("foca", {"reading": "r3"}),
+    ("foca", {"reading": "r4"}),
+    ("foca", {"reading": "r6"}),
 ]
 
 
@@ -218,8 +222,10 @@ def ref_from_state(buf, dtype: torch.dtype):
         v = buf.role(role)
         return None if v is None else v.detach().to("cpu", dtype).clone()
 
-    if isinstance(m, FoCa):
-        ref = FoCaRef(m.anchor)
+    if isinstance(m, FoCaClosed):
+        ref = _restart_ref_from_state(buf, m, get)
+    elif isinstance(m, FoCa):
+        ref = FoCaRef(m.anchor, m.contraction)
         ref.f, ref.t_f = get("F"), role_time(buf, "F")
         ref.f_prev, ref.t_prev = get("F_prev"), role_time(buf, "F_prev")
         ref.d_anchor = get("D_anchor")
@@ -240,8 +246,30 @@ def ref_from_state(buf, dtype: torch.dtype):
     return ref
 
 
+def _restart_ref_from_state(buf, m, get):
+    """FoCaRestartRef holding the kernel's state: its stored computed values, and the window's
+    recursion variables evaluated from the coefficient vectors the method keeps on the host
+    (right after a full step, the ones the method starts a window from)."""
+    ref = FoCaRestartRef(m.reading)
+    ref.computed = [(get(r), role_time(buf, r)) for r in m.roles if buf.role(r) is not None]
+    if buf.n_full < m.min_full:
+        return ref
+    memo = buf._memo if buf._memo and "fk" in buf._memo else m._start(buf.context(buf.t))
+
+    def ev(combo):
+        return sum(c * get(r) for r, c in combo.items())
+
+    ref.f, ref.t_f = ev(memo["fk"]), memo["tk"]
+    ref.f_prev, ref.t_prev = ev(memo["fkm1"]), memo["tkm1"]
+    ref.anchor_d = ev(memo["a"])
+    ref.d = ev(memo["d"]) if memo["d"] is not None else None
+    return ref
+
+
 def ref_roles(ref, method) -> Dict[str, Optional[torch.Tensor]]:
     """The reference's state under the kernel's role names."""
+    if isinstance(method, FoCaClosed):
+        return {r: (ref.computed[j][0] if j < len(ref.computed) else None) for j, r in enumerate(method.roles)}
     if isinstance(method, FoCa):
         roles = {"F": ref.f, "F_prev": ref.f_prev, "D_anchor": ref.d_anchor}
         if method.anchor == "secant":
@@ -253,6 +281,8 @@ def ref_roles(ref, method) -> Dict[str, Optional[torch.Tensor]]:
 
 
 def ref_role_times(ref, method) -> Dict[str, Optional[float]]:
+    if isinstance(method, FoCaClosed):
+        return {r: (ref.computed[j][1] if j < len(ref.computed) else None) for j, r in enumerate(method.roles)}
     if isinstance(method, FoCa):
         times = {"F": ref.t_f, "F_prev": ref.t_prev}
         if method.anchor == "secant":
@@ -278,6 +308,8 @@ class StorageRoundedRef:
 
     def _round_state(self):
         r, sd = self.ref, self.state_dtype
+        if isinstance(self.m, FoCaClosed):
+            return  # it stores the computed values only, rounded on the way in (full)
         if isinstance(self.m, FoCa):
             same = r.f_full is r.f
             r.f, r.f_prev, r.d_anchor = self._r(r.f, sd), self._r(r.f_prev, sd), self._r(r.d_anchor, sd)
@@ -288,6 +320,8 @@ class StorageRoundedRef:
             r.last = self._r(r.last, sd)
 
     def full(self, x, h):
+        if isinstance(self.m, FoCaClosed):  # the recursion runs on the stored (rounded) values
+            x = self._r(x, self.state_dtype)
         self.ref.full(x.to(torch.float64), h)
         self._round_state()
 

@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 import torch  # noqa: E402
 
 from foca_kernels.demo.harness import (  # noqa: E402
-    ALL_METHODS, HarnessConfig, _Probe, canonical_method, default_anchor, replay_forecast_error, run_harness,
+    ALL_METHODS, HarnessConfig, _Probe, canonical_method, default_reading, replay_forecast_error, run_harness,
 )
 from foca_kernels.demo.model import assets_dir  # noqa: E402
 from foca_kernels.hooks import cache_info, cached  # noqa: E402
@@ -63,15 +63,17 @@ def _tiny(**kw):
 
 
 def test_method_names():
-    assert canonical_method("foca") == f"foca-{default_anchor()}"
+    assert canonical_method("foca") == f"foca-{default_reading()}"
     assert canonical_method("FORA") == "reuse"
     assert canonical_method("foca_bdf2") == "foca-bdf2"
+    assert canonical_method("foca-secant") == "foca-r0"
+    assert [canonical_method(f"foca-{r}") for r in ("r0", "r3", "r4", "r6")] == ["foca-r0", "foca-r3", "foca-r4", "foca-r6"]
     assert canonical_method("taylorseer3") == "taylorseer3"
     for bad in ("foca-cubic", "taylorseer7", "magic"):
         with pytest.raises(ValueError):
             canonical_method(bad)
     cfg = HarnessConfig(methods=["foca", "reuse", "reuse"], intervals=[5, 3, 5])
-    assert cfg.methods == ("full", "reuse", f"foca-{default_anchor()}")  # full added, table order
+    assert cfg.methods == ("full", "reuse", f"foca-{default_reading()}")  # full added, table order
     assert cfg.intervals == (3, 5)
     assert cfg.same_cost_steps(5) == cfg.schedule(5).count("F") == 11  # warm-up 2 + one per window
 
@@ -103,7 +105,7 @@ def test_harness_end_to_end(model, classifier, test_digits):
         first_skip = pattern.index("s")
         assert r.traj_err[:first_skip] == [0.0] * first_skip and r.traj_err[first_skip] > 0
     # the first forecast of FoCa (h = h_prev = 1) is the linear extrapolation, like TaylorSeer 1
-    fs, ts1 = res.get("foca-secant", 2), res.get("taylorseer1", 2)
+    fs, ts1 = res.get("foca-r0", 2), res.get("taylorseer1", 2)
     assert fs.traj_err[2] == pytest.approx(ts1.traj_err[2], rel=1e-4)
     assert fs.fcst_err[2] == pytest.approx(ts1.fcst_err[2], rel=1e-4)
 
@@ -207,11 +209,11 @@ def test_demo_command(tmp_path, capsys):
         args.append("--untrained")
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "speed-up" in text and "foca-secant" in text and str(out) in text
+    assert "speed-up" in text and f"foca-{default_reading()}" in text and str(out) in text
     for name in ("table.md", "table.csv", "results.json", "samples_N3.png", "forecast_error.png"):
         assert (out / name).stat().st_size > 0, name
     doc = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in doc["runs"]] == ["full"] + ["steps", "reuse", "foca-secant"] * 2
+    assert [r["method"] for r in doc["runs"]] == ["full"] + ["steps", "reuse", f"foca-{default_reading()}"] * 2
 
 
 def test_cli_help(capsys):

@@ -25,9 +25,10 @@ from reference import make_ref
 
 EXACT_METHODS = [
     ("foca", {"anchor": "secant"}), ("foca", {"anchor": "bdf2"}),
+    ("foca", {"reading": "r3"}), ("foca", {"reading": "r4"}), ("foca", {"reading": "r6"}),
     ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2}), ("taylorseer", {"order": 3}),
 ]
-EXACT_IDS = ["foca-secant", "foca-bdf2", "taylorseer-1", "taylorseer-2", "taylorseer-3"]
+EXACT_IDS = ["foca-secant", "foca-bdf2", "foca-r3", "foca-r4", "foca-r6", "taylorseer-1", "taylorseer-2", "taylorseer-3"]
 
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
@@ -275,7 +276,11 @@ ORDER_CASES = [
     ("taylorseer-2", lambda: Shadow64("taylorseer", (2,), order=2), 3, 2),
     ("taylorseer-3", lambda: Shadow64("taylorseer", (2,), order=3), 4, 2),
     ("reuse", lambda: Shadow64("reuse", (2,)), 1, 1),
+    ("foca-r3", lambda: Shadow64("foca", (2,), reading="r3"), 3, 2),
+    ("foca-r4", lambda: Shadow64("foca", (2,), reading="r4"), 2, 2),
+    ("foca-r6", lambda: Shadow64("foca", (2,), reading="r6"), 3, 2),
     ("ref-foca-secant", lambda: make_ref("foca", anchor="secant"), 2, 2),
+    ("ref-foca-r3", lambda: make_ref("foca", reading="r3"), 3, 2),
     ("ref-taylorseer-2", lambda: make_ref("taylorseer", order=2), 3, 2),
     ("newton-control", newton_forecaster, 3, 3),
 ]
@@ -512,6 +517,6 @@ def test_state_after_full_steps_holds_the_computed_values(method, opts, backend)
     for x in xs:
         fk.update_(buf, x, 0.5, backend=backend)
         ref.full(x.double(), 0.5)
-        newest = buf.role("F") if method == "foca" else buf.role("D0")
+        newest = buf.role(buf.method.roles[0])  # F (FoCa r0/r4), X0 (closed forms) or D0
         assert torch.equal(newest, x)
     assert_close(fk.forecast(buf, 0.5, backend=backend), ref.forecast(0.5), torch.float32)

@@ -45,6 +45,23 @@ EXPECTED = {
         (0, True, 1, False), (1, True, 2, False), (3, False, 1, True), (3, False, 1, True),
         (1, True, 2, False), (1, True, 2, False), (3, False, 1, True),
     ],
+    # closed forms over the last three computed values: a full step writes the feature into the
+    # oldest slot and reads nothing; a skip reads the values its coefficients need (r6 after
+    # adjacent full steps restarts from the previous computed value: X2's coefficient is 0).
+    "foca-r3": [
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (3, False, 0, True),
+    ],
+    "foca-r6": [
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True),
+    ],
+    # r4 moves what r0 moves: its pull toward the anchored line reads F_full, which is F's
+    # slot right after a full step and F_prev's on the next skip
+    "foca-r4": [
+        (0, True, 1, False), (1, True, 2, False), (3, False, 1, True), (3, False, 1, True),
+        (1, True, 2, False), (1, True, 2, False), (3, False, 1, True),
+    ],
     "foca-bdf2": [
         (0, True, 1, False), (1, True, 2, False), (3, False, 1, True), (3, False, 1, True),
         (2, True, 2, False), (2, True, 2, False), (3, False, 1, True),

@@ -21,36 +21,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import IMAGE_SIZE, NUM_CLASSES
 from .model import assets_dir, load_asset_tensors, read_asset_json
+from .specs import NUM_CLASSES, get_spec
 
-CLASSIFIER_WEIGHTS = "digits_classifier.safetensors"
-CLASSIFIER_META = "digits_classifier.json"
 FEATURE_DIM = 64
+
+
+def classifier_files(name="digits"):
+    """(weights, json) asset names of a demo model's classifier."""
+    prefix = get_spec(name).prefix
+    return f"{prefix}_classifier.safetensors", f"{prefix}_classifier.json"
+
+
+CLASSIFIER_WEIGHTS, CLASSIFIER_META = classifier_files("digits")
 
 
 class DigitsClassifier(nn.Module):
     """conv3x3(32) - conv3x3(64) - maxpool - conv3x3(64) - fc(64) [features] - fc(10)."""
 
     def __init__(self, width: int = 32, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_CLASSES,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, image_size: int = 8):
         super().__init__()
-        self.config = dict(width=width, feature_dim=feature_dim, num_classes=num_classes, dropout=dropout)
+        self.config = dict(width=width, feature_dim=feature_dim, num_classes=num_classes, dropout=dropout,
+                           image_size=image_size)
+        self.image_size = image_size
         self.conv1 = nn.Conv2d(1, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.fc1 = nn.Linear(2 * width * (IMAGE_SIZE // 2) ** 2, feature_dim)
+        self.fc1 = nn.Linear(2 * width * (image_size // 2) ** 2, feature_dim)
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(feature_dim, num_classes)
 
-    @staticmethod
-    def _prepare(x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(1)
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) or (B, H, W) images, got {tuple(x.shape)}")
-        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            x = F.adaptive_avg_pool2d(x, IMAGE_SIZE)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.adaptive_avg_pool2d(x, self.image_size)
         return x
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,37 +101,39 @@ class DigitsClassifier(nn.Module):
         return self.logits(x).argmax(dim=1)
 
 
-def load_classifier_meta(directory=None) -> Dict[str, Any]:
-    return read_asset_json(CLASSIFIER_META, directory)
+def load_classifier_meta(directory=None, name="digits") -> Dict[str, Any]:
+    return read_asset_json(classifier_files(name)[1], directory)
 
 
-def load_digits_classifier(device=None, *, directory=None) -> DigitsClassifier:
-    """The shipped trained classifier, in eval mode (``directory``: see ``load_digits_dit``)."""
-    meta = load_classifier_meta(directory)
+def load_digits_classifier(device=None, *, directory=None, name="digits") -> DigitsClassifier:
+    """The shipped trained classifier of demo model ``name``, in eval mode (``directory``:
+    see ``load_demo_dit``)."""
+    meta = load_classifier_meta(directory, name)
     clf = DigitsClassifier(**meta["config"])
-    clf.load_state_dict(load_asset_tensors(CLASSIFIER_WEIGHTS, directory), strict=True)
+    clf.load_state_dict(load_asset_tensors(classifier_files(name)[0], directory), strict=True)
     return clf.to(device or "cpu").eval().requires_grad_(False)
 
 
-def save_classifier(clf: DigitsClassifier, meta: Dict[str, Any], directory=None):
+def save_classifier(clf: DigitsClassifier, meta: Dict[str, Any], directory=None, name="digits"):
     from safetensors.torch import save_file
 
     directory = Path(directory) if directory is not None else assets_dir()
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in clf.state_dict().items()}
-    weights, meta_path = directory / CLASSIFIER_WEIGHTS, directory / CLASSIFIER_META
+    weights, meta_path = (directory / f for f in classifier_files(name))
     save_file(state, str(weights), metadata={"format": "pt"})
     meta_path.write_text(json.dumps(dict(meta, config=clf.config), indent=2) + "\n", encoding="utf-8")
     return weights, meta_path
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 40, batch_size: int = 64,
-                     lr: float = 2e-3, seed: int = 0, log: Optional[callable] = None) -> DigitsClassifier:
+                     lr: float = 2e-3, seed: int = 0, log: Optional[callable] = None,
+                     image_size: int = 8) -> DigitsClassifier:
     """Train a fresh classifier (Adam, cosine LR, light augmentation: +-1 pixel shifts and
     Gaussian noise, so that it judges slightly imperfect samples by their shape)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    clf = DigitsClassifier()
+    clf = DigitsClassifier(image_size=image_size)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     n = images.shape[0]
     steps_per_epoch = -(-n // batch_size)
@@ -135,7 +145,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
         for k in range(steps_per_epoch):
             idx = perm[k * batch_size:(k + 1) * batch_size]
             x, y = images[idx], labels[idx]
-            x = _augment(x, g)
+            x = _augment(clf._prepare(x), g)
             logits = clf(x)
             loss = F.cross_entropy(logits, y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -151,12 +161,12 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    b = x.shape[0]
+    b, size = x.shape[0], x.shape[-1]
     padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
     shifts = torch.randint(0, 3, (b, 2), generator=g)
     keep = torch.rand(b, generator=g) < 0.5
     shifts[keep] = 1  # half the batch unshifted
-    out = torch.stack([padded[i, :, sy:sy + IMAGE_SIZE, sx:sx + IMAGE_SIZE]
+    out = torch.stack([padded[i, :, sy:sy + size, sx:sx + size]
                        for i, (sy, sx) in enumerate(shifts.tolist())])
     out = out + 0.1 * torch.randn(out.shape, generator=g)
     return out.clamp(-1.0, 1.0)

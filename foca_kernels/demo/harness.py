@@ -11,8 +11,9 @@ Runs (each from the same seeds, one batch of ``samples`` images, labels ``i % 10
 * ``steps``: the same sampler with fewer steps at the same cost: as many steps as the cached
   runs at interval N compute fully (e.g. 11 for N = 5: the warm-up plus one full step per
   window), so it does the same number of full transformer evaluations.
-* ``reuse`` (FORA), ``taylorseer1``/``taylorseer2``/``taylorseer3``, ``foca-secant`` and
-  ``foca-bdf2`` (``foca`` alone is the package default anchor): :func:`foca_kernels.hooks.cached`
+* ``reuse`` (FORA), ``taylorseer1``/``taylorseer2``/``taylorseer3``, FoCa in each reading
+  ``foca-r0``/``foca-r3``/``foca-r4``/``foca-r6`` (``foca-secant`` = ``foca-r0``, ``foca-bdf2`` =
+  r0 with the bdf2 anchor; ``foca`` alone is the package default): :func:`foca_kernels.hooks.cached`
   on the model with ``CacheConfig(interval=N, method=..., method_options=...)``, module
   granularity by default (attention and feed-forward of every block), so skipped modules do
   not run and their forecasts come from the fused kernels.
@@ -60,10 +61,11 @@ from ..backend import get_backend
 from ..hooks import CacheConfig, cache_info, cached
 from ..hooks.schedule import Schedule
 from ..hooks.targets import select_sites
-from ..methods import FoCa
+from .specs import get_spec
+from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS, make_method
 
 BASELINES = ("full", "steps")
-CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-secant", "foca-bdf2")
+CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6", "foca-bdf2")
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
 DEFAULT_INTERVALS = (2, 3, 5, 7, 9)
@@ -73,24 +75,28 @@ DEMO_SAMPLES = 30
 DEMO_STEPS = 50
 
 
-def default_anchor() -> str:
-    """The FoCa anchor the package uses when none is given."""
-    return FoCa().anchor
+def default_reading() -> str:
+    """The FoCa reading the package uses when none is given."""
+    return DEFAULT_FOCA_READING
 
 
 def canonical_method(name: str) -> str:
     """Harness method name: ``full``, ``steps``, ``reuse`` (alias ``fora``), ``taylorseerK``
-    (K = 1..3), ``foca-<anchor>``; ``foca`` alone is the package default anchor."""
+    (K = 1..3), ``foca-<reading>`` (r0, r3, r4, r6) or ``foca-bdf2`` (r0 with the bdf2 anchor);
+    ``foca`` alone is the package default reading, ``foca-secant`` is ``foca-r0``."""
     n = str(name).strip().lower().replace("_", "-")
     if n == "fora":
         return "reuse"
     if n == "foca":
-        return f"foca-{default_anchor()}"
-    if n in ("full", "steps", "reuse") or re.fullmatch(r"taylorseer[123]", n) or re.fullmatch(r"foca-[a-z0-9]+", n):
-        if n.startswith("foca-"):
-            FoCa(anchor=n[5:])  # validates the anchor
+        return f"foca-{default_reading()}"
+    if n == "foca-secant":
+        return "foca-r0"
+    if n in ("full", "steps", "reuse", "foca-bdf2") or re.fullmatch(r"taylorseer[123]", n):
         return n
-    raise ValueError(f"unknown harness method {name!r}; expected one of {ALL_METHODS} (or foca, taylorseer3, fora)")
+    if n.startswith("foca-") and n[5:] in FOCA_READINGS:
+        return n
+    raise ValueError(f"unknown harness method {name!r}; expected one of {ALL_METHODS} (or foca, foca-secant, "
+                     "taylorseer3, fora)")
 
 
 def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
@@ -100,8 +106,12 @@ def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
         return "reuse", {}
     if n.startswith("taylorseer"):
         return "taylorseer", {"order": int(n[-1])}
+    if n == "foca-bdf2":
+        return "foca", {"reading": "r0", "anchor": "bdf2"}
     if n.startswith("foca-"):
-        return "foca", {"anchor": n[5:]}
+        opts = {"reading": n[5:]}
+        make_method("foca", **opts)  # validates
+        return "foca", opts
     raise ValueError(f"{name!r} is not a caching method")
 
 
@@ -116,8 +126,8 @@ class HarnessConfig:
     num_steps: int = 50
     guidance_scale: Optional[float] = None  # None: the sampler's default
     seed: int = 0
-    warmup: int = 2
-    final: int = 0
+    warmup: int = CacheConfig.warmup  # the package's defaults
+    final: int = CacheConfig.final
     granularity: str = "module"
     backend: Optional[str] = None  # fused ops: None = auto ("torch" on CPU unless TRITON_INTERPRET=1)
     repeats: int = 1  # timed repetitions per run (the fastest counts)
@@ -125,7 +135,8 @@ class HarnessConfig:
     probe_elements: int = 4096  # elements recorded per cached module for the teacher-forced replay
     probe_samples: int = 10  # samples of the (untimed) recording run for the replay
     progress: bool = True  # tqdm bar over all sampling steps
-    fid_reference: str = "test"  # digits split the FID is measured against
+    fid_reference: str = "test"  # data split the FID is measured against
+    model: str = "digits"  # which shipped demo model: "digits" (8x8) or "mnist" (28x28)
 
     def __post_init__(self):
         seen, methods = set(), []
@@ -145,6 +156,7 @@ class HarnessConfig:
             raise ValueError("samples must be >= 2 (the FID needs a covariance)")
         if self.num_steps < 2 or self.warmup < 1 or self.repeats < 1:
             raise ValueError("need num_steps >= 2, warmup >= 1, repeats >= 1")
+        get_spec(self.model)  # validates the model name
 
     def cache_config(self, method: str, interval: int) -> CacheConfig:
         m, opts = cache_method(method)
@@ -445,12 +457,12 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 fid_reference: Optional[torch.Tensor] = None, log: Optional[Callable[[str], None]] = None,
                 **fields) -> HarnessResult:
     """Run every (method, interval) of ``config`` (or ``HarnessConfig(**fields)``) on ``model``
-    (default: the shipped digits DiT) and judge the samples with ``classifier`` (default: the
-    shipped one) against ``fid_reference`` images (default: the held-out test digits)."""
+    (default: the shipped DiT named by ``config.model``) and judge the samples with ``classifier``
+    (default: that model's shipped one) against ``fid_reference`` images (default: its held-out
+    test images)."""
     from .classifier import load_digits_classifier
-    from .digits import load_digits
     from .metrics import classifier_accuracy, frechet_distance, psnr, relative_l2
-    from .model import load_digits_dit
+    from .model import load_demo_dit
     from .sampler import sample
 
     if config is None:
@@ -462,10 +474,11 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
     if config.threads:
         torch.set_num_threads(int(config.threads))
     try:
-        model = load_digits_dit() if model is None else model
-        classifier = load_digits_classifier() if classifier is None else classifier
+        spec = get_spec(config.model)
+        model = load_demo_dit(spec.name) if model is None else model
+        classifier = load_digits_classifier(name=spec.name) if classifier is None else classifier
         if fid_reference is None:
-            fid_reference = load_digits(config.fid_reference)[0]
+            fid_reference = spec.load_data(config.fid_reference)[0]
         device = next(model.parameters()).device
         backend = get_backend(device, config.backend)
         machine = machine_info(torch.get_num_threads(), backend)
@@ -598,6 +611,6 @@ def write_outputs(result: HarnessResult, out_dir, *, grid_intervals: Sequence[in
 
 __all__ = [
     "ALL_METHODS", "BASELINES", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS", "DEMO_METHODS", "DEMO_SAMPLES",
-    "HarnessConfig", "HarnessResult", "RunResult", "cache_method", "canonical_method", "default_anchor",
+    "HarnessConfig", "HarnessResult", "RunResult", "cache_method", "canonical_method", "default_reading",
     "replay_forecast_error", "run_harness", "write_outputs",
 ]

@@ -21,32 +21,19 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .digits import IMAGE_SIZE, NUM_CLASSES
+from .specs import NULL_CLASS, SPECS, get_spec
 
-NULL_CLASS = NUM_CLASSES
-"""Label id of the unconditional ("null") class used for classifier-free guidance."""
+DIT_CONFIG: Dict[str, Any] = SPECS["digits"].dit_config
+"""The digits model's diffusers kwargs (``specs.SPECS[name].dit_config`` for the others)."""
 
-DIT_CONFIG: Dict[str, Any] = dict(
-    num_attention_heads=4,
-    attention_head_dim=32,
-    in_channels=1,
-    out_channels=1,
-    num_layers=6,
-    dropout=0.0,
-    norm_num_groups=1,
-    attention_bias=True,
-    sample_size=IMAGE_SIZE,
-    patch_size=1,
-    activation_fn="gelu-approximate",
-    num_embeds_ada_norm=NUM_CLASSES,
-    upcast_attention=False,
-    norm_type="ada_norm_zero",
-    norm_elementwise_affine=False,
-    norm_eps=1e-5,
-)
 
-DIT_WEIGHTS = "digits_dit.safetensors"
-DIT_META = "digits_dit.json"
+def dit_files(name="digits") -> Tuple[str, str]:
+    """(weights, json) asset names of a demo model."""
+    prefix = get_spec(name).prefix
+    return f"{prefix}_dit.safetensors", f"{prefix}_dit.json"
+
+
+DIT_WEIGHTS, DIT_META = dit_files("digits")
 ASSET_PACKAGE = "foca_kernels.demo"
 
 
@@ -116,18 +103,24 @@ def set_label_dropout_(model: nn.Module, p: float) -> None:
         block.norm1.emb.class_embedder.dropout_prob = p
 
 
-def load_dit_meta(directory=None) -> Dict[str, Any]:
+def load_dit_meta(directory=None, name="digits") -> Dict[str, Any]:
     """The shipped model's json: ``config`` (diffusers kwargs), ``prediction``, ``sampler``
     defaults, ``null_class``, and what training measured."""
-    return read_asset_json(DIT_META, directory)
+    return read_asset_json(dit_files(name)[1], directory)
 
 
 def load_digits_dit(device=None, dtype: torch.dtype = torch.float32, *, directory=None):
-    """The shipped trained digits DiT, in eval mode (``DiTTransformer2DModel``), float32 on
-    CPU by default. ``directory`` loads a model written elsewhere by the training script."""
-    meta = load_dit_meta(directory)
+    """The shipped trained digits DiT (see :func:`load_demo_dit`)."""
+    return load_demo_dit("digits", device, dtype, directory=directory)
+
+
+def load_demo_dit(name="digits", device=None, dtype: torch.dtype = torch.float32, *, directory=None):
+    """A shipped trained demo DiT (``"digits"`` or ``"mnist"``), in eval mode
+    (``DiTTransformer2DModel``), float32 on CPU by default. ``directory`` loads a model
+    written elsewhere by the training script."""
+    meta = load_dit_meta(directory, name)
     model = build_digits_dit(meta["config"], init=False)
-    state = load_asset_tensors(DIT_WEIGHTS, directory)
+    state = load_asset_tensors(dit_files(name)[0], directory)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     if device is not None:
         model.to(device)
@@ -138,14 +131,14 @@ def load_digits_dit(device=None, dtype: torch.dtype = torch.float32, *, director
 
 
 def save_dit(model: nn.Module, meta: Dict[str, Any], directory=None,
-             storage_dtype: torch.dtype = torch.float16) -> Tuple[Path, Path]:
+             storage_dtype: torch.dtype = torch.float16, name="digits") -> Tuple[Path, Path]:
     """Write the weights (``storage_dtype``) and the json next to each other."""
     from safetensors.torch import save_file
 
     directory = Path(directory) if directory is not None else assets_dir()
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", storage_dtype).contiguous() for k, v in model.state_dict().items()}
-    weights, meta_path = directory / DIT_WEIGHTS, directory / DIT_META
+    weights, meta_path = (directory / f for f in dit_files(name))
     save_file(state, str(weights), metadata={"format": "pt"})
     meta = dict(meta, storage_dtype=str(storage_dtype).replace("torch.", ""))
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -1,6 +1,7 @@
 """Reproduce the shipped demo weights in one command:
 
-    python -m foca_kernels.demo.train              # writes foca_kernels/demo/assets/*
+    python -m foca_kernels.demo.train                 # the 8x8 digits model: foca_kernels/demo/assets/digits_*
+    python -m foca_kernels.demo.train --model mnist   # the 28x28 MNIST model: assets/mnist_*
 
 1. the digits classifier (CNN, 40 epochs, seconds on 2 CPU cores);
 2. the digits DiT: rectified flow (velocity target ``noise - x0``, logit-normal noise levels),
@@ -28,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import load_digits_classifier, save_classifier, train_classifier
-from .digits import NUM_CLASSES, class_labels, load_digits, save_grid
+from .digits import NUM_CLASSES, class_labels, save_grid
 from .metrics import classifier_accuracy, classifier_fid, per_class_accuracy
-from .model import (DIT_CONFIG, DIT_META, NULL_CLASS, assets_dir, build_digits_dit, count_parameters, load_digits_dit,
-                    save_dit, set_label_dropout_)
+from .model import (NULL_CLASS, assets_dir, build_digits_dit, count_parameters, dit_files, load_demo_dit, save_dit,
+                    set_label_dropout_)
 from .sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, sample
+from .specs import MODEL_NAMES, get_spec
 
 
 def _log(msg: str) -> None:
@@ -69,10 +71,10 @@ def validation_loss(model, images, labels, seed: int = 1234, repeats: int = 4) -
 
 
 def train_dit(train_x, train_y, val_x, val_y, *, steps: int, batch_size: int, lr: float, warmup: int,
-              ema_decay: float, label_drop: float, seed: int, log_every: int = 100):
+              ema_decay: float, label_drop: float, seed: int, config, log_every: int = 100):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    model = build_digits_dit(DIT_CONFIG)
+    model = build_digits_dit(config)
     set_label_dropout_(model, 0.0)  # we drop labels ourselves, once per sample
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
@@ -125,10 +127,10 @@ def train_dit(train_x, train_y, val_x, val_y, *, steps: int, batch_size: int, lr
 
 
 def evaluate(out_dir: Path, test_x, train_x, *, per_class: int, guidance_scale: float, num_steps: int,
-             seed: int, grid: Optional[Path], sweep=()):
+             seed: int, grid: Optional[Path], sweep=(), name="digits"):
     """Sample from the SAVED files (what ships), and judge the samples with the saved classifier."""
-    model = load_digits_dit(directory=out_dir)
-    clf = load_digits_classifier(directory=out_dir)
+    model = load_demo_dit(name, directory=out_dir)
+    clf = load_digits_classifier(directory=out_dir, name=name)
     labels = class_labels(per_class)
     res = {"by_guidance_scale": {}}
     for gs in sorted(set([guidance_scale, *sweep])):
@@ -148,16 +150,17 @@ def evaluate(out_dir: Path, test_x, train_x, *, per_class: int, guidance_scale: 
     if grid is not None:
         # one row per class: 10 samples of class c in row c
         order = torch.cat([torch.arange(c * per_class, c * per_class + min(10, per_class)) for c in range(NUM_CLASSES)])
-        save_grid(main_imgs[order], grid, nrow=min(10, per_class), upscale=6)
+        save_grid(main_imgs[order], grid, nrow=min(10, per_class), upscale=max(2, 48 // main_imgs.shape[-1]))
         _log(f"sample grid: {grid}")
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m foca_kernels.demo.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=MODEL_NAMES, default="digits", help="which demo model to train")
     ap.add_argument("--out", type=Path, default=assets_dir(), help="where to write the weights (default: the package assets)")
-    ap.add_argument("--steps", type=int, default=2000, help="DiT optimisation steps")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default: the model's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema-decay", type=float, default=0.999)
@@ -167,34 +170,41 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 4)")
     ap.add_argument("--eval-per-class", type=int, default=20, help="50-step samples per class in the evaluation")
     ap.add_argument("--eval-sweep", type=float, nargs="*", default=(), help="extra guidance scales to evaluate")
-    ap.add_argument("--grid", type=Path, default=Path("digits_dit_samples.png"), help="sample grid PNG to write")
+    ap.add_argument("--grid", type=Path, default=None, help="sample grid PNG to write (default: <model>_dit_samples.png)")
     ap.add_argument("--skip-classifier", action="store_true", help="keep the classifier already in --out")
     ap.add_argument("--skip-dit", action="store_true", help="keep the DiT already in --out (evaluate only)")
     args = ap.parse_args(argv)
+    spec = get_spec(args.model)
+    args.steps = spec.train_steps if args.steps is None else args.steps
+    args.batch_size = spec.train_batch_size if args.batch_size is None else args.batch_size
+    args.grid = Path(f"{spec.name}_dit_samples.png") if args.grid is None else args.grid
 
     threads = args.threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     t_all = time.perf_counter()
-    train_x, train_y = load_digits("train")
-    test_x, test_y = load_digits("test")
-    _log(f"digits: {len(train_x)} train / {len(test_x)} test images, 8x8 in [-1, 1]; torch threads {threads}")
+    train_x, train_y = spec.load_data("train")
+    test_x, test_y = spec.load_data("test")
+    side = spec.image_size
+    _log(f"{spec.name}: {len(train_x)} train / {len(test_x)} test images, {side}x{side} in [-1, 1]; "
+         f"torch threads {threads}")
 
     if not args.skip_classifier:
         t0 = time.perf_counter()
-        clf = train_classifier(train_x, train_y, epochs=args.classifier_epochs, seed=args.seed, log=_log)
+        clf = train_classifier(train_x, train_y, epochs=args.classifier_epochs, seed=args.seed, log=_log,
+                               image_size=spec.classifier_size)
         acc = classifier_accuracy(clf, test_x, test_y)
         dt = time.perf_counter() - t0
         save_classifier(clf, dict(test_accuracy=round(acc, 4), epochs=args.classifier_epochs, seed=args.seed,
                                   train_seconds=round(dt, 1), train_images=len(train_x), test_images=len(test_x)),
-                        args.out)
+                        args.out, name=spec.name)
         _log(f"classifier: held-out accuracy {acc:.4f} ({dt:.0f}s)")
 
     if not args.skip_dit:
         ema, info = train_dit(train_x, train_y, test_x, test_y, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
-                              label_drop=args.label_drop, seed=args.seed)
+                              label_drop=args.label_drop, seed=args.seed, config=spec.dit_config)
         meta = dict(
-            config=DIT_CONFIG, prediction="flow_velocity (noise - x0), x_t = (1 - sigma) x0 + sigma noise",
+            model=spec.name, config=spec.dit_config, prediction="flow_velocity (noise - x0), x_t = (1 - sigma) x0 + sigma noise",
             timestep="1000 * sigma", null_class=NULL_CLASS, num_classes=NUM_CLASSES, image_range=[-1, 1],
             sampler=dict(scheduler="FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)",
                          num_steps=DEFAULT_NUM_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE),
@@ -204,13 +214,14 @@ def main(argv=None) -> int:
                           ema_decay=args.ema_decay, label_drop=args.label_drop, seed=args.seed, threads=threads,
                           noise_levels="logit-normal(0, 1)", **info),
         )
-        save_dit(ema, meta, args.out)
+        save_dit(ema, meta, args.out, name=spec.name)
         _log(f"dit: {meta['parameters']:,} parameters, trained in {_fmt_time(info['train_seconds'])}; "
              f"final train loss {info['final_train_loss']:.4f}, EMA held-out loss {info['ema_val_loss']:.4f}")
 
     res = evaluate(args.out, test_x, train_x, per_class=args.eval_per_class, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                   num_steps=DEFAULT_NUM_STEPS, seed=args.seed, grid=args.grid, sweep=args.eval_sweep)
-    meta_path = args.out / DIT_META
+                   num_steps=DEFAULT_NUM_STEPS, seed=args.seed, grid=args.grid, sweep=args.eval_sweep,
+                   name=spec.name)
+    meta_path = args.out / dit_files(spec.name)[1]
     meta = json.loads(meta_path.read_text("utf-8"))
     meta["sampler"]["guidance_scale"] = DEFAULT_GUIDANCE_SCALE
     meta["evaluation"] = dict(samples_per_class=args.eval_per_class, seed=args.seed, num_steps=DEFAULT_NUM_STEPS,

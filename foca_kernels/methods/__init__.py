@@ -4,16 +4,42 @@ from __future__ import annotations
 
 from .base import FEATURE, Keep, Method, Same, StepContext, Transition
 from .foca import ANCHORS, FoCa
+from .foca_closed import FoCaClosed
+from .history import RawHistory
 from .reuse import Reuse
 from .taylorseer import TaylorSeer
 
 METHOD_NAMES = ("foca", "taylorseer", "reuse")
+FOCA_READINGS = ("r0", "r3", "r4", "r6")
+DEFAULT_FOCA_READING = "r0"
+R4_CONTRACTION = 0.5
+
+
+def make_foca(reading=None, **options) -> Method:
+    """FoCa in one of its readings (docs/method.md): "r3" and "r6" restart every window from
+    computed values (closed form over the last three), "r0" (``anchor=`` "secant" | "bdf2")
+    and "r4" carry the previous window's forecast in."""
+    reading = DEFAULT_FOCA_READING if reading is None else reading
+    if reading not in FOCA_READINGS:
+        raise ValueError(f"FoCa reading must be one of {FOCA_READINGS}, got {reading!r}")
+    if reading in ("r3", "r6"):
+        if options:
+            raise TypeError(f"FoCa reading {reading} takes no options, got {sorted(options)}")
+        return FoCaClosed(reading)
+    if reading == "r4":
+        if set(options) - {"contraction"}:
+            raise TypeError(f"FoCa reading r4 takes only contraction=, got {sorted(options)}")
+        return FoCa(anchor="secant", contraction=options.get("contraction", R4_CONTRACTION))
+    if "contraction" in options:
+        raise TypeError("contraction= is an option of reading r4")
+    return FoCa(**options)
 
 
 def make_method(method="foca", **options) -> Method:
     """Build a method from its name and options, or pass a :class:`Method` through.
 
-    ``make_method("foca", anchor="bdf2")``, ``make_method("taylorseer", order=2)``,
+    ``make_method("foca", reading="r3")``, ``make_method("foca", reading="r0", anchor="bdf2")``,
+    ``make_method("taylorseer", order=2)``,
     ``make_method("reuse")``; "fora" is an alias of "reuse".
     """
     if isinstance(method, Method):
@@ -22,7 +48,9 @@ def make_method(method="foca", **options) -> Method:
         return method
     name = str(method).lower()
     if name == "foca":
-        return FoCa(**options)
+        if "anchor" in options and "reading" not in options:
+            options["reading"] = "r0"  # the anchor choice belongs to reading r0
+        return make_foca(**options)
     if name == "taylorseer":
         return TaylorSeer(**options)
     if name in ("reuse", "fora"):
@@ -33,6 +61,6 @@ def make_method(method="foca", **options) -> Method:
 
 
 __all__ = [
-    "ANCHORS", "FEATURE", "FoCa", "Keep", "METHOD_NAMES", "Method", "Reuse", "Same",
-    "StepContext", "TaylorSeer", "Transition", "make_method",
+    "ANCHORS", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaClosed", "Keep", "RawHistory", "METHOD_NAMES", "Method", "Reuse", "Same",
+    "StepContext", "TaylorSeer", "Transition", "make_foca", "make_method",
 ]

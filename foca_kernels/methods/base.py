@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 FEATURE = "<feature>"
 """Key of the freshly computed module output inside a :data:`Combo`."""
@@ -48,15 +48,22 @@ class Transition:
     # Time stamp of each new role; roles left out take the step's time (Combo/Same) or keep
     # their old time (Keep).
     times: Mapping[str, float] = field(default_factory=dict)
+    # Host-side scalars the method keeps until its next step (e.g. the coefficient vectors of
+    # a recursion over stored raw values); adopted with the rest of the step, so a refused
+    # call leaves it untouched. Never a tensor.
+    memo: Any = None
 
 
 class StepContext:
     """What a method may know when it plans a step: which roles hold values, and when."""
 
-    def __init__(self, t_new: float, times: Mapping[str, Optional[float]], n_full: int):
+    def __init__(self, t_new: float, times: Mapping[str, Optional[float]], n_full: int,
+                 t_prev: Optional[float] = None, memo: Any = None):
         self.t = t_new  # time of the step being planned
         self._times = times
         self.n_full = n_full  # fully computed steps seen so far (this one excluded)
+        self.t_prev = t_prev  # time of the latest step (computed or not); None before the first
+        self.memo = memo  # what the method's previous transition left in Transition.memo
 
     def has(self, role: str) -> bool:
         return self._times.get(role) is not None

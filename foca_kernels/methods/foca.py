@@ -15,7 +15,7 @@ kernel applies. The reference (reference/foca.py) evaluates (6)-(8) one by one i
 
 from __future__ import annotations
 
-from .base import FEATURE, Keep, Method, Same, StepContext, Transition
+from .base import FEATURE, Keep, Method, Same, StepContext, Transition, added, scaled
 
 ANCHORS = ("secant", "bdf2")
 
@@ -27,20 +27,32 @@ class FoCa(Method):
         between the last two full computes (4 tensors; uses computed values only).
     anchor="bdf2":   F'_anchor = variable-step BDF2 derivative (6) at the full step, from the
         new value and the two most recent values, predicted or not (3 tensors).
+    contraction=beta (reading r4, secant anchor only): the corrected value is pulled toward
+        the anchored line, F_c <- beta (F_full + x F'_anchor) + (1 - beta) F_c, x = t - t_full.
+    These readings carry the previous window's last forecast into the next window (after a
+    full step F_{k-1} is that forecast); see foca_closed.py for the ones that restart.
     """
 
     name = "foca"
     min_full = 2
 
-    def __init__(self, anchor: str = "secant"):
+    def __init__(self, anchor: str = "secant", contraction: float = 0.0):
         if anchor not in ANCHORS:
             raise ValueError(f"FoCa anchor must be one of {ANCHORS}, got {anchor!r}")
+        if isinstance(contraction, bool) or not isinstance(contraction, (int, float)) or not 0.0 <= contraction <= 1.0:
+            raise ValueError(f"FoCa contraction must be a number in [0, 1], got {contraction!r}")
+        if contraction and anchor != "secant":
+            raise ValueError("FoCa contraction (reading r4) needs the secant anchor")
         self.anchor = anchor
+        self.contraction = float(contraction)
+        self.reading = "r4" if contraction else "r0"
         self.roles = ("F", "F_prev", "D_anchor") + (("F_full",) if anchor == "secant" else ())
         self.n_slots = len(self.roles)
 
     def describe(self) -> str:
-        return f"foca(anchor={self.anchor})"
+        if self.contraction:
+            return f"foca(reading=r4, contraction={self.contraction:g})"
+        return f"foca(reading=r0, anchor={self.anchor})"
 
     def full(self, ctx: StepContext) -> Transition:
         roles = {
@@ -74,6 +86,10 @@ class FoCa(Method):
         h = ctx.t - ctx.time("F")
         r = h / (2.0 * (ctx.time("F") - ctx.time("F_prev")))
         calibrated = {"F": 1.0 + r, "F_prev": -r, "D_anchor": 0.5 * h}
+        if self.contraction:
+            b, x = self.contraction, ctx.t - ctx.time("F_full")
+            line = {"F_full": 1.0, "D_anchor": x}
+            calibrated = added(scaled(calibrated, 1.0 - b), scaled(line, b))
         roles = {"F": calibrated, "F_prev": Keep("F"), "D_anchor": Keep("D_anchor")}
         if self.anchor == "secant":
             roles["F_full"] = Keep("F_full")
