@@ -11,6 +11,7 @@ class TaylorSeerRef:
     def __init__(self, order: int = 2):
         self.order = order
         self.factors = []  # factors[i] ~ i-th derivative at the last full compute
+        self.computed = []  # [(value, time)] of the last order+1 full computes, newest first
         self.t = self.t_full = None
         self.n_full = 0
 
@@ -22,6 +23,7 @@ class TaylorSeerRef:
                 break
             new.append((new[i] - self.factors[i]) / (t - self.t_full))
         self.factors = new
+        self.computed = [(x.clone(), t)] + self.computed[: self.order]
         self.t = self.t_full = t
         self.n_full += 1
 

@@ -232,10 +232,12 @@ def ref_from_state(buf, dtype: torch.dtype):
         if m.anchor == "secant":
             ref.f_full, ref.t_full = get("F_full"), role_time(buf, "F_full")
         # the bdf2 anchor keeps no F_full: FoCaRef only reads f_full for the secant anchor
-    elif isinstance(m, TaylorSeer):
+    elif isinstance(m, TaylorSeer):  # replay its stored computed values, oldest first
         ref = TaylorSeerRef(m.order)
-        ref.factors = [get(r) for r in m.roles if buf.role(r) is not None]
-        ref.t_full = role_time(buf, "D0")
+        held = [(get(r), role_time(buf, r)) for r in m.roles if buf.role(r) is not None]
+        for x, t in reversed(held):
+            ref.t = t - 1.0 if ref.t is None else ref.t
+            ref.full(x, t - ref.t)
     elif isinstance(m, Reuse):
         ref = ReuseRef()
         ref.last = get("D0")
@@ -276,7 +278,7 @@ def ref_roles(ref, method) -> Dict[str, Optional[torch.Tensor]]:
             roles["F_full"] = ref.f_full
         return roles
     if isinstance(method, TaylorSeer):
-        return {f"D{i}": (ref.factors[i] if i < len(ref.factors) else None) for i in range(method.order + 1)}
+        return {r: (ref.computed[j][0] if j < len(ref.computed) else None) for j, r in enumerate(method.roles)}
     return {"D0": ref.last}
 
 
@@ -289,7 +291,7 @@ def ref_role_times(ref, method) -> Dict[str, Optional[float]]:
             times["F_full"] = ref.t_full
         return times
     if isinstance(method, TaylorSeer):
-        return {"D0": ref.t_full}
+        return {r: (ref.computed[j][1] if j < len(ref.computed) else None) for j, r in enumerate(method.roles)}
     return {}
 
 
@@ -308,19 +310,17 @@ class StorageRoundedRef:
 
     def _round_state(self):
         r, sd = self.ref, self.state_dtype
-        if isinstance(self.m, FoCaClosed):
-            return  # it stores the computed values only, rounded on the way in (full)
+        if isinstance(self.m, (FoCaClosed, TaylorSeer)):
+            return  # they store the computed values only, rounded on the way in (full)
         if isinstance(self.m, FoCa):
             same = r.f_full is r.f
             r.f, r.f_prev, r.d_anchor = self._r(r.f, sd), self._r(r.f_prev, sd), self._r(r.d_anchor, sd)
             r.f_full = r.f if same else self._r(r.f_full, sd)
-        elif isinstance(self.m, TaylorSeer):
-            r.factors = [self._r(d, sd) for d in r.factors]
         else:
             r.last = self._r(r.last, sd)
 
     def full(self, x, h):
-        if isinstance(self.m, FoCaClosed):  # the recursion runs on the stored (rounded) values
+        if isinstance(self.m, (FoCaClosed, TaylorSeer)):  # the recursion runs on the stored (rounded) values
             x = self._r(x, self.state_dtype)
         self.ref.full(x.to(torch.float64), h)
         self._round_state()

@@ -1,6 +1,7 @@
 """Compile the fused Triton kernel for an H100 (sm_90) without a GPU, and check its code.
 
-For every launch the real rules produce (FoCa skip/full, TaylorSeer-3 full/skip, reuse), in
+For every launch the real rules produce (FoCa r0 skip/full, r3 skip, TaylorSeer-3 skip, reuse; a
+closed-form full step is reuse's launch, r4's skip is r0's), in
 fp32, fp16, bf16 and a bf16 state with fp32 features, at a DiT-XL/2-sized and a FLUX-sized
 feature (the launcher picks BLOCK=1024/4 warps and BLOCK=2048/8 warps for them):
 
@@ -98,7 +99,7 @@ RULES = {
     "foca_skip": ("foca", {"anchor": "secant"}, "skip", (3, 0, 1, 1)),
     "foca_full": ("foca", {"anchor": "secant"}, "full", (1, 1, 2, 0)),
     "foca_bdf2_full": ("foca", {"anchor": "bdf2"}, "full", (2, 1, 2, 0)),
-    "taylorseer3_full": ("taylorseer", {"order": 3}, "full", (3, 1, 4, 0)),
+    "foca_r3_skip": ("foca", {"reading": "r3"}, "skip", (3, 0, 0, 1)),  # closed form: state stays
     "taylorseer3_skip": ("taylorseer", {"order": 3}, "skip", (4, 0, 0, 1)),
     "reuse_skip": ("reuse", {}, "skip", (1, 0, 0, 1)),
     "reuse_full": ("reuse", {}, "full", (0, 1, 1, 0)),

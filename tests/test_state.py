@@ -37,8 +37,9 @@ def step(buf, full, x, h=1.0):
 #   FoCa full, secant: D_anchor = (X - F_full)/g needs X and F_full; X and D_anchor are new:
 #                    2 reads + 2 writes (F_prev is the old F re-pointed, F_full = F one slot).
 #   FoCa full, bdf2: D_anchor = BDF2(X, F, F_prev): 3 reads + 2 writes.
-#   TaylorSeer-m full: D_i' combines X and D_0..D_{i-1}: reads X + m slots, writes m+1.
-#   TaylorSeer / reuse skip: the state does not move: only out is written.
+#   Closed forms (TaylorSeer, FoCa r3/r6): full writes X into the oldest slot and reads
+#   nothing; a skip reads the computed values its coefficients use; the state does not move.
+#   Reuse skip: only out is written.
 # Warm-up steps have less history and so fewer terms.
 EXPECTED = {
     "foca-secant": [  # schedule: full, full, skip, skip, full, full, skip
@@ -66,17 +67,19 @@ EXPECTED = {
         (0, True, 1, False), (1, True, 2, False), (3, False, 1, True), (3, False, 1, True),
         (2, True, 2, False), (2, True, 2, False), (3, False, 1, True),
     ],
+    # TaylorSeer-m in closed form: the last m+1 computed values; a full step writes one slot,
+    # a skip reads the values held (m+1 once enough full steps were seen)
     "taylorseer-1": [
-        (0, True, 1, False), (1, True, 2, False), (2, False, 0, True), (2, False, 0, True),
-        (1, True, 2, False), (1, True, 2, False), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True),
     ],
     "taylorseer-2": [
-        (0, True, 1, False), (1, True, 2, False), (2, False, 0, True), (2, False, 0, True),
-        (2, True, 3, False), (2, True, 3, False), (3, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (3, False, 0, True),
     ],
     "taylorseer-3": [
-        (0, True, 1, False), (1, True, 2, False), (2, False, 0, True), (2, False, 0, True),
-        (2, True, 3, False), (3, True, 4, False), (4, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (4, False, 0, True),
     ],
     "reuse": [
         (0, True, 1, False), (0, True, 1, False), (1, False, 0, True), (1, False, 0, True),
