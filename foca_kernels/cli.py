@@ -145,16 +145,30 @@ def _load(v) -> str:
 
 
 def _summary(res) -> List[str]:
-    from .demo.harness import BASELINES
+    from .demo.harness import BASELINES, canonical_method, paired_psnr_difference
 
+    default = canonical_method("foca")
     lines = []
     for n in res.config.intervals:
         rows = [r for r in res.runs if r.interval == n and r.method not in BASELINES]
         if len(rows) < 2:
             continue
         best = max(rows, key=lambda r: r.psnr)
-        lines.append(f"N={n}: closest to full compute: {best.method} "
-                     f"(PSNR {best.psnr:.1f} dB, rel-L2 {best.rel_l2:.4f})")
+        line = f"N={n}: closest to full compute: {best.method} (PSNR {best.psnr:.1f} dB, rel-L2 {best.rel_l2:.4f})"
+        ours = next((r for r in rows if r.method == default), None)
+        if ours is not None:
+            diffs = []
+            for other in rows:
+                if other is ours:
+                    continue
+                try:
+                    m, lo, hi = paired_psnr_difference(ours, other)
+                except ValueError:
+                    continue
+                diffs.append(f"{other.method} {m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            if diffs:
+                line += f"\n  {default} minus (paired, dB, 95% CI): " + "; ".join(diffs)
+        lines.append(line)
     return (["", *lines] if lines else [])
 
 

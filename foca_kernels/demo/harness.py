@@ -198,6 +198,7 @@ class RunResult:
     accuracy: float
     fid_test: float
     fid_full: float
+    psnr_per_image: List[float] = field(default_factory=list)  # same seeds as full: pairs across runs
     traj_err: List[float] = field(default_factory=list)  # per step (empty for "steps")
     fcst_err: List[float] = field(default_factory=list)  # per step, NaN on computed steps
     nonfinite: int = 0  # samples with NaN/inf (replaced by 0 / +-1 before judging)
@@ -226,6 +227,18 @@ class RunResult:
                     psnr=self.psnr,
                     rel_l2=self.rel_l2, traj_err=self.traj_err_mean, fcst_err=self.fcst_err_mean,
                     accuracy=self.accuracy, fid_test=self.fid_test, fid_full=self.fid_full)
+
+
+def paired_psnr_difference(a: "RunResult", b: "RunResult", z: float = 1.96) -> Tuple[float, float, float]:
+    """Mean per-image PSNR of ``a`` minus ``b`` (same seeds, so the images pair up) and its
+    normal-approximation 95% confidence interval: (mean, low, high) in dB."""
+    if len(a.psnr_per_image) != len(b.psnr_per_image) or len(a.psnr_per_image) < 2:
+        raise ValueError("paired differences need two runs over the same (>= 2) samples")
+    d = torch.tensor(a.psnr_per_image, dtype=torch.float64) - torch.tensor(b.psnr_per_image, dtype=torch.float64)
+    if not torch.isfinite(d).all():
+        raise ValueError("a run matches full compute exactly (infinite PSNR): no paired difference")
+    m, se = float(d.mean()), float(d.std(unbiased=True)) / math.sqrt(d.numel())
+    return m, m - z * se, m + z * se
 
 
 def _nanmean(v: Sequence[float]) -> float:
@@ -553,6 +566,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 method=method, interval=interval, num_steps=steps, skipped=skipped, seconds=secs,
                 speedup=full_t[0] / secs, cpu_seconds=cpu, cpu_speedup=full_t[1] / max(cpu, 1e-9),
                 psnr=psnr(x, full_x), rel_l2=relative_l2(x, full_x),
+                psnr_per_image=[float(v) for v in psnr(x, full_x, reduction="none")],
                 accuracy=classifier_accuracy(classifier, x, labels), fid_test=frechet_distance(feats, ref_feats),
                 fid_full=frechet_distance(feats, full_feats) if method != "full" else 0.0,
                 traj_err=traj, fcst_err=fc, nonfinite=nonfinite,
@@ -611,6 +625,6 @@ def write_outputs(result: HarnessResult, out_dir, *, grid_intervals: Sequence[in
 
 __all__ = [
     "ALL_METHODS", "BASELINES", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS", "DEMO_METHODS", "DEMO_SAMPLES",
-    "HarnessConfig", "HarnessResult", "RunResult", "cache_method", "canonical_method", "default_reading",
+    "HarnessConfig", "HarnessResult", "RunResult", "cache_method", "canonical_method", "default_reading", "paired_psnr_difference",
     "replay_forecast_error", "run_harness", "write_outputs",
 ]
