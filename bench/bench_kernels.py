@@ -5,7 +5,7 @@
 Providers:
   fused       foca_kernels.forecast_ / update_ on the benchmark device: the Triton kernel on
               CUDA, the fused PyTorch path on CPU (never the Triton interpreter)
-  reference   reference/ (FoCaRef, TaylorSeerRef, ReuseRef), eager PyTorch, same dtype
+  reference   reference/ (FoCaRef, FoCaRestartRef, TaylorSeerRef, ReuseRef), eager PyTorch, same dtype
   cache_dit   cache-dit's FoCa / TaylorSeer calibrators (optional extra "peers"; skipped
               when cache-dit is not installed; it has no plain-reuse calibrator)
   copy_floor  dst.copy_(src) over half the fused launch's bytes, so it reads and writes
@@ -35,8 +35,11 @@ from reference import make_ref
 
 # op: (method, options, step)
 OPS = {
-    "foca_skip": ("foca", {"anchor": "secant"}, "skip"),
+    "foca_skip": ("foca", {"anchor": "secant"}, "skip"),  # reading r0
     "foca_full": ("foca", {"anchor": "secant"}, "full"),
+    "foca_r3_skip": ("foca", {"reading": "r3"}, "skip"),  # closed form (r6 moves the same tensors)
+    "foca_r3_full": ("foca", {"reading": "r3"}, "full"),
+    "foca_r4_skip": ("foca", {"reading": "r4"}, "skip"),
     "taylorseer2_skip": ("taylorseer", {"order": 2}, "skip"),
     "taylorseer2_full": ("taylorseer", {"order": 2}, "full"),
     "reuse_skip": ("reuse", {}, "skip"),

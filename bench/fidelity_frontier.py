@@ -95,6 +95,67 @@ def frontier(rows, method):
     return env
 
 
+def envelope_at(env, c):
+    """PSNR of an upper envelope at compute c (linear between its points; None outside)."""
+    if not env or c < env[0][0] - 1e-9:
+        return None
+    for (c0, p0, _), (c1, p1, _) in zip(env, env[1:]):
+        if c0 - 1e-9 <= c <= c1 + 1e-9:
+            return p0 if c1 == c0 else p0 + (p1 - p0) * (c - c0) / (c1 - c0)
+    return env[-1][1] if abs(c - env[-1][0]) < 1e-9 else env[-1][1]  # at or past the last point
+
+
+def schedules(rows):
+    return sorted({(r["warmup"], r["final"]) for r in rows if r["method"] != "steps"})
+
+
+def report(paths, candidates, rivals=("taylorseer2", "reuse")) -> str:
+    """Markdown: per model, PSNR by schedule; then, per candidate (method, warm-up, final),
+    its margin over each rival at the same schedule and over the rival's best schedule at
+    equal compute (upper envelope over every warm-up/final/N measured)."""
+    docs = [json.load(open(p)) for p in paths]
+    out = []
+    for doc in docs:
+        rows = doc["rows"]
+        out.append(f"### {doc['model']}: {doc['samples']} samples, `{doc['command']}`\n")
+        ns = sorted({r["N"] for r in rows if r["N"] is not None})
+        methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "steps"]
+        for w, f in schedules(rows):
+            out.append(f"warm-up {w}, final {f}: PSNR dB (compute = full steps)\n")
+            out.append("| method | " + " | ".join(f"N={n}" for n in ns) + " |")
+            out.append("|---|" + "---|" * len(ns))
+            for m in methods:
+                cells = []
+                for n in ns:
+                    r = next((r for r in rows if (r["method"], r["warmup"], r["final"], r["N"]) == (m, w, f, n)), None)
+                    cells.append("-" if r is None else f"{r['psnr']:.2f} ({r['compute']:.0f})")
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+    out.append("### candidates: margin in dB (min over N of the candidate minus the rival)\n")
+    out.append("| candidate | " + " | ".join(f"{d['model']}: vs {r} same schedule | {d['model']}: vs {r} frontier"
+                                            for d in docs for r in rivals) + " |")
+    out.append("|---|" + "---|" * (2 * len(docs) * len(rivals)))
+    for m, w, f in candidates:
+        cells = []
+        for doc in docs:
+            rows = doc["rows"]
+            mine = [r for r in rows if (r["method"], r["warmup"], r["final"]) == (m, w, f)]
+            for rival in rivals:
+                same, front = [], []
+                env = frontier(rows, rival)
+                for r in mine:
+                    o = next((x for x in rows if (x["method"], x["warmup"], x["final"], x["N"]) == (rival, w, f, r["N"])), None)
+                    if o is not None:
+                        same.append(r["psnr"] - o["psnr"])
+                    e = envelope_at(env, r["compute"])
+                    if e is not None:
+                        front.append(r["psnr"] - e)
+                cells.append(f"{min(same):+.2f}" if same else "-")
+                cells.append(f"{min(front):+.2f}" if front else "-")
+        out.append(f"| {m} W={w} final={f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits")
@@ -108,7 +169,19 @@ def main(argv=None):
     ap.add_argument("--intervals", type=int, nargs="+", default=list(range(2, 10)))
     ap.add_argument("--no-fewer-steps", dest="fewer_steps", action="store_false")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of these sweep files instead")
+    ap.add_argument("--candidates", nargs="+", metavar="METHOD:W:F", default=None,
+                    help="defaults to judge in --report (e.g. foca-r3:3:1); default: every FoCa reading x schedule")
     args = ap.parse_args(argv)
+    if args.report:
+        if args.candidates:
+            cands = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.candidates]
+        else:
+            rows = json.load(open(args.report[0]))["rows"]
+            cands = [(m, w, f) for m in dict.fromkeys(r["method"] for r in rows) if m.startswith("foca")
+                     for w, f in schedules(rows)]
+        print(report(args.report, cands))
+        return 0
     res = run(args)
     if args.out:
         with open(args.out, "w") as f:

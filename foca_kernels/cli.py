@@ -16,7 +16,7 @@ from typing import List, Optional
 
 DEFAULT_OUT = "foca-demo-out"
 FULL_SAMPLES = 100
-DEMO_DEPENDENCIES = ("diffusers", "safetensors", "sklearn", "matplotlib", "PIL", "tqdm")
+DEMO_DEPENDENCIES = ("diffusers", "safetensors", "sklearn", "matplotlib", "PIL", "tqdm", "mlxtend")
 
 
 def _parser() -> argparse.ArgumentParser:
