@@ -42,7 +42,8 @@ class CacheConfig:
       skipped step, so the first forecasts of a generation may come one step later.
 
     Method: ``method`` "foca" | "taylorseer" | "reuse" (or a :class:`foca_kernels.Method`),
-      ``method_options`` e.g. ``{"anchor": "secant"}`` (FoCa) or ``{"order": 2}`` (TaylorSeer).
+      ``method_options`` e.g. ``{"reading": "r3"}`` (FoCa: "r0" | "r3" | "r4" | "r6", see
+      docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``) or ``{"order": 2}`` (TaylorSeer).
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
       for an fp32 model); None keeps the features' dtype.
 
