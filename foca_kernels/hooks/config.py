@@ -41,7 +41,7 @@ class CacheConfig:
       A module that has not seen enough full steps for its method (FoCa: 2) is computed on a
       skipped step, so the first forecasts of a generation may come one step later.
 
-    Method: ``method`` "foca" | "taylorseer" | "reuse" (or a :class:`foca_kernels.Method`),
+    Method: ``method`` "foca" | "taylorseer" | "reuse" | "duca" (or a :class:`foca_kernels.Method`),
       ``method_options`` e.g. ``{"anchor": "secant"}`` (FoCa) or ``{"order": 2}`` (TaylorSeer).
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
       for an fp32 model); None keeps the features' dtype.
@@ -142,6 +142,12 @@ class CacheConfig:
             if self.method_options:
                 raise TypeError("method_options given together with a Method instance")
             return self.method
+        if isinstance(self.method, str) and self.method.lower() == "duca":
+            from ..duca.method import DucaReuse
+            from ..duca.options import DucaOptions
+
+            DucaOptions.from_dict(self.method_options)  # validates DuCa's options
+            return DucaReuse()
         return make_method(self.method, **self.method_options)
 
     def pattern(self, num_steps: int) -> str:
