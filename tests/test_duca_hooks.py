@@ -220,3 +220,26 @@ def test_bad_options_are_refused():
         CacheConfig(method="duca", method_options={"score": "attention"})
     with pytest.raises(TypeError, match="unknown duca option"):
         CacheConfig(method="duca", method_options={"ratio": 0.1})
+
+
+def test_plain_module_and_torch_compile():
+    """Any nn.Module with a token-wise ``mlp``: DuCa under torch.compile (eager backend) gives
+    the eager result, two generations in a row (the selection and refresh run eagerly)."""
+    pytest.importorskip("torch._dynamo")
+    import torch._dynamo
+
+    from test_hooks_plain import TIMESTEPS, sample, toy
+
+    m = toy()
+    opts = {**CONST, "score": "random", "spatial_bonus": 0.0}  # 5 tokens: no grid
+    enable_cache(m, method="duca", interval=4, method_options=opts, num_inference_steps=len(TIMESTEPS))
+    eager = sample(m)
+    assert hd.duca_info(m)["tokens_computed"] > 0
+    disable_cache(m)
+    enable_cache(m, method="duca", interval=4, method_options=opts, num_inference_steps=len(TIMESTEPS))
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="eager")
+    assert torch.equal(sample(compiled), eager)
+    assert torch.equal(sample(compiled), eager)
+    disable_cache(m)
+    torch._dynamo.reset()

@@ -29,7 +29,7 @@ from ..duca.select import (
 )
 from ..duca.tokens import TokenCache, refresh_tokens_
 from .config import FocaCacheWarning
-from .wrap import AttributePatch
+from .wrap import AttributePatch, _skip_for_dynamo
 
 _ATTENTION_NAMES = ("attn1", "attn", "self_attn")
 
@@ -190,23 +190,33 @@ class DucaRuntime:
 
 class PartialCall:
     """A conservative call: the module runs on the selected tokens; their rows are scattered
-    into the cache and into the returned output (one fused launch)."""
+    into the cache and into the returned output (one fused launch).
+
+    Under torch.compile the frame of :meth:`run` is skipped (only the module call inside it is
+    traced) and the bookkeeping around the module call runs eagerly (compiler-disabled)."""
 
     def __init__(self, rt: DucaRuntime, ctl, group, site, idx: int):
         self.rt, self.ctl, self.group, self.site, self.idx = rt, ctl, group, site, idx
 
     def run(self, orig, args, kwargs):
+        a2, kw2, index = self._prepare(args, kwargs)
+        return self._finish(orig(*a2, **kw2), index)
+
+    def _prepare(self, args, kwargs):
+        """Select the tokens and gather their input rows: (args, kwargs, index)."""
+        x, replace = _hidden(args, kwargs)
+        index = self.rt.select(self.ctl, self.group, self.site, self.idx, x)
+        xs = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        a2, kw2 = replace(xs)
+        return a2, kw2, index
+
+    def _finish(self, fresh, index):
         rt, ctl, group = self.rt, self.ctl, self.group
         step = ctl.current
-        x, replace = _hidden(args, kwargs)
         stream = group.streams[0]
         st = stream.state
         b, n, c = st.shape
-        index = rt.select(ctl, group, self.site, self.idx, x)
         k = index.shape[1]
-        xs = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        a2, kw2 = replace(xs)
-        fresh = orig(*a2, **kw2)
         if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (b, k, c) or fresh.dtype != st.io_dtype:
             raise RuntimeError(
                 f"foca cache (duca): {self.site.name!r} is not token-wise: given {k} of {n} tokens it returned "
@@ -220,13 +230,18 @@ class PartialCall:
                 out = stream.buffer = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
         else:
             out = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
-        cache = TokenCache(st.role("D0"), st.io_dtype, age=rt.age_of(group, b, n, x.device))
+        cache = TokenCache(st.role("D0"), st.io_dtype, age=rt.age_of(group, b, n, st.device))
         refresh_tokens_(cache, out, fresh.contiguous(), index, backend=cfg.backend, check_indices=False)
         group.last_tau = step.tau
         step.written.append(out)
         rt.tokens_computed += b * k
         rt.tokens_total += b * n
         return out
+
+
+_skip_for_dynamo(PartialCall.run)
+PartialCall._prepare = torch.compiler.disable(PartialCall._prepare)
+PartialCall._finish = torch.compiler.disable(PartialCall._finish)
 
 
 def duca_info(model) -> dict:
