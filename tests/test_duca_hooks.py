@@ -243,3 +243,24 @@ def test_plain_module_and_torch_compile():
     assert torch.equal(sample(compiled), eager)
     disable_cache(m)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("opts", [{"state_dtype": torch.bfloat16}, {"reuse_output_buffers": False}],
+                         ids=["bf16-state", "fresh-outputs"])
+def test_state_dtype_and_unbuffered_outputs(opts, monkeypatch):
+    """A bf16 state under an fp32 model, and outputs allocated per call: the conservative call
+    still runs on the fresh tokens and the result stays close to the buffered fp32 run."""
+    case, m = T.CASES["dit"], model_for("dit")
+    enable_cache(m, method="duca", interval=4, method_options=CONST, num_inference_steps=STEPS)
+    base = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    disable_cache(m)
+    seen = _capture_indices(monkeypatch)
+    enable_cache(m, method="duca", interval=4, method_options=CONST, num_inference_steps=STEPS, **opts)
+    got = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    if "state_dtype" in opts:
+        assert all(st.dtype == torch.bfloat16 for st in cache_states(m))
+        assert torch.allclose(got, base, atol=0.05) and not torch.equal(got, base)
+    else:
+        assert torch.equal(got, base)
+    disable_cache(m)
+    assert seen and all(idx.shape == (4, 4) for idx in seen)
