@@ -264,3 +264,24 @@ def test_state_dtype_and_unbuffered_outputs(opts, monkeypatch):
         assert torch.equal(got, base)
     disable_cache(m)
     assert seen and all(idx.shape == (4, 4) for idx in seen)
+
+
+def test_forecast_variant_refreshes_on_top_of_taylorseer():
+    """forecast="taylorseer": every skipped module is forecast (2 slots per output for order 1);
+    conservative steps still run the feed-forward on the fresh tokens, and their rows change the
+    result against plain TaylorSeer at the same schedule."""
+    case, m = T.CASES["dit"], model_for("dit")
+    enable_cache(m, method="taylorseer", method_options={"order": 1}, interval=4, num_inference_steps=STEPS)
+    ts = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    disable_cache(m)
+    opts = {**CONST, "forecast": "taylorseer", "forecast_order": 1}
+    enable_cache(m, method="duca", method_options=opts, interval=4, num_inference_steps=STEPS)
+    got = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    info = cache_info(m)
+    assert info.method == "duca+taylorseer(order=1)"
+    assert all(st.slots.shape[0] == 2 for st in cache_states(m))
+    assert hd.duca_info(m)["tokens_computed"] == pattern(Schedule(4, 2), STEPS).count("c") * 2 * 4 * 4
+    disable_cache(m)
+    assert torch.isfinite(got).all() and not torch.equal(got, ts)
+    with pytest.raises(ValueError, match="forecast must be one of"):
+        enable_cache(m, method="duca", method_options={"forecast": "foca"})

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 SCORES = ("v-norm", "random")
 RATIO_SCHEDULES = ("constant", "linear", "exp")
 PHASE_ORDERS = ("code", "alternate")
+FORECASTS = (None, "taylorseer")
 DEFAULT_PARTIAL = (r"(?:.*\.)?(ff|ffn|mlp)",)
 
 
@@ -37,6 +38,10 @@ class DucaOptions:
     phase_order: "code" (DuCa's code: a skipped step at odd distance from the next full step
         is conservative) or "alternate" (conservative right after a full step).
     seed: seed of the "random" score.
+    forecast / forecast_order (beyond the paper): None reuses on skipped steps (DuCa);
+        "taylorseer" forecasts every cached module with TaylorSeer of that order instead, and a
+        conservative step writes the fresh rows into its output only (the forecast state keeps
+        values of full steps, so no per-token time is needed).
     """
 
     fresh_ratio: float = 0.175
@@ -52,6 +57,8 @@ class DucaOptions:
     cfg_half: int = 0
     phase_order: str = "code"
     seed: int = 0
+    forecast: Optional[str] = None
+    forecast_order: int = 1
 
     def __post_init__(self):
         check_ratio(self.fresh_ratio, "fresh_ratio")
@@ -83,6 +90,10 @@ class DucaOptions:
             raise ValueError(f"duca option cfg_batched must be None, True or False, got {self.cfg_batched!r}")
         if self.cfg_half not in (0, 1):
             raise ValueError(f"duca option cfg_half must be 0 or 1, got {self.cfg_half!r}")
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"duca option forecast must be one of {FORECASTS}, got {self.forecast!r}")
+        if self.forecast_order not in (1, 2, 3):
+            raise ValueError(f"duca option forecast_order must be 1, 2 or 3, got {self.forecast_order!r}")
         if self.phase_order not in PHASE_ORDERS:
             raise ValueError(f"duca option phase_order must be one of {PHASE_ORDERS}, got {self.phase_order!r}")
 

@@ -143,11 +143,10 @@ class CacheConfig:
                 raise TypeError("method_options given together with a Method instance")
             return self.method
         if isinstance(self.method, str) and self.method.lower() == "duca":
-            from ..duca.method import DucaReuse
+            from ..duca.method import duca_method
             from ..duca.options import DucaOptions
 
-            DucaOptions.from_dict(self.method_options)  # validates DuCa's options
-            return DucaReuse()
+            return duca_method(DucaOptions.from_dict(self.method_options))  # validates DuCa's options
         return make_method(self.method, **self.method_options)
 
     def pattern(self, num_steps: int) -> str:

@@ -27,7 +27,7 @@ from ..duca.phases import phase
 from ..duca.select import (
     add_spatial_bonus_, add_staleness_, fresh_ratio, random_score, square_grid, top_k, v_norm_score,
 )
-from ..duca.tokens import TokenCache, refresh_tokens_
+from ..duca.tokens import TokenCache, flat_rows, refresh_tokens_
 from .config import FocaCacheWarning
 from .wrap import AttributePatch, _skip_for_dynamo
 
@@ -224,6 +224,13 @@ class PartialCall:
                 "leave it out of method_options['partial']"
             )
         cfg = ctl.config
+        if rt.opts.forecast is not None:  # fresh rows on top of the forecast; the state keeps full steps only
+            out = stream.forecast(step.tau - group.last_tau, cfg)
+            rows = flat_rows(index, n)
+            out.view(b * n, c).index_copy_(0, rows, fresh.reshape(-1, c))
+            age = rt.age_of(group, b, n, st.device)
+            age.add_(1).view(-1).index_fill_(0, rows, 0)
+            return self._done(out, step, b, k, n)
         if cfg.reuse_output_buffers:
             out = stream.buffer
             if out is None or out.shape != st.shape or out.dtype != st.io_dtype or out.device != st.device:
@@ -232,10 +239,13 @@ class PartialCall:
             out = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
         cache = TokenCache(st.role("D0"), st.io_dtype, age=rt.age_of(group, b, n, st.device))
         refresh_tokens_(cache, out, fresh.contiguous(), index, backend=cfg.backend, check_indices=False)
-        group.last_tau = step.tau
+        return self._done(out, step, b, k, n)
+
+    def _done(self, out, step, b, k, n):
+        self.group.last_tau = step.tau
         step.written.append(out)
-        rt.tokens_computed += b * k
-        rt.tokens_total += b * n
+        self.rt.tokens_computed += b * k
+        self.rt.tokens_total += b * n
         return out
 
 
