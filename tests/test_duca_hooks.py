@@ -285,3 +285,17 @@ def test_forecast_variant_refreshes_on_top_of_taylorseer():
     assert torch.isfinite(got).all() and not torch.equal(got, ts)
     with pytest.raises(ValueError, match="forecast must be one of"):
         enable_cache(m, method="duca", method_options={"forecast": "foca"})
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_fresh_ratio_0_is_reuse_bit_for_bit(family):
+    """No fresh token: conservative steps run nothing and return the cache, as reuse does."""
+    case, m = T.CASES[family], model_for(family)
+    enable_cache(m, method="reuse", interval=3)
+    reuse = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    disable_cache(m)
+    enable_cache(m, method="duca", interval=3, method_options={"fresh_ratio": 0.0, "ratio_schedule": "constant"})
+    got = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    assert hd.duca_info(m)["tokens_computed"] == 0 and hd.duca_info(m)["tokens_total"] > 0
+    disable_cache(m)
+    assert torch.equal(got, reuse)

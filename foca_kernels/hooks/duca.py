@@ -200,7 +200,8 @@ class PartialCall:
 
     def run(self, orig, args, kwargs):
         a2, kw2, index = self._prepare(args, kwargs)
-        return self._finish(orig(*a2, **kw2), index)
+        fresh = orig(*a2, **kw2) if index.shape[1] else None  # a ratio of 0 runs nothing
+        return self._finish(fresh, index)
 
     def _prepare(self, args, kwargs):
         """Select the tokens and gather their input rows: (args, kwargs, index)."""
@@ -217,6 +218,8 @@ class PartialCall:
         st = stream.state
         b, n, c = st.shape
         k = index.shape[1]
+        if fresh is None:
+            fresh = torch.empty((b, 0, c), dtype=st.io_dtype, device=st.device)
         if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (b, k, c) or fresh.dtype != st.io_dtype:
             raise RuntimeError(
                 f"foca cache (duca): {self.site.name!r} is not token-wise: given {k} of {n} tokens it returned "
