@@ -8,8 +8,6 @@ for the others. Works on flat row indices, so no row map is built.
 
 from __future__ import annotations
 
-import torch
-
 
 def tokens_torch(state, fresh, out, rows, age) -> None:
     """state/out ``[n_rows, C]``, fresh ``[k, C]``, rows ``[k]`` int64 (distinct), age
