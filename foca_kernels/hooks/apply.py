@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .config import CacheConfig, FocaCacheWarning
 from .controller import CacheController
+from .duca import PartialCall
 from .targets import Site, select_sites
 from .wrap import AttributePatch, is_foca_wrapper
 
@@ -75,6 +76,8 @@ def _module_forward(ctl: CacheController, site: Site):
             out, group = ctl.before_module(site, args, kwargs)
             if out is not None:
                 return out  # skipped: the forecast, the module does not run
+            if isinstance(group, PartialCall):
+                return group.run(orig, args, kwargs)  # duca conservative step: fresh tokens only
             out = orig(*args, **kwargs)
             if group is not None:
                 ctl.after_module(group, out, args, kwargs)
@@ -162,6 +165,8 @@ def _enable_one(model: nn.Module, config: CacheConfig, sites: List[Site], pipeli
         for site in sites:
             site.bind_signature(site.module.forward)
             ctl.patches.append(AttributePatch(site.module, "forward", _module_forward(ctl, site), skip_dynamo=True))
+        if ctl.duca is not None:  # value projections feeding DuCa's token scores
+            ctl.patches.extend(ctl.duca.install(ctl, model, sites))
         if callable(getattr(model, "cache_context", None)):  # diffusers CacheMixin
             ctl.patches.append(AttributePatch(model, "cache_context", _cache_context(ctl)))
         if callable(getattr(model, "_reset_stateful_cache", None)):

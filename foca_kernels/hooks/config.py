@@ -41,7 +41,7 @@ class CacheConfig:
       A module that has not seen enough full steps for its method (FoCa: 2) is computed on a
       skipped step, so the first forecasts of a generation may come one step later.
 
-    Method: ``method`` "foca" | "taylorseer" | "reuse" (or a :class:`foca_kernels.Method`),
+    Method: ``method`` "foca" | "taylorseer" | "reuse" | "duca" (or a :class:`foca_kernels.Method`),
       ``method_options`` e.g. ``{"reading": "r3"}`` (FoCa: "r0" | "r3" | "r4" | "r6", see
       docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``) or ``{"order": 2}`` (TaylorSeer).
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
@@ -143,6 +143,11 @@ class CacheConfig:
             if self.method_options:
                 raise TypeError("method_options given together with a Method instance")
             return self.method
+        if isinstance(self.method, str) and self.method.lower() == "duca":
+            from ..duca.method import duca_method
+            from ..duca.options import DucaOptions
+
+            return duca_method(DucaOptions.from_dict(self.method_options))  # validates DuCa's options
         return make_method(self.method, **self.method_options)
 
     def pattern(self, num_steps: int) -> str:

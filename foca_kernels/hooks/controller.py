@@ -49,6 +49,8 @@ class StepInfo:
     calls: Dict[str, int] = field(default_factory=dict)  # module name -> calls so far this step
     written: List[torch.Tensor] = field(default_factory=list)  # forecast tensors returned
     warned_shape: bool = False
+    phase: str = ""  # duca: "full" / "conservative" / "aggressive"
+    cfg_batched: bool = False  # duca: this call holds two CFG halves (conservative steps only)
 
 
 class CacheController:
@@ -70,6 +72,11 @@ class CacheController:
         self.calls_forced = 0  # computed on a skipped step: the module's cache was not ready
         self.shape_resets = 0
         self._warned: set = set()
+        self.duca = None  # DuCa's token selection and partial calls (method="duca")
+        if isinstance(config.method, str) and config.method.lower() == "duca":
+            from .duca import DucaRuntime
+
+            self.duca = DucaRuntime(config)
 
     # ---- helpers -----------------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:
@@ -159,6 +166,10 @@ class CacheController:
             ctx.steps_skipped += 1
         update = (not full) or self.schedule.skips_after(step, num_steps)
         self.current = StepInfo(ctx, step, full, update, tau)
+        if self.duca is not None:
+            self.current.phase = self.duca.phase(self.schedule, step, num_steps)
+            if self.current.phase == "conservative":
+                self.current.cfg_batched = self.duca.cfg_batched(args, kwargs)
 
     def abort_step(self) -> None:
         self.current = None
@@ -214,6 +225,10 @@ class CacheController:
 
         if not step.full and group.ready:
             self.calls_forecast += 1
+            if step.phase == "conservative":
+                part = self.duca.partial(self, group, site, idx, args, kwargs)
+                if part is not None:
+                    return None, part  # the wrapper runs the module on the fresh tokens only
             return group.forecast(args, kwargs, step.tau, self.config, step.written), None
 
         self.calls_computed += 1
@@ -223,6 +238,8 @@ class CacheController:
 
     def after_module(self, group: StreamGroup, out, args, kwargs) -> None:
         group.update(out, args, kwargs, self.current.tau, self.config, self.method)
+        if self.duca is not None:
+            self.duca.on_full(group)
 
     def compile_safe(self) -> None:
         """Keep torch.compile (dynamo) out of the bookkeeping: it runs eagerly, while the
@@ -242,6 +259,8 @@ class CacheController:
                 ctx.reset()
         if free_memory:
             self.contexts.clear()
+            if self.duca is not None:
+                self.duca.clear()
 
     def clear_stats(self) -> None:
         self.calls_computed = self.calls_forecast = self.calls_forced = self.shape_resets = 0
