@@ -8,7 +8,8 @@ Each cached run samples the same seeds as the full-compute run (50 Euler steps, 
 module granularity) through ``foca_kernels.hooks.cached``; per-image PSNR against full
 compute is stored, so paired confidence intervals between any two runs can be computed
 later (``--report``). "compute" is the number of fully computed steps per cached module
-(warm-up, one per window, the final ones, and steps forced while a method is not ready).
+(warm-up, one per window, the final ones, and steps forced while a method is not ready);
+DuCa's conservative calls add the fraction of token rows they recompute.
 The ``steps`` baseline samples with fewer Euler steps at each compute level.
 """
 
@@ -29,6 +30,7 @@ from foca_kernels.demo.harness import cache_method, canonical_method  # noqa: E4
 from foca_kernels.demo.metrics import psnr  # noqa: E402
 from foca_kernels.demo.model import load_demo_dit  # noqa: E402
 from foca_kernels.demo.sampler import sample  # noqa: E402
+from foca_kernels.demo.specs import get_spec  # noqa: E402
 from foca_kernels.hooks import CacheConfig, cache_info, cached  # noqa: E402
 
 METHODS = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6")
@@ -59,6 +61,11 @@ def run(args) -> dict:
                     dt = time.perf_counter() - t0
                     n_mod = n_mod or info.modules
                     compute = info.calls_computed / info.modules
+                    if m == "duca":  # partially computed calls count by the fraction of token rows run
+                        from foca_kernels.hooks.duca import duca_info
+
+                        rows_per_call = 2 * args.samples * get_spec(args.model).tokens  # batched CFG
+                        compute += duca_info(model)["tokens_computed"] / rows_per_call / info.modules
                     per = psnr(x, full, reduction="none", max_db=120.0)
                     rows.append(dict(method=method, warmup=w, final=fin, N=n, compute=compute,
                                      psnr=float(per.mean()), per_image=[round(float(v), 4) for v in per],

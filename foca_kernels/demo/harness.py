@@ -65,7 +65,7 @@ from .specs import get_spec
 from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS, make_method
 
 BASELINES = ("full", "steps")
-CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6", "foca-bdf2")
+CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6", "foca-bdf2", "duca")
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
 DEFAULT_INTERVALS = (2, 3, 5, 7, 9)
@@ -91,7 +91,7 @@ def canonical_method(name: str) -> str:
         return f"foca-{default_reading()}"
     if n == "foca-secant":
         return "foca-r0"
-    if n in ("full", "steps", "reuse", "foca-bdf2") or re.fullmatch(r"taylorseer[123]", n):
+    if n in ("full", "steps", "reuse", "foca-bdf2", "duca") or re.fullmatch(r"taylorseer[123]", n):
         return n
     if n.startswith("foca-") and n[5:] in FOCA_READINGS:
         return n
@@ -102,8 +102,8 @@ def canonical_method(name: str) -> str:
 def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
     """(method, method_options) of a cached harness method, for :class:`CacheConfig`."""
     n = canonical_method(name)
-    if n == "reuse":
-        return "reuse", {}
+    if n in ("reuse", "duca"):
+        return n, {}
     if n.startswith("taylorseer"):
         return "taylorseer", {"order": int(n[-1])}
     if n == "foca-bdf2":
@@ -559,7 +559,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 skipped = info.calls_forecast / done if done else 0.0
                 traj = [float((v - r).norm() / r.norm().clamp_min(1e-30)) for v, r in zip(vel, full_v)]
             fc: List[float] = []
-            if method not in BASELINES:
+            if method not in BASELINES and method != "duca":  # duca's token refresh needs the model
                 m, opts = cache_method(method)
                 fc = replay_forecast_error(records, m, opts, config.schedule(interval), backend=config.backend)
             return RunResult(
