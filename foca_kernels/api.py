@@ -11,7 +11,7 @@ from .methods import Method, make_method
 from .ops import lincomb_, run_lincomb
 from .state import CacheState, Launch, slot_stride
 from .validation import (
-    check_coefficients, check_finite_values, check_no_alias, check_no_overlap, check_out_grad_free, check_ready,
+    check_coefficients, check_finite_values, check_method_options, check_no_alias, check_no_overlap, check_out_grad_free, check_ready,
     check_state, check_step, check_tensor, check_writable, next_time,
 )
 
@@ -25,7 +25,7 @@ def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtyp
     """
     if not isinstance(example, torch.Tensor):
         raise TypeError(f"example must be a torch.Tensor, got {type(example).__name__}")
-    m = make_method(method, **options)
+    m = make_method(method, **check_method_options(options))
     return CacheState(m, example.shape, dtype or example.dtype, example.device, io_dtype=example.dtype)
 
 
@@ -33,7 +33,7 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
     """Bytes a state for ``example`` (a tensor, or a shape with ``dtype``) would hold."""
     if isinstance(example, CacheState):
         return example.nbytes
-    m: Method = make_method(method, **options)
+    m: Method = make_method(method, **check_method_options(options))
     if isinstance(example, torch.Tensor):
         shape, dtype = example.shape, dtype or example.dtype
     else:

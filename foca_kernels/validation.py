@@ -139,3 +139,12 @@ def check_coefficients(coef, h: float) -> None:
                 "the steps are too uneven (or too small/large) for this method: pass steps on a scale "
                 "closer to 1 (only ratios of steps matter)"
             )
+
+
+def check_method_options(options: dict) -> dict:
+    """Option values the methods would take by accident: ``order=True`` is an int to Python
+    (TaylorSeer would run order 1); bool is refused wherever an int is meant."""
+    order = options.get("order")
+    if isinstance(order, bool):
+        raise TypeError(f"order must be an int (1, 2 or 3), got bool ({order!r})")
+    return options

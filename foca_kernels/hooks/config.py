@@ -10,6 +10,7 @@ import torch
 
 from ..methods import Method, make_method
 from ..state import STORAGE_DTYPES
+from ..validation import check_method_options
 
 GRANULARITIES = ("module", "block")
 CACHE_MODES = ("output", "residual")
@@ -142,7 +143,7 @@ class CacheConfig:
             if self.method_options:
                 raise TypeError("method_options given together with a Method instance")
             return self.method
-        return make_method(self.method, **self.method_options)
+        return make_method(self.method, **check_method_options(self.method_options))
 
     def pattern(self, num_steps: int) -> str:
         """The planned schedule as a string, 'F' computed and 's' skipped, e.g. 'FFssFssF'.
