@@ -242,7 +242,8 @@ class StreamGroup:
         for stream, t, name in zip(self.streams, tensors, self.inputs):
             if name is not None:
                 x = self._arg(name, args, kwargs)
-                t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
+                with torch.no_grad():  # cache writes record no autograd history (out= refuses it anyway)
+                    t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
             stream.update(t, h, config, method)
         self.last_tau = tau
 
@@ -253,7 +254,8 @@ class StreamGroup:
         for stream, name in zip(self.streams, self.inputs):
             y = stream.forecast(h, config)
             if name is not None:
-                y.add_(self._arg(name, args, kwargs))
+                with torch.no_grad():  # a forecast carries no graph, even when its input has one
+                    y.add_(self._arg(name, args, kwargs))
             outs.append(y)
             written.append(y)
         self.last_tau = tau
