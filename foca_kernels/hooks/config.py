@@ -69,6 +69,11 @@ class CacheConfig:
           new generation (the first timestep seen again, timesteps running backwards, step
           count past num_inference_steps). Reads the timestep (one host sync per call on GPU).
 
+    Non-finite outputs: ``check_finite=True`` checks every computed output that would feed a
+      cache (one reduction and host sync per output) and, when it holds nan/inf, resets that
+      module's cache instead of feeding it (warning once), so no later forecast inherits the
+      value. Off by default: FoCa would otherwise carry it to the end of the generation.
+
     Buffers: ``reuse_output_buffers`` writes forecasts into one preallocated tensor per
       cached output (no allocation per step; a value returned on a skipped step is
       overwritten at the next skipped step of the same module). False allocates each time.
@@ -91,6 +96,7 @@ class CacheConfig:
     reuse_output_buffers: bool = True
     default_context: str = "default"
     backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
+    check_finite: bool = False  # reset a module's cache when its computed output holds nan/inf
 
     def __post_init__(self):
         for name in ("interval", "warmup", "final"):
@@ -134,6 +140,8 @@ class CacheConfig:
             isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):
             raise TypeError("timestep_arg must be an argument name or a positional index")
 

@@ -223,6 +223,10 @@ class StreamGroup:
             self.uncacheable = template
             self.site.warn_once("uncacheable", f"not cached: {template}")
             return
+        if config.check_finite and not all(bool(torch.isfinite(t).all()) for t in tensors):
+            self.reset()  # forget the history rather than carry the value into later forecasts
+            self.site.warn_once("nonfinite", "a computed output holds non-finite values (nan/inf); its cache was reset")
+            return
         if not same_template(self.template, template):
             self.drop()
             self.template = template
