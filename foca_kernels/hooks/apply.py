@@ -52,7 +52,10 @@ def _controller(model: nn.Module) -> Optional[CacheController]:
 def _root_forward(ctl: CacheController):
     def make(orig):
         def forward(*args, **kwargs):
-            if not ctl.active or ctl.current is not None:
+            if ctl.current is not None:
+                ctl.check_same_thread()  # another thread inside this model: refuse
+                return orig(*args, **kwargs)
+            if not ctl.active:
                 return orig(*args, **kwargs)
             ctl.begin_step(args, kwargs)
             try:
@@ -72,6 +75,7 @@ def _module_forward(ctl: CacheController, site: Site):
         def forward(*args, **kwargs):
             if ctl.current is None or not ctl.active:
                 return orig(*args, **kwargs)
+            ctl.check_same_thread()
             out, group = ctl.before_module(site, args, kwargs)
             if out is not None:
                 return out  # skipped: the forecast, the module does not run
