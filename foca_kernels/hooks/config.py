@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -144,6 +145,29 @@ class CacheConfig:
             raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):
             raise TypeError("timestep_arg must be an argument name or a positional index")
+
+    @classmethod
+    def build(cls, config: Optional["CacheConfig"] = None, **options) -> "CacheConfig":
+        """``config`` (or the defaults) with ``options`` applied: CacheConfig fields, and any other
+        keyword as a method option (``anchor="bdf2"``, ``order=2``), as :func:`foca_kernels.allocate`
+        takes them; they are merged into ``method_options``."""
+        if config is not None and not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in options.items() if k not in names}
+        fields = {k: v for k, v in options.items() if k in names}
+        if extra:
+            base = fields.get("method_options", config.method_options if config is not None else {})
+            fields["method_options"] = {**(base or {}), **extra}
+        try:
+            return dataclasses.replace(config, **fields) if config is not None else cls(**fields)
+        except TypeError as e:
+            if not extra:
+                raise
+            method = fields.get("method", config.method if config is not None else cls.method)
+            raise TypeError(
+                f"unknown option(s) {sorted(extra)}: neither CacheConfig fields nor options of method {method!r} ({e})"
+            ) from None
 
     def make_method(self) -> Method:
         """A fresh :class:`~foca_kernels.Method` for this configuration."""
