@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from foca_kernels import cli
@@ -64,11 +66,15 @@ def test_good_arguments_pass_validation(monkeypatch, tmp_path):
     assert seen["args"].samples == 1 and not (tmp_path / "new").exists()  # validation creates nothing
 
 
-def test_legend_names_the_steps_actually_run(tmp_path, capsys):
+def test_legend_names_the_steps_run_and_nothing_is_written_into_the_package(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     argv = ["demo", "--samples", "2", "--steps", "6", "--n", "3", "--methods", "steps", "--out", str(tmp_path / "o"),
             "--no-progress", "--backend", "torch", "--threads", "1"]
+    pkg = Path(cli.__file__).parent
+    before = {p: p.read_bytes() for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "of the 6-step compute" in text and "50-step" not in text
+    after = {p: p.read_bytes() for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert after == before, "the demo wrote into the installed package"
