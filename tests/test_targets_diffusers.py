@@ -115,3 +115,51 @@ def test_default_targets_cover_every_block(name):
         assert not missing, f"{name}: not cached: {missing}"
         if not ff:  # inline MLP: only the whole block holds it
             assert covered(bname), f"{name}: block {bname} has no feed-forward module and is not cached whole"
+
+
+# ---- the structural defaults at work: families without a table, tiny and on CPU ----------
+def _gen(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+RUNS = {
+    "AuraFlowTransformer2DModel": (
+        dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+             out_channels=4, pos_embed_max_size=16),
+        lambda t: dict(hidden_states=_gen(1, 1, 4, 8, 8), encoder_hidden_states=_gen(2, 1, 3, 16), timestep=t),
+        ["joint_transformer_blocks.0.ff", "joint_transformer_blocks.0.ff_context", "single_transformer_blocks.0.ff"],
+    ),
+    "Lumina2Transformer2DModel": (
+        dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+             num_attention_heads=2, num_kv_heads=2, multiple_of=16, cap_feat_dim=16, axes_dim_rope=(4, 6, 6),
+             axes_lens=(32, 32, 32)),
+        lambda t: dict(hidden_states=_gen(1, 1, 4, 8, 8), encoder_hidden_states=_gen(2, 1, 3, 16),
+                       encoder_attention_mask=torch.ones(1, 3, dtype=torch.bool), timestep=t),
+        ["layers.0.feed_forward", "noise_refiner.0.feed_forward"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_structural_defaults_run_cached(name):
+    from foca_kernels.hooks import cache_info, disable_cache, enable_cache
+
+    kwargs, inputs, expected = RUNS[name]
+    torch.manual_seed(0)
+    m = getattr(diffusers, name)(**kwargs).eval()
+
+    def run():
+        with torch.no_grad():
+            return [m(**inputs(torch.tensor([1000.0 * s]))).sample for s in torch.linspace(1.0, 0.05, 7)]
+
+    ref = run()
+    enable_cache(m, interval=3, method="reuse")
+    sites = {s.name for s in m.__dict__["_foca_cache"].sites}
+    got = run()
+    info = cache_info(m)
+    disable_cache(m)
+    assert set(expected) <= sites
+    assert info.calls_forecast > 0
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])  # warm-up steps are computed
+    assert all(torch.isfinite(g).all() for g in got)
