@@ -82,6 +82,8 @@ SCENARIOS = [
      ValueError, r"h=5e-324 .*coefficient", STEP_DEPENDENT),
     ("huge step", ready, lambda b, be: fk.forecast(b, FP32_OVERFLOW, backend=be),
      ValueError, r"h=1e\+39 .*coefficient", STEP_DEPENDENT),
+    ("astronomic step", ready, lambda b, be: fk.forecast(b, 1e200, backend=be),  # h**2 overflows float64
+     ValueError, r"h=1e\+200 gives a forecast coefficient", STEP_DEPENDENT),
     ("non-finite feature, check_finite", ready,
      lambda b, be: fk.update_(b, _x(5).index_fill_(0, torch.tensor([1]), float("nan")), backend=be, check_finite=True),
      ValueError, r"feature has 20 non-finite", ALL),
