@@ -37,7 +37,7 @@ CANNOT_BUILD = {
     "HiDreamImageTransformer2DModel": "default config leaves a dimension None",
     "LatteTransformer3DModel": "default config leaves sample sizes None",
     "OmniGenTransformer2DModel": "default config leaves a dimension None",
-    "Transformer2DModel": "generic 2D/vector model; built by the DiT and PixArt tests instead",
+    "Transformer2DModel": "default config sets no input kind (in_channels None); its DiT/PixArt uses run in test_hooks_models",
     "TransformerTemporalModel": "default config has 4 channels with 32 norm groups (UNet temporal layers)",
 }
 # feed-forward modules that are plain nn.Sequential (no class name to go by), per class
@@ -85,15 +85,22 @@ def topmost(block, prefix, pred):
     return found
 
 
-def test_class_list_is_complete():
-    """Every exported class is either tested or named in CANNOT_BUILD with a reason."""
-    assert len(CLASSES) > 50
-    assert set(CANNOT_BUILD) <= set(CLASSES)
+@pytest.mark.parametrize("name", sorted(CANNOT_BUILD))
+def test_cannot_build_list_is_honest(name):
+    """A class is only left out while its default config really does not build."""
+    if name not in CLASSES:
+        pytest.skip(f"{name} is not exported by this diffusers version")
+    with pytest.raises((TypeError, ValueError)):
+        build(name)
 
 
 @pytest.mark.parametrize("name", [c for c in CLASSES if c not in CANNOT_BUILD])
 def test_default_targets_cover_every_block(name):
-    model = build(name)
+    try:
+        model = build(name)
+    except Exception as e:  # a class new in this diffusers version
+        pytest.fail(f"{name} does not build from its default config ({type(e).__name__}: {e}); give it kwargs "
+                    "in EXTRA, or name it in CANNOT_BUILD with the reason")
     sites = {s.name for s in select_sites(model, CacheConfig())}
 
     def covered(n):
