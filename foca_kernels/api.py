@@ -10,7 +10,10 @@ from .backend import get_backend
 from .methods import Method, make_method
 from .ops import lincomb_, run_lincomb
 from .state import CacheState, Launch, slot_stride
-from .validation import check_no_alias, check_no_overlap, check_ready, check_state, check_step, check_tensor
+from .validation import (
+    check_coefficients, check_finite_values, check_method_options, check_no_alias, check_no_overlap, check_out_grad_free, check_ready,
+    check_state, check_step, check_tensor, check_writable, next_time,
+)
 
 
 def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtype] = None, **options) -> CacheState:
@@ -22,7 +25,7 @@ def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtyp
     """
     if not isinstance(example, torch.Tensor):
         raise TypeError(f"example must be a torch.Tensor, got {type(example).__name__}")
-    m = make_method(method, **options)
+    m = make_method(method, **check_method_options(options))
     return CacheState(m, example.shape, dtype or example.dtype, example.device, io_dtype=example.dtype)
 
 
@@ -30,7 +33,7 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
     """Bytes a state for ``example`` (a tensor, or a shape with ``dtype``) would hold."""
     if isinstance(example, CacheState):
         return example.nbytes
-    m: Method = make_method(method, **options)
+    m: Method = make_method(method, **check_method_options(options))
     if isinstance(example, torch.Tensor):
         shape, dtype = example.shape, dtype or example.dtype
     else:
@@ -39,34 +42,54 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
     return m.n_slots * slot_stride(n) * torch.empty((), dtype=dtype).element_size()
 
 
-def _run(buf: CacheState, launch: Launch, feature, out, backend) -> None:
-    # The custom op is what torch.compile sees; eager calls skip its dispatcher.
+def _plan(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
+    """The launch of one step, refused (ValueError naming h) if its coefficients do not fit
+    float32: nothing has been written yet."""
+    rule = buf.method.full if full else buf.method.skip
+    try:
+        launch = buf.plan(rule(buf.context(t_new)), t_new)
+    except (ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"step size h={h!r} gives a forecast coefficient that cannot be computed ({e})") from None
+    check_coefficients(launch.coef, h)
+    return launch
+
+
+def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
+    # The custom op is what torch.compile sees; eager calls skip its dispatcher. No autograd
+    # history is ever recorded: the cache is for inference, and a graph kept in the slots
+    # would grow with every step (and out= ops refuse inputs that require grad).
     op = lincomb_ if torch.compiler.is_compiling() else run_lincomb
-    op(
-        buf.slots,
-        feature,
-        out,
-        buf.numel,
-        list(launch.reads),
-        list(launch.writes),
-        list(launch.coef),
-        get_backend(buf.device, backend),
-    )
+    with torch.no_grad():
+        op(
+            buf.slots,
+            None if feature is None else feature.detach(),
+            out,
+            buf.numel,
+            list(launch.reads),
+            list(launch.writes),
+            list(launch.coef),
+            backend,
+        )
 
 
-def _next_time(buf: CacheState, h: float) -> float:
-    return 0.0 if buf.t is None else buf.t + h
-
-
-def update_(buf: CacheState, feature: torch.Tensor, h=1.0, *, backend: Optional[str] = None) -> CacheState:
+def update_(
+    buf: CacheState, feature: torch.Tensor, h=1.0, *, backend: Optional[str] = None, check_finite: bool = False
+) -> CacheState:
     """A fully computed step: store ``feature`` (computed a step ``h`` after the previous
-    step) and update the method's derivative/anchor state in the same pass."""
+    step) and update the method's derivative/anchor state in the same pass.
+
+    ``check_finite=True`` refuses a feature holding nan/inf (one reduction and host sync);
+    by default non-finite values are stored like any other (see docs/method.md)."""
     check_state(buf)
     h = check_step(h)
     check_tensor(buf, feature, "feature")
     check_no_alias(buf, feature, "feature")
-    t_new = _next_time(buf, h)
-    launch = buf.plan(buf.method.full(buf.context(t_new)), t_new)
+    check_writable(buf)
+    if check_finite:
+        check_finite_values(feature, "feature")
+    t_new = next_time(buf, h)
+    launch = _plan(buf, True, t_new, h)
+    backend = get_backend(buf.device, backend)
     if launch.writes or launch.has_out:
         _run(buf, launch, feature.contiguous().view(-1), None, backend)
     buf.commit(launch, t_new, full=True)
@@ -81,9 +104,12 @@ def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[st
     check_tensor(buf, out, "out")
     check_no_overlap(out, "out")
     check_no_alias(buf, out, "out")
+    check_out_grad_free(out)
+    check_writable(buf, out)
     check_ready(buf)
-    t_new = _next_time(buf, h)
-    launch = buf.plan(buf.method.skip(buf.context(t_new)), t_new)
+    t_new = next_time(buf, h)
+    launch = _plan(buf, False, t_new, h)
+    backend = get_backend(buf.device, backend)
     if out.is_contiguous():
         _run(buf, launch, None, out.view(-1), backend)
     else:  # write contiguously, then scatter into the caller's strides

@@ -127,7 +127,8 @@ def demo(args) -> int:
     print(res.to_text(), end="")
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
           f"fused ops: {m['backend']}; load average at start {_load(m.get('loadavg_start'))}")
-    print("columns: skipped = fraction of cached-module calls forecast (steps: of the 50-step compute not done); "
+    print(f"columns: skipped = fraction of cached-module calls forecast (steps: of the {cfg.num_steps}-step compute "
+          "not done); "
           "speed-up = full time / run time;\n  PSNR, rel-L2 = final samples vs full compute (same seeds); "
           "traj err = mean per-step rel. error of the model output vs full;\n  fcst err = mean teacher-forced forecast "
           "error of the cached modules; accuracy = the model's classifier on the requested class;\n  FID test / full = "
@@ -172,9 +173,62 @@ def _summary(res) -> List[str]:
     return (["", *lines] if lines else [])
 
 
+def _validate_args(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse bad demo arguments with a usage message before any work (no `x or default`
+    may turn a 0 into the default, no run may fail at the end on its output folder)."""
+    demo_ap = ap._subparsers._group_actions[0].choices["demo"]  # for the subcommand's usage line
+
+    def at_least(name, value, low, note=""):
+        if value is not None and value < low:
+            demo_ap.error(f"--{name} must be >= {low}{note}, got {value}")
+
+    at_least("samples", args.samples, 1)
+    at_least("steps", args.steps, 1)
+    at_least("warmup", args.warmup, 1, " (the first step has nothing to forecast from)")
+    at_least("final", args.final, 0)
+    at_least("threads", args.threads, 0, " (0: torch's choice)")
+    at_least("repeats", args.repeats, 1)
+    for n in args.intervals or ():
+        if n < 1:
+            demo_ap.error(f"--n: every interval must be >= 1, got {n}")
+    if args.methods:
+        from .demo.harness import canonical_method
+
+        for m in args.methods:
+            try:
+                canonical_method(m)
+            except ValueError as e:
+                demo_ap.error(f"--methods: {e}")
+    problem = _unwritable(args.out)
+    if problem:
+        demo_ap.error(f"--out {args.out}: {problem}")
+
+
+def _unwritable(out: Path) -> Optional[str]:
+    """Why files cannot be written under ``out`` (None if they can); creates nothing that stays."""
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return "exists and is not a directory"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"cannot be created: {probe} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return f"not writable ({probe}: {e.strerror or e})"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    if args.command == "demo":
+        _validate_args(ap, args)
     if args.command is None:
         ap.print_help()
         return 0

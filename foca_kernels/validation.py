@@ -73,3 +73,78 @@ def check_ready(buf: CacheState) -> None:
             f"{m.describe()} needs {m.min_full} fully computed step(s) (update_) before the first "
             f"forecast_, this state has seen {buf.n_full}"
         )
+
+
+def check_out_grad_free(out: torch.Tensor) -> None:
+    """Forecasts carry no autograd history (caching is for inference): an ``out`` that
+    requires grad could not be written in place (a leaf) or would pretend to have a graph."""
+    if out.requires_grad:
+        raise ValueError(
+            "out requires grad; forecasts carry no autograd history (caching is for inference): "
+            "pass a tensor that does not require grad (e.g. torch.empty_like(x) under torch.no_grad())"
+        )
+
+
+def check_writable(buf: CacheState, out=None) -> None:
+    """Inference tensors cannot be written outside torch.inference_mode; refuse before the
+    launch, which would otherwise fail after writing the state's slots."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    if buf.slots.is_inference():
+        raise RuntimeError(
+            "this state was allocated under torch.inference_mode and cannot be updated outside it; "
+            "call update_/forecast_ inside inference_mode, or allocate the state outside it"
+        )
+    if out is not None and out.is_inference():
+        raise RuntimeError(
+            "out is an inference tensor (made under torch.inference_mode) and cannot be written outside "
+            "it; pass a tensor made outside inference_mode"
+        )
+
+
+def check_finite_values(x: torch.Tensor, what: str) -> None:
+    """Opt-in (``check_finite=True``): one reduction and one host sync per call."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(
+            f"{what} has {bad} non-finite value(s) (nan/inf) of {x.numel()}; refused so that they do not "
+            "enter the cache history (see 'Non-finite features' in docs/method.md)"
+        )
+
+
+def next_time(buf: CacheState, h: float) -> float:
+    """Time of the step ``h`` after the latest one (0 for the first step of a history)."""
+    if buf.t is None:
+        return 0.0
+    t_new = buf.t + h
+    if not t_new > buf.t:
+        raise ValueError(
+            f"step size h={h!r} is too small to advance the clock from t={buf.t!r} (t + h == t in float64); "
+            "pass steps on a coarser scale (only ratios of steps matter) or reset the state"
+        )
+    return t_new
+
+
+FP32_MAX = 3.4028234663852886e38  # both backends apply coefficients as float32
+
+
+def check_coefficients(coef, h: float) -> None:
+    """Coefficients grow like 1/gap and like h**order: a step too small or too large gives one
+    that float32 cannot hold, which Triton would turn into inf silently and the PyTorch path
+    would refuse midway. Refuse it before any write. Comparisons only (nan fails them)."""
+    for c in coef:
+        if not -FP32_MAX <= c <= FP32_MAX:
+            raise ValueError(
+                f"step size h={h!r} gives a forecast coefficient {c!r} that float32 cannot hold; "
+                "the steps are too uneven (or too small/large) for this method: pass steps on a scale "
+                "closer to 1 (only ratios of steps matter)"
+            )
+
+
+def check_method_options(options: dict) -> dict:
+    """Option values the methods would take by accident: ``order=True`` is an int to Python
+    (TaylorSeer would run order 1); bool is refused wherever an int is meant."""
+    order = options.get("order")
+    if isinstance(order, bool):
+        raise TypeError(f"order must be an int (1, 2 or 3), got bool ({order!r})")
+    return options

@@ -366,10 +366,13 @@ def test_backend_env_override(monkeypatch):
     (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=0), ValueError, r"order must be 1, 2 or 3, got 0"),
     (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=4), ValueError, r"order must be 1, 2 or 3, got 4"),
     (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=2.0), ValueError, r"order must be 1, 2 or 3, got 2.0"),
+    (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=True), TypeError, r"order must be an int \(1, 2 or 3\), got bool"),
+    (lambda: fk.state_nbytes(torch.zeros(3), "taylorseer", order=False), TypeError, r"order must be an int \(1, 2 or 3\), got bool"),
+    (lambda: fk.CacheConfig(method="taylorseer", method_options={"order": True}), TypeError, r"order must be an int"),
     (lambda: fk.allocate(torch.zeros(3), "reuse", order=1), TypeError, r"reuse takes no options"),
     (lambda: fk.allocate(torch.zeros(3), fk.FoCa(), anchor="bdf2"), TypeError, r"options given together with a Method"),
 ], ids=["list", "empty", "int", "fp64", "state-fp64", "method", "anchor", "foca-order", "order0", "order4",
-        "order-float", "reuse-opts", "instance+opts"])
+        "order-float", "order-bool", "nbytes-order-bool", "config-order-bool", "reuse-opts", "instance+opts"])
 def test_bad_allocate(make, exc, match):
     with pytest.raises(exc, match=match):
         make()

@@ -2,8 +2,8 @@
 scikit-learn, so nothing is downloaded), scaled to [-1, 1], with a fixed train/test split.
 
 The split is stratified and made with numpy's PCG64 generator, so it does not depend on the
-scikit-learn version: 20% of every class (360 images) is held out as the test set, the rest
-(1,437 images) is the training set of both the DiT and the classifier.
+scikit-learn version: 20% of every class, rounded per class (359 images), is held out as the
+test set, the rest (1,438 images) is the training set of both the DiT and the classifier.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def split_indices(labels: np.ndarray, *, seed: int = SPLIT_SEED,
 def load_digits(split: str = "train", *, size: int = IMAGE_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, 1, size, size)`` float32 in [-1, 1] and labels ``(N,)`` int64.
 
-    ``split`` is "train" (1,437 images), "test" (360) or "all" (1,797). ``size`` other than 8
+    ``split`` is "train" (1,438 images), "test" (359) or "all" (1,797). ``size`` other than 8
     upsamples bilinearly (the shipped model works at the native 8x8).
     """
     if split not in SPLITS:

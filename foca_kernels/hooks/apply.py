@@ -3,7 +3,6 @@ it, name contexts, and read its counters and memory."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +52,10 @@ def _controller(model: nn.Module) -> Optional[CacheController]:
 def _root_forward(ctl: CacheController):
     def make(orig):
         def forward(*args, **kwargs):
-            if not ctl.active or ctl.current is not None:
+            if ctl.current is not None:
+                ctl.check_same_thread()  # another thread inside this model: refuse
+                return orig(*args, **kwargs)
+            if not ctl.active:
                 return orig(*args, **kwargs)
             ctl.begin_step(args, kwargs)
             try:
@@ -73,6 +75,7 @@ def _module_forward(ctl: CacheController, site: Site):
         def forward(*args, **kwargs):
             if ctl.current is None or not ctl.active:
                 return orig(*args, **kwargs)
+            ctl.check_same_thread()
             out, group = ctl.before_module(site, args, kwargs)
             if out is not None:
                 return out  # skipped: the forecast, the module does not run
@@ -116,15 +119,11 @@ def enable_cache(model_or_pipeline, config: Optional[CacheConfig] = None, **opti
     """Cache the model's (or the pipeline's transformers') modules as ``config`` says.
 
     ``options`` are CacheConfig fields, used instead of or on top of ``config``:
-    ``enable_cache(pipe, interval=5, method="foca")``. Enabling on a model that already has
+    ``enable_cache(pipe, interval=5, method="foca")``; other keywords are method options, as
+    in :func:`foca_kernels.allocate`: ``enable_cache(pipe, anchor="bdf2")``. Enabling on a model that already has
     the cache raises (call :func:`disable_cache` first); nothing is ever wrapped twice.
     """
-    if config is None:
-        config = CacheConfig(**options)
-    elif options:
-        config = dataclasses.replace(config, **options)
-    elif not isinstance(config, CacheConfig):
-        raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+    config = CacheConfig.build(config, **options)
     models, pipeline = _models(model_or_pipeline)
     for name, model in models:  # check everything before touching anything
         if _controller(model) is not None or is_foca_wrapper(model.__dict__.get("forward")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -10,6 +11,7 @@ import torch
 
 from ..methods import Method, make_method
 from ..state import STORAGE_DTYPES
+from ..validation import check_method_options
 
 GRANULARITIES = ("module", "block")
 CACHE_MODES = ("output", "residual")
@@ -69,6 +71,11 @@ class CacheConfig:
           new generation (the first timestep seen again, timesteps running backwards, step
           count past num_inference_steps). Reads the timestep (one host sync per call on GPU).
 
+    Non-finite outputs: ``check_finite=True`` checks every computed output that would feed a
+      cache (one reduction and host sync per output) and, when it holds nan/inf, resets that
+      module's cache instead of feeding it (warning once), so no later forecast inherits the
+      value. Off by default: FoCa would otherwise carry it to the end of the generation.
+
     Buffers: ``reuse_output_buffers`` writes forecasts into one preallocated tensor per
       cached output (no allocation per step; a value returned on a skipped step is
       overwritten at the next skipped step of the same module). False allocates each time.
@@ -91,6 +98,7 @@ class CacheConfig:
     reuse_output_buffers: bool = True
     default_context: str = "default"
     backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
+    check_finite: bool = False  # reset a module's cache when its computed output holds nan/inf
 
     def __post_init__(self):
         for name in ("interval", "warmup", "final"):
@@ -134,8 +142,33 @@ class CacheConfig:
             isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):
             raise TypeError("timestep_arg must be an argument name or a positional index")
+
+    @classmethod
+    def build(cls, config: Optional["CacheConfig"] = None, **options) -> "CacheConfig":
+        """``config`` (or the defaults) with ``options`` applied: CacheConfig fields, and any other
+        keyword as a method option (``anchor="bdf2"``, ``order=2``), as :func:`foca_kernels.allocate`
+        takes them; they are merged into ``method_options``."""
+        if config is not None and not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in options.items() if k not in names}
+        fields = {k: v for k, v in options.items() if k in names}
+        if extra:
+            base = fields.get("method_options", config.method_options if config is not None else {})
+            fields["method_options"] = {**(base or {}), **extra}
+        try:
+            return dataclasses.replace(config, **fields) if config is not None else cls(**fields)
+        except TypeError as e:
+            if not extra:
+                raise
+            method = fields.get("method", config.method if config is not None else cls.method)
+            raise TypeError(
+                f"unknown option(s) {sorted(extra)}: neither CacheConfig fields nor options of method {method!r} ({e})"
+            ) from None
 
     def make_method(self) -> Method:
         """A fresh :class:`~foca_kernels.Method` for this configuration."""
@@ -148,7 +181,7 @@ class CacheConfig:
             from ..duca.options import DucaOptions
 
             return duca_method(DucaOptions.from_dict(self.method_options))  # validates DuCa's options
-        return make_method(self.method, **self.method_options)
+        return make_method(self.method, **check_method_options(self.method_options))
 
     def pattern(self, num_steps: int) -> str:
         """The planned schedule as a string, 'F' computed and 's' skipped, e.g. 'FFssFssF'.

@@ -30,15 +30,29 @@ class ContextState:
         self.generations = 0  # generations started in this context
         self.inference = False  # whether the last call ran under torch.inference_mode
         self.last_full: Optional[bool] = None  # decision of the latest step
+        self.thread: Optional[int] = None  # thread running the current generation
+
+    def check_thread(self, me: int) -> None:
+        """A generation belongs to the thread that started it: steps from another thread would
+        interleave two histories in one cache (and show up as a zero step size)."""
+        if self.thread is not None and self.thread != me and self.counter.started:
+            raise RuntimeError(
+                f"foca cache: this cached model was called from another thread in the middle of a generation "
+                f"(context {self.name!r}); concurrent use of one cached model is not supported: give each thread "
+                "its own model, serialize whole generations, or call reset_cache(model) to abandon the generation"
+            )
+        self.thread = me
 
     def reset(self) -> None:
         """Start over (a new generation): counter and histories; allocations are kept."""
         self.counter.reset()
+        self.thread = None
         for g in self.groups.values():
             g.reset()
 
     def free(self) -> None:
         self.counter.reset()
+        self.thread = None
         self.groups.clear()
 
     def states(self) -> list:

@@ -10,6 +10,7 @@ fused ops (plus the residual sub/add).
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class CacheController:
         self.contexts: Dict[str, ContextState] = {}
         self.stack = ContextStack(config.default_context)
         self.current: Optional[StepInfo] = None
+        self.thread: Optional[int] = None  # thread inside the current model call
         self.active = True
         self.patches: list = []
         self.pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
@@ -148,6 +150,7 @@ class CacheController:
         step_index = info.get("step_index")
         if ctx.counter.is_new_generation(ts, step_index, num_steps):
             ctx.reset()
+        ctx.check_thread(threading.get_ident())
         if not ctx.counter.started:
             ctx.generations += 1
         step = ctx.counter.advance(ts, step_index)
@@ -170,6 +173,17 @@ class CacheController:
             self.current.phase = self.duca.phase(self.schedule, step, num_steps)
             if self.current.phase == "conservative":
                 self.current.cfg_batched = self.duca.cfg_batched(args, kwargs)
+        self.thread = threading.get_ident()
+
+    def check_same_thread(self) -> None:
+        """Called when a model call arrives while one is running: only re-entry from the same
+        thread is allowed (it passes through uncached)."""
+        if self.thread != threading.get_ident():
+            raise RuntimeError(
+                "foca cache: this cached model was called from two threads at once; concurrent use of one "
+                "cached model is not supported (its cache holds one generation's history): give each thread "
+                "its own model or serialize the calls"
+            )
 
     def abort_step(self) -> None:
         self.current = None
@@ -247,7 +261,7 @@ class CacheController:
         (with a graph break at each cached module)."""
         from torch.compiler import disable
 
-        for name in ("begin_step", "abort_step", "end_step", "before_module", "after_module"):
+        for name in ("begin_step", "abort_step", "end_step", "before_module", "after_module", "check_same_thread"):
             setattr(self, name, disable(getattr(self, name)))
 
     # ---- lifetime ----------------------------------------------------------------------

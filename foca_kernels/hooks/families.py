@@ -1,4 +1,5 @@
-"""Default targets per model family, keyed by class name (no diffusers import needed).
+"""Default targets per model family, keyed by class name (no diffusers import needed); any
+other class gets targets found from its structure (see ``structure.py``).
 
 A rule is (regex, mode, residual inputs): ``mode`` "output" caches the module's output(s),
 "block" follows the config's ``block_cache`` ("residual" or "output"). Residual inputs name,
@@ -15,7 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
+import re
+
 import torch.nn as nn
+
+from .structure import blocks, structural_targets
 
 Residual = Union[str, Tuple[Optional[str], ...], None]  # "auto", names per output, or None
 
@@ -79,7 +84,7 @@ _HUNYUAN_VIDEO = Family(
         Rule(r"single_transformer_blocks\.\d+", "block", _TXT_IMG),
     ),
 )
-_GENERIC = Family(  # any model with numbered blocks under a common name
+_GENERIC = Family(  # fallback when the structure shows no block list (e.g. blocks in nn.Sequential)
     "generic",
     module=(
         Rule(r"(?:.*\.)?(transformer_blocks|blocks|layers)\.\d+\.(attn\d?|self_attn|cross_attn|ff|ff_context|ffn|mlp)"),
@@ -108,6 +113,28 @@ def family_of(model: nn.Module) -> Family:
     return _GENERIC
 
 
+def _any_of(names) -> str:
+    return "|".join(re.escape(n) for n in names)
+
+
+def structural_rules(model: nn.Module, granularity: str) -> Tuple[Rule, ...]:
+    """Rules naming exactly the modules ``structure.py`` finds (empty if it finds none)."""
+    if granularity == "block":
+        names = blocks(model)
+        return (Rule(_any_of(names), "block", "auto"),) if names else ()
+    modules, whole = structural_targets(model)
+    rules = []
+    if modules:
+        rules.append(Rule(_any_of(modules)))
+    if whole:
+        rules.append(Rule(_any_of(whole), "residual", "auto"))
+    return tuple(rules)
+
+
 def default_rules(model: nn.Module, granularity: str) -> Tuple[Rule, ...]:
     fam = family_of(model)
+    if fam is _GENERIC:
+        rules = structural_rules(model, granularity)
+        if rules:
+            return rules
     return fam.module if granularity == "module" else fam.block

@@ -223,6 +223,10 @@ class StreamGroup:
             self.uncacheable = template
             self.site.warn_once("uncacheable", f"not cached: {template}")
             return
+        if config.check_finite and not all(bool(torch.isfinite(t).all()) for t in tensors):
+            self.reset()  # forget the history rather than carry the value into later forecasts
+            self.site.warn_once("nonfinite", "a computed output holds non-finite values (nan/inf); its cache was reset")
+            return
         if not same_template(self.template, template):
             self.drop()
             self.template = template
@@ -242,7 +246,8 @@ class StreamGroup:
         for stream, t, name in zip(self.streams, tensors, self.inputs):
             if name is not None:
                 x = self._arg(name, args, kwargs)
-                t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
+                with torch.no_grad():  # cache writes record no autograd history (out= refuses it anyway)
+                    t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
             stream.update(t, h, config, method)
         self.last_tau = tau
 
@@ -253,7 +258,8 @@ class StreamGroup:
         for stream, name in zip(self.streams, self.inputs):
             y = stream.forecast(h, config)
             if name is not None:
-                y.add_(self._arg(name, args, kwargs))
+                with torch.no_grad():  # a forecast carries no graph, even when its input has one
+                    y.add_(self._arg(name, args, kwargs))
             outs.append(y)
             written.append(y)
         self.last_tau = tau

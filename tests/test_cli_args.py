@@ -1,0 +1,80 @@
+"""foca-kernels demo refuses bad arguments with a usage message before doing any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from foca_kernels import cli
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command gets as far as sampling."""
+    def boom(*a, **k):
+        raise AssertionError("sampling started despite bad arguments")
+
+    monkeypatch.setattr(cli, "demo", boom)
+
+
+BAD = [
+    (["--samples", "0"], r"--samples must be >= 1, got 0"),
+    (["--samples", "-3"], r"--samples must be >= 1, got -3"),
+    (["--steps", "0"], r"--steps must be >= 1, got 0"),
+    (["--n", "0"], r"--n: every interval must be >= 1, got 0"),
+    (["--n", "3", "-2"], r"--n: every interval must be >= 1, got -2"),
+    (["--methods", "nosuch"], r"--methods: unknown harness method 'nosuch'"),
+    (["--methods", "foca-bdf3"], r"--methods: .*anchor"),
+    (["--warmup", "-1"], r"--warmup must be >= 1"),
+    (["--warmup", "0"], r"--warmup must be >= 1"),
+    (["--final", "-1"], r"--final must be >= 0, got -1"),
+    (["--threads", "-1"], r"--threads must be >= 0 \(0: torch's choice\), got -1"),
+    (["--repeats", "0"], r"--repeats must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv,match", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_arguments_give_a_usage_error(argv, match, no_work, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", *argv, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: foca-kernels demo" in err
+    import re
+
+    assert re.search(match, err), err
+
+
+def test_unwritable_out_is_refused_before_sampling(no_work, capsys, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for out, match in [(f, "is not a directory"), (f / "sub", "cannot be created"), ("/proc/foca-out", "not writable")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["demo", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: foca-kernels demo" in err and f"--out {out}" in err and match in err, err
+
+
+def test_good_arguments_pass_validation(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(cli, "demo", lambda args: seen.setdefault("args", args) and 0)
+    argv = ["demo", "--samples", "1", "--steps", "2", "--n", "1", "5", "--methods", "fora", "taylorseer3", "foca",
+            "--warmup", "1", "--final", "0", "--threads", "0", "--out", str(tmp_path / "new" / "dir")]
+    assert cli.main(argv) == 0
+    assert seen["args"].samples == 1 and not (tmp_path / "new").exists()  # validation creates nothing
+
+
+def test_legend_names_the_steps_run_and_nothing_is_written_into_the_package(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    argv = ["demo", "--samples", "2", "--steps", "6", "--n", "3", "--methods", "steps", "--out", str(tmp_path / "o"),
+            "--no-progress", "--backend", "torch", "--threads", "1"]
+    pkg = Path(cli.__file__).parent
+    before = {p: p.read_bytes() for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "of the 6-step compute" in text and "50-step" not in text
+    after = {p: p.read_bytes() for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert after == before, "the demo wrote into the installed package"
