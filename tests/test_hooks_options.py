@@ -10,10 +10,10 @@ from test_hooks_plain import sample, toy
 
 
 @pytest.mark.parametrize("kw,described", [
-    (dict(anchor="bdf2"), "foca(anchor=bdf2)"),
+    (dict(anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),
     (dict(method="taylorseer", order=3), "taylorseer(order=3)"),
-    (dict(method="foca", method_options={"anchor": "bdf2"}), "foca(anchor=bdf2)"),
-    (dict(method_options={"anchor": "secant"}, anchor="bdf2"), "foca(anchor=bdf2)"),  # keyword wins
+    (dict(method="foca", method_options={"anchor": "bdf2"}), "foca(reading=r0, anchor=bdf2)"),
+    (dict(method_options={"anchor": "secant"}, anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),  # keyword wins
 ])
 def test_method_options_as_keywords(kw, described):
     m = toy()
