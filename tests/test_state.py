@@ -174,7 +174,7 @@ def test_foca_skip_rotation_in_detail():
     """FoCa skip: the new F goes into the one slot no kept role holds, F_prev becomes the old
     F's slot, D_anchor and F_full stay where they are."""
     x = torch.randn(10)
-    buf = fk.allocate(x, "foca")
+    buf = fk.allocate(x, "foca", reading="r0")
     fk.update_(buf, x, backend=BACKEND)
     fk.update_(buf, x + 1, backend=BACKEND)
     for k in range(4):  # skips 1-2: F_prev is (still) F_full's slot; from the third: F_prev's slot is free
@@ -194,7 +194,7 @@ def test_foca_skip_rotation_in_detail():
 
 def test_foca_full_step_rotation_in_detail():
     x = torch.randn(10)
-    buf = fk.allocate(x, "foca")
+    buf = fk.allocate(x, "foca", reading="r0")
     fk.update_(buf, x, backend=BACKEND)
     fk.update_(buf, x + 1, backend=BACKEND)
     fk.forecast(buf, backend=BACKEND)
@@ -235,12 +235,13 @@ def test_nbytes(method, opts, n_slots, shape, dtype):
 
 
 def test_state_nbytes_default_dtype_for_shapes():
-    assert fk.state_nbytes((10,), "foca") == 4 * 64 * 4  # fp32 unless told
+    assert fk.state_nbytes((10,), "foca") == 3 * 64 * 4  # fp32 unless told; default FoCa r3 keeps 3 values
+    assert fk.state_nbytes((10,), "foca", reading="r0") == 4 * 64 * 4
 
 
 def test_dtype_option_stores_bf16_with_fp32_features():
     x = torch.randn(3, 70)
-    buf = fk.allocate(x, "foca", dtype=torch.bfloat16)
+    buf = fk.allocate(x, "foca", reading="r0", dtype=torch.bfloat16)
     assert buf.slots.dtype == torch.bfloat16 and buf.dtype == torch.bfloat16
     assert buf.io_dtype == torch.float32
     fk.update_(buf, x, backend=BACKEND)
@@ -252,7 +253,7 @@ def test_dtype_option_stores_bf16_with_fp32_features():
     assert y.dtype == torch.float32 and y.shape == x.shape
     out = torch.empty_like(x)
     assert fk.forecast_(buf, out, backend=BACKEND) is out
-    assert buf.nbytes == fk.allocate(x, "foca").nbytes // 2
+    assert buf.nbytes == fk.allocate(x, "foca", reading="r0").nbytes // 2
 
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=METHOD_IDS)
@@ -275,10 +276,10 @@ def test_counters_and_clock(method, opts):
 def test_update_leaves_feature_untouched_and_returns_state():
     x = torch.randn(4, 4)
     keep = x.clone()
-    buf = fk.allocate(x)
+    buf = fk.allocate(x)  # the default method (FoCa r3: closed form, X0 the newest value)
     assert fk.update_(buf, x, backend=BACKEND) is buf
     fk.update_(buf, x, backend=BACKEND)
     fk.forecast(buf, backend=BACKEND)
     fk.update_(buf, x, backend=BACKEND)
     assert torch.equal(x, keep)
-    assert buf.role("F").data_ptr() != x.data_ptr(), "the state keeps its own copy of the feature"
+    assert buf.role(buf.method.roles[0]).data_ptr() != x.data_ptr(), "the state keeps its own copy of the feature"

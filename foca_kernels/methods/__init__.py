@@ -11,7 +11,7 @@ from .taylorseer import TaylorSeer
 
 METHOD_NAMES = ("foca", "taylorseer", "reuse")
 FOCA_READINGS = ("r0", "r3", "r4", "r6")
-DEFAULT_FOCA_READING = "r0"
+DEFAULT_FOCA_READING = "r3"
 R4_CONTRACTION = 0.5
 
 
