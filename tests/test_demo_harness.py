@@ -100,7 +100,10 @@ def test_harness_end_to_end(model, classifier, test_digits):
         assert r.calls_forecast == 12 * pattern.count("s") and r.calls_forced == 0
         assert r.skipped == pytest.approx(pattern.count("s") / len(pattern))
         assert r.state_bytes > 0
-        assert [math.isnan(e) for e in r.fcst_err] == [c == "F" for c in pattern]
+        if r.method == "duca":  # its token refresh needs the model: no teacher-forced replay
+            assert r.fcst_err == []
+        else:
+            assert [math.isnan(e) for e in r.fcst_err] == [c == "F" for c in pattern]
         assert all(e > 0 for e in r.fcst_err if not math.isnan(e))
         first_skip = pattern.index("s")
         assert r.traj_err[:first_skip] == [0.0] * first_skip and r.traj_err[first_skip] > 0

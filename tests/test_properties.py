@@ -370,13 +370,14 @@ def _decay_errors(method, opts, lam, h, n_full, K, engine="shadow"):
 # like k^m and overtakes FoCa; reuse is the one bounded method here.
 STAB_CASES = [(-2.0, 0.1, 12), (-1.0, 0.25, 10), (-4.0, 0.25, 2)]
 N_FULL = 4
+R0 = {"reading": "r0"}  # the numbers above are reading r0's (the first default)
 
 
 @pytest.mark.parametrize("lam,h,k_star", STAB_CASES, ids=[f"lam{c[0]}-h{c[1]}" for c in STAB_CASES])
 def test_stability_on_decay(lam, h, k_star):
     K = 60
     ks = np.arange(1, K + 1)
-    foca = _decay_errors("foca", {}, lam, h, N_FULL, K)
+    foca = _decay_errors("foca", R0, lam, h, N_FULL, K)
     ts1 = _decay_errors("taylorseer", {"order": 1}, lam, h, N_FULL, K)
     ts2 = _decay_errors("taylorseer", {"order": 2}, lam, h, N_FULL, K)
     ts3 = _decay_errors("taylorseer", {"order": 3}, lam, h, N_FULL, K)
@@ -403,7 +404,22 @@ def test_stability_on_decay(lam, h, k_star):
     # reuse is bounded by the last computed value (the solution stays in (0, y_last])
     assert (reuse <= y_last + 1e-12).all()
     # the reference agrees with the package's math
-    np.testing.assert_allclose(_decay_errors("foca", {}, lam, h, N_FULL, K, engine="ref"), foca, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(_decay_errors("foca", R0, lam, h, N_FULL, K, engine="ref"), foca, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("reading", ["r3", "r4", "r6"])
+@pytest.mark.parametrize("lam,h", [(-2.0, 0.1), (-1.0, 0.25)], ids=["lam-2-h0.1", "lam-1-h0.25"])
+def test_readings_grow_linearly_on_decay(reading, lam, h):
+    """docs/method.md: every FoCa reading here is exact on lines, so none stays bounded on
+    y' = lambda y; each grows about linearly (fitted exponent over k = 30..60 below 1.3, error
+    at k = 60 over 10x the first), slower than TaylorSeer-2 (exponent >= 1.8)."""
+    K, ks = 60, np.arange(1, 61)
+    e = _decay_errors("foca", {"reading": reading}, lam, h, N_FULL, K)
+    half = slice(K // 2, K)
+    assert e[-1] > 10 * e[0]
+    assert _slope(ks[half], e[half]) <= 1.3
+    ts2 = _decay_errors("taylorseer", {"order": 2}, lam, h, N_FULL, K)
+    assert e[-1] < ts2[-1]
 
 
 def test_stability_on_decay_kernels(backend):
@@ -412,7 +428,7 @@ def test_stability_on_decay_kernels(backend):
     lam, h, K = -2.0, 0.1, 40
     f = lambda t: torch.tensor([math.exp(lam * t)])  # noqa: E731
     curves = {}
-    for name, method, opts in [("foca", "foca", {}), ("ts2", "taylorseer", {"order": 2})]:
+    for name, method, opts in [("foca", "foca", R0), ("ts2", "taylorseer", {"order": 2})]:
         buf = fk.allocate(torch.zeros(1), method, **opts)
         for i in range(N_FULL):
             fk.update_(buf, f(i * h), h, backend=backend)
