@@ -26,7 +26,7 @@ Measured for each run:
   jobs on a shared machine disturb less (with one torch thread it is close to the work done).
 * ``skipped``: fraction of the cached modules' calls answered by a forecast
   (``cache_info``: ``calls_forecast / (calls_computed + calls_forecast)``); for ``steps``, the
-  fraction of the 50-step compute not done (``1 - k / 50``).
+  fraction of the full run's compute not done (``1 - k / num_steps``).
 * ``psnr`` / ``rel_l2``: final samples against the full-compute samples from the same seeds.
 * ``traj_err``: per step, ``||v - v_full|| / ||v_full||`` of the guided model output (the
   transformer's prediction the sampler steps with) along the cached trajectory, against the
@@ -41,7 +41,7 @@ Measured for each run:
   Mean over modules of the relative L2 error; the table gives the mean over skipped steps.
 * ``accuracy``: the shipped digits classifier's accuracy on the requested classes;
   ``fid_test``: Fréchet distance in the classifier's 64-d feature space to the held-out test
-  digits (360 images); ``fid_full``: the same against the full-compute samples.
+  images (359 digits, or 1,000 MNIST digits); ``fid_full``: the same against the full-compute samples.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def canonical_method(name: str) -> str:
         return n
     if n.startswith("foca-") and n[5:] in FOCA_READINGS:
         return n
-    raise ValueError(f"unknown harness method {name!r}; expected one of {ALL_METHODS} (or foca, foca-secant, "
-                     "taylorseer3, fora)")
+    raise ValueError(f"unknown harness method {name!r}; expected one of {ALL_METHODS} (or the aliases foca, "
+                     "foca-secant, fora)")
 
 
 def cache_method(name: str) -> Tuple[str, Dict[str, object]]:

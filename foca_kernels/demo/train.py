@@ -1,7 +1,7 @@
 """Reproduce the shipped demo weights in one command:
 
-    python -m foca_kernels.demo.train                 # the 8x8 digits model: foca_kernels/demo/assets/digits_*
-    python -m foca_kernels.demo.train --model mnist   # the 28x28 MNIST model: assets/mnist_*
+    python -m foca_kernels.demo.train --out foca_kernels/demo/assets                # the 8x8 digits model
+    python -m foca_kernels.demo.train --model mnist --threads 1 --out foca_kernels/demo/assets   # 28x28 MNIST
 
 1. the digits classifier (CNN, 40 epochs, seconds on 2 CPU cores);
 2. the digits DiT: rectified flow (velocity target ``noise - x0``, logit-normal noise levels),
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .classifier import load_digits_classifier, save_classifier, train_classifier
 from .digits import NUM_CLASSES, class_labels, save_grid
 from .metrics import classifier_accuracy, classifier_fid, per_class_accuracy
-from .model import (NULL_CLASS, assets_dir, build_digits_dit, count_parameters, dit_files, load_demo_dit, save_dit,
+from .model import (NULL_CLASS, build_digits_dit, count_parameters, dit_files, load_demo_dit, save_dit,
                     set_label_dropout_)
 from .sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, sample
 from .specs import MODEL_NAMES, get_spec
@@ -158,7 +158,9 @@ def evaluate(out_dir: Path, test_x, train_x, *, per_class: int, guidance_scale: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m foca_kernels.demo.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=MODEL_NAMES, default="digits", help="which demo model to train")
-    ap.add_argument("--out", type=Path, default=assets_dir(), help="where to write the weights (default: the package assets)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write the weights (default: ./<model>-train-out; pass foca_kernels/demo/assets "
+                         "to replace the shipped files)")
     ap.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -178,6 +180,7 @@ def main(argv=None) -> int:
     args.steps = spec.train_steps if args.steps is None else args.steps
     args.batch_size = spec.train_batch_size if args.batch_size is None else args.batch_size
     args.grid = Path(f"{spec.name}_dit_samples.png") if args.grid is None else args.grid
+    args.out = Path(f"{spec.name}-train-out") if args.out is None else args.out
 
     threads = args.threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
