@@ -36,6 +36,12 @@ from foca_kernels.hooks import CacheConfig, cache_info, cached  # noqa: E402
 METHODS = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6")
 
 
+def _duca_tokens(model) -> int:
+    from foca_kernels.hooks.duca import duca_info
+
+    return duca_info(model)["tokens_computed"]
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model = load_demo_dit(args.model)
@@ -58,14 +64,13 @@ def run(args) -> dict:
                     with cached(model, cfg):
                         x = sample(model, labels, seed=args.seed, num_steps=args.steps)
                         info = cache_info(model)
+                        tokens = _duca_tokens(model) if m == "duca" else 0
                     dt = time.perf_counter() - t0
                     n_mod = n_mod or info.modules
                     compute = info.calls_computed / info.modules
                     if m == "duca":  # partially computed calls count by the fraction of token rows run
-                        from foca_kernels.hooks.duca import duca_info
-
                         rows_per_call = 2 * args.samples * get_spec(args.model).tokens  # batched CFG
-                        compute += duca_info(model)["tokens_computed"] / rows_per_call / info.modules
+                        compute += tokens / rows_per_call / info.modules
                     per = psnr(x, full, reduction="none", max_db=120.0)
                     rows.append(dict(method=method, warmup=w, final=fin, N=n, compute=compute,
                                      psnr=float(per.mean()), per_image=[round(float(v), 4) for v in per],
