@@ -90,3 +90,12 @@ def backend(request, device):
     if name == "triton" and device.type == "cpu" and not interpreter_on():
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set before foca_kernels runs a kernel)")
     return name
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: deterministic and fast on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

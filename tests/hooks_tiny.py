@@ -189,3 +189,21 @@ def sample(case: Case, model, *, steps: int = 8, batch: int = 1, cfg: str = "non
             raise ValueError(cfg)
         x = sched.step(eps, t, x).prev_sample
     return x
+
+
+
+def model_cache():
+    """A ``model_for(name)`` that builds one tiny model per family and hands it back without
+    a cache on every call (one cache per test module, as each module asks for its own)."""
+    from foca_kernels.hooks import disable_cache
+
+    models: Dict[str, object] = {}
+
+    def model_for(name: str):
+        if name not in models:
+            models[name] = CASES[name].make()
+        m = models[name]
+        disable_cache(m)
+        return m
+
+    return model_for

@@ -20,23 +20,10 @@ N_TOKENS = {"dit": 16, "pixart": 16, "flux": 16, "sd3": 16}  # image tokens of t
 CONST = {"ratio_schedule": "constant", "fresh_ratio": 0.25}  # 4 of 16 tokens per conservative step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-_MODELS = {}
-
-
-def model_for(name):
-    if name not in _MODELS:
-        _MODELS[name] = T.CASES[name].make()
-    m = _MODELS[name]
-    disable_cache(m)
-    return m
+model_for = T.model_cache()
 
 
 def ff_modules(m):

@@ -25,24 +25,10 @@ FAMILIES = ["dit", "pixart", "flux", "sd3", "wan"]
 STEPS = 8  # interval 3, warmup 2: F F s s F s s F
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and fast on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-_MODELS = {}
-
-
-def model_for(name):
-    """One model per family for the whole module (tests leave it without a cache)."""
-    if name not in _MODELS:
-        _MODELS[name] = T.CASES[name].make()
-    m = _MODELS[name]
-    disable_cache(m)
-    return m
+model_for = T.model_cache()
 
 
 def close(a, b):
