@@ -50,6 +50,34 @@ class _Member:
         self.aligned = self.flat is not None and out.data_ptr() % 16 == 0 and state.slots.data_ptr() % 16 == 0
 
 
+def _continues(a, b) -> bool:
+    """Whether member b's slots and output start right where member a's columns end."""
+    sa, sb = a.slots, b.slots
+    return (
+        sa.untyped_storage().data_ptr() == sb.untyped_storage().data_ptr() and sa.stride(0) == sb.stride(0)
+        and sb.data_ptr() == sa.data_ptr() + sa.shape[1] * sa.element_size()
+        and b.flat.data_ptr() == a.flat.data_ptr() + sa.shape[1] * a.flat.element_size()
+        and a.flat.untyped_storage().data_ptr() == b.flat.untyped_storage().data_ptr()
+    )
+
+
+class _Span:
+    """Consecutive packed members as one: slots ``[n_slots, columns]``, out over the same columns."""
+
+    __slots__ = ("members", "index", "numel", "slots", "slot_views", "flat", "aligned")
+
+    def __init__(self, members: list):
+        first, last = members[0], members[-1]
+        self.members = members
+        self.index = first.index
+        cols = (last.slots.data_ptr() - first.slots.data_ptr()) // first.slots.element_size()
+        self.numel = cols + last.numel
+        self.slots = first.slots.as_strided((first.slots.shape[0], self.numel), first.slots.stride())
+        self.slot_views = [self.slots[s] for s in range(self.slots.shape[0])]
+        self.flat = first.flat.as_strided((self.numel,), (1,))
+        self.aligned = True
+
+
 def _same_method(a, b) -> bool:
     return a is b or (type(a) is type(b) and vars(a) == vars(b))
 
@@ -91,6 +119,7 @@ class StateGroup:
         self._inference = any(m.slots.is_inference() or m.out.is_inference() for m in self.members)
         self._tables: Dict[tuple, tuple] = {}  # member indices, block -> (table, n_programs)
         self._steps: Dict[tuple, torch.Tensor] = {}  # launch structure -> device step tensor
+        self._merges: Dict[tuple, list] = {}  # member indices -> members after merging packed runs
         self.launches = 0  # kernel launches (or grouped PyTorch updates) so far
 
     def __len__(self) -> int:
@@ -108,16 +137,13 @@ class StateGroup:
         if self._inference and not torch.is_inference_mode_enabled():
             for m in self.members:
                 check_writable(m.state, m.out)
-        classes: List[list] = []  # [rep member, t_new, [members]]
-        for m, hm in zip(self.members, hs):
-            check_ready(m.state)
-            t_new = next_time(m.state, hm)
-            for c in classes:
-                if c[1] == t_new and _same_history(c[0].state, m.state):
-                    c[2].append(m)
-                    break
-            else:
-                classes.append([m, t_new, [m]])
+        for m in self.members:
+            if m.state.slots is not m.slots:
+                raise RuntimeError(
+                    f"stale StateGroup: state {m.index} was moved (pack_states_/move_to_) after the group was "
+                    "built; build a new StateGroup"
+                )
+        classes = self._classes(hs)
         launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
         for launch, (rep, t_new, members) in launches:
             self._run(launch, members, backend)
@@ -132,7 +158,29 @@ class StateGroup:
         hs = list(h)
         if len(hs) != len(self.members):
             raise ValueError(f"h: expected one step size or {len(self.members)}, got {len(hs)}")
+        if type(hs[0]) is float and hs.count(hs[0]) == len(hs):  # the usual case: one check
+            return [check_step(hs[0], "h[0]")] * len(hs)
         return [check_step(x, f"h[{i}]") for i, x in enumerate(hs)]
+
+    def _classes(self, hs: List[float]) -> List[list]:
+        """[representative member, t_new, members] per set of states with equal history."""
+        first = self.members[0].state
+        if first._launch is not None and hs.count(hs[0]) == len(hs) and all(
+                m.state._launch is first._launch and m.state.t == first.t for m in self.members):
+            # every state was last committed by the same launch: one history, one check
+            check_ready(first)
+            return [[self.members[0], next_time(first, hs[0]), list(self.members)]]
+        classes: List[list] = []
+        for m, hm in zip(self.members, hs):
+            check_ready(m.state)
+            t_new = next_time(m.state, hm)
+            for c in classes:
+                if c[1] == t_new and _same_history(c[0].state, m.state):
+                    c[2].append(m)
+                    break
+            else:
+                classes.append([m, t_new, [m]])
+        return classes
 
     # ---- running one class of states ----------------------------------------------------------
     def _run(self, launch: Launch, members: list, backend: Optional[str]) -> None:
@@ -144,6 +192,7 @@ class StateGroup:
                 self._run_single(launch, m, name)
         if not grouped:
             return
+        grouped = self._merged(grouped)
         num_in = len(launch.reads)
         pattern = row_pattern(launch.coef, len(launch.writes) + int(launch.has_out), num_in)
         with torch.no_grad():
@@ -179,6 +228,24 @@ class StateGroup:
         tg.group_triton(members[0].slots, members[0].flat, table, step, n_programs, pattern,
                         len(launch.reads), len(launch.writes), launch.has_out, block, num_warps)
 
+    def _merged(self, members: list) -> list:
+        """Members whose slots and outputs continue each other's columns in one allocation
+        (pack_states_) merged into one: an update over the merged range touches the padding
+        between them too, which nobody reads."""
+        key = tuple(m.index for m in members)
+        hit = self._merges.get(key)
+        if hit is None:
+            hit, run = [], [members[0]]
+            for m in members[1:]:
+                if _continues(run[-1], m):
+                    run.append(m)
+                else:
+                    hit.append(_Span(run))
+                    run = [m]
+            hit.append(_Span(run))
+            hit = self._merges[key] = [r.members[0] if len(r.members) == 1 else r for r in hit]
+        return hit
+
     def _table(self, members: list, block: int):
         key = (tuple(m.index for m in members), block)
         hit = self._tables.get(key)
@@ -198,6 +265,35 @@ class StateGroup:
         table = torch.tensor(rows, dtype=torch.int64).to(s0.device)
         hit = self._tables[key] = (table, len(rows))
         return hit
+
+
+def pack_states_(states: Sequence[CacheState]) -> List[torch.Tensor]:
+    """Move states that can share launches into common allocations and return, for each state,
+    an output tensor laid out like its slots (contiguous, its feature's shape and dtype).
+
+    States with the same slot count, dtypes and device get one ``[n_slots, total]`` allocation
+    (each state a 64-aligned column range) and their outputs one ``[total]`` tensor at the same
+    columns. A :class:`StateGroup` over such states and outputs runs a step of all of them as
+    ONE contiguous update (ops see one tensor per slot, not one per state)."""
+    states = list(states)
+    if len({id(s) for s in states}) != len(states):
+        raise ValueError("pack_states_ got the same state twice")
+    kinds: Dict[tuple, list] = {}
+    for i, st in enumerate(check_state(s) for s in states):
+        kinds.setdefault((st.slots.shape[0], st.dtype, st.io_dtype, st.device), []).append(i)
+    outs: List[Optional[torch.Tensor]] = [None] * len(states)
+    for (n_slots, dtype, io_dtype, device), idx in kinds.items():
+        cols = [states[i].slots.shape[1] for i in idx]
+        total = sum(cols)
+        arena = torch.empty(n_slots, total, dtype=dtype, device=device)
+        out_arena = torch.empty(total, dtype=io_dtype, device=device)
+        off = 0
+        for i, c in zip(idx, cols):
+            st = states[i]
+            st.move_to_(arena[:, off: off + c])
+            outs[i] = out_arena[off: off + st.numel].view(st.shape)
+            off += c
+    return outs
 
 
 def forecast_group_(states: Sequence[CacheState], outs: Sequence[torch.Tensor], h=1.0, *,

@@ -65,6 +65,20 @@ class CacheState:
         self.slots = torch.zeros(method.n_slots, stride, dtype=dtype, device=device)
         self.reset()
 
+    def move_to_(self, slots: torch.Tensor) -> None:
+        """Keep this state's slots in ``slots`` from now on (e.g. a column range of one
+        allocation shared by many states, so one launch can update them all): the contents
+        are copied, the bookkeeping is unchanged."""
+        if slots.shape != self.slots.shape or slots.dtype != self.dtype or slots.device != self.device:
+            raise ValueError(
+                f"new slots must be {tuple(self.slots.shape)} {self.dtype} on {self.device}, got "
+                f"{tuple(slots.shape)} {slots.dtype} on {slots.device}"
+            )
+        if slots.stride(1) != 1 or slots.stride(0) % SLOT_ALIGN:
+            raise ValueError(f"new slots need unit column stride and a row stride that is a multiple of {SLOT_ALIGN}")
+        slots.copy_(self.slots)
+        self.slots = slots
+
     # ---- bookkeeping -------------------------------------------------------------------
     def reset(self) -> None:
         """Forget all history (the allocation is kept and reused)."""
@@ -75,6 +89,7 @@ class CacheState:
         self.n_skip = 0  # consecutive skipped steps since the last full one
         self.n_steps = 0
         self._memo: Any = None  # the method's host-side scalars (Transition.memo)
+        self._launch: Optional[Launch] = None  # the launch last committed
 
     @property
     def device(self) -> torch.device:
@@ -158,9 +173,13 @@ class CacheState:
 
     def commit(self, launch: Launch, t_new: float, full: bool) -> None:
         """Adopt the bookkeeping of a launch that has run."""
-        self._slot_of = dict(launch.slot_of)
-        self._time_of = dict(launch.time_of)
+        # The launch's dicts are shared, never copied: nothing mutates them (plan builds new
+        # ones), and states committed by one launch share them, which StateGroup uses to see
+        # at a glance that they still share a history.
+        self._slot_of = launch.slot_of
+        self._time_of = launch.time_of
         self._memo = launch.memo
+        self._launch = launch
         self.t = t_new
         self.n_steps += 1
         if full:

@@ -48,7 +48,15 @@ def _controller(model: nn.Module) -> Optional[CacheController]:
 # ---- wrappers --------------------------------------------------------------------------
 # The wrappers' own frames are skipped by dynamo (compile_frames) and the controller's
 # methods are disabled for it, so under torch.compile the Python state machine runs eagerly
-# and only the original forwards are traced.
+# and only the original forwards are traced. When no dynamo frame callback is set (plain
+# eager use) the wrappers call the undecorated methods: torch.compiler.disable's wrapper
+# costs ~5 us per call, most of a skipped module's host time.
+try:
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
+except ImportError:  # pragma: no cover - torch without dynamo
+    def _dynamo_callback():
+        return None
+
 def _root_forward(ctl: CacheController):
     def make(orig):
         def forward(*args, **kwargs):
@@ -57,13 +65,14 @@ def _root_forward(ctl: CacheController):
                 return orig(*args, **kwargs)
             if not ctl.active:
                 return orig(*args, **kwargs)
-            ctl.begin_step(args, kwargs)
+            eager = _dynamo_callback() is None
+            (ctl.eager_begin_step if eager else ctl.begin_step)(args, kwargs)
             try:
                 out = orig(*args, **kwargs)
             except BaseException:
                 ctl.abort_step()
                 raise
-            return ctl.end_step(out)
+            return (ctl.eager_end_step if eager else ctl.end_step)(out)
 
         return forward
 
@@ -75,15 +84,16 @@ def _module_forward(ctl: CacheController, site: Site):
         def forward(*args, **kwargs):
             if ctl.current is None or not ctl.active:
                 return orig(*args, **kwargs)
-            ctl.check_same_thread()
-            out, group = ctl.before_module(site, args, kwargs)
+            eager = _dynamo_callback() is None
+            # refuses a second thread
+            out, group = (ctl.eager_before_module if eager else ctl.before_module)(site, args, kwargs)
             if out is not None:
                 return out  # skipped: the forecast, the module does not run
             if isinstance(group, PartialCall):
                 return group.run(orig, args, kwargs)  # duca conservative step: fresh tokens only
             out = orig(*args, **kwargs)
             if group is not None:
-                ctl.after_module(group, out, args, kwargs)
+                (ctl.eager_after_module if eager else ctl.after_module)(group, out, args, kwargs)
             return out
 
         return forward

@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
+from ..group import StateGroup, pack_states_
 from .step_counter import StepCounter
 from .stream import StreamGroup
 
@@ -31,6 +34,8 @@ class ContextState:
         self.inference = False  # whether the last call ran under torch.inference_mode
         self.last_full: Optional[bool] = None  # decision of the latest step
         self.thread: Optional[int] = None  # thread running the current generation
+        self.batch = None  # StateGroup of the streams forecast together at skipped steps
+        self.batch_key: Optional[tuple] = None  # which states and buffers it was built for
 
     def check_thread(self, me: int) -> None:
         """A generation belongs to the thread that started it: steps from another thread would
@@ -54,6 +59,43 @@ class ContextState:
         self.counter.reset()
         self.thread = None
         self.groups.clear()
+        self.batch = self.batch_key = None
+
+    def forecast_all(self, tau: float, config) -> set:
+        """Forecast every ready stream of this context in one grouped call (one launch per
+        shared history): the skipped step's cached modules then only collect their outputs.
+        A module that is not called this step has its state advanced all the same, as if its
+        forecast had been taken and dropped (the next call steps on from tau)."""
+        ready = [g for g in self.groups.values() if g.ready]
+        if not ready:
+            return set()
+        streams = [s for g in ready for s in g.streams]
+        key = tuple(id(s.state) for s in streams)
+        reuse = config.reuse_output_buffers
+        batch = self.batch
+        if key != self.batch_key or (reuse and any(s.buffer is not o for s, o in zip(streams, batch.outs))):
+            # (Re)pack: the states move into shared allocations so the step is one update.
+            states = [s.state for s in streams]
+            batch = self.batch = StateGroup(states, pack_states_(states))
+            self.batch_key = key
+        elif not reuse:  # new output tensors every step, laid out as the packed ones
+            fresh = {}
+            outs = []
+            for o in batch.outs:
+                base = o.untyped_storage()
+                if base.data_ptr() not in fresh:
+                    fresh[base.data_ptr()] = torch.empty(base.nbytes() // o.element_size(), dtype=o.dtype, device=o.device)
+                outs.append(fresh[base.data_ptr()].as_strided(o.shape, o.stride(), o.storage_offset()))
+            batch = self.batch = StateGroup(batch.states, outs)
+        for s, o in zip(streams, batch.outs):
+            s.forecast_target = o
+            if reuse:
+                s.buffer = o
+        hs = [tau - g.last_tau for g in ready for _ in g.streams]
+        self.batch.forecast_(hs, backend=config.backend)
+        for g in ready:
+            g.last_tau = tau
+        return set(ready)
 
     def states(self) -> list:
         return [st for g in self.groups.values() for st in g.states()]

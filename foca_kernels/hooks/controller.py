@@ -50,6 +50,7 @@ class StepInfo:
     calls: Dict[str, int] = field(default_factory=dict)  # module name -> calls so far this step
     written: List[torch.Tensor] = field(default_factory=list)  # forecast tensors returned
     warned_shape: bool = False
+    batched: Optional[set] = None  # groups forecast together at this (skipped) step's first cached call
     phase: str = ""  # duca: "full" / "conservative" / "aggressive"
     cfg_batched: bool = False  # duca: this call holds two CFG halves (conservative steps only)
 
@@ -210,6 +211,8 @@ class CacheController:
     def before_module(self, site: Site, args, kwargs):
         """(forecast, None) on a skipped call: return the forecast, do not run the module;
         (None, group): run the module, then :meth:`after_module` (group None: nothing to feed)."""
+        if self.thread != threading.get_ident():
+            self.check_same_thread()  # raises: another thread inside this model
         step = self.current
         ctx = step.ctx
         idx = step.calls.get(site.name, 0)
@@ -235,8 +238,16 @@ class CacheController:
                         stacklevel=3,
                     )
                 group.reset()
+                if step.batched:
+                    step.batched.discard(group)  # its batched forecast is void: it computes now
             group.signature = sig
 
+        if not step.full and self.duca is None:
+            if step.batched is None:
+                step.batched = ctx.forecast_all(step.tau, self.config)
+            if group in step.batched:  # forecast with every other ready module, in one launch
+                self.calls_forecast += 1
+                return group.finish_forecast(args, kwargs, step.tau, self.config, step.written), None
         if not step.full and group.ready:
             self.calls_forecast += 1
             if step.phase == "conservative":
@@ -262,6 +273,7 @@ class CacheController:
         from torch.compiler import disable
 
         for name in ("begin_step", "abort_step", "end_step", "before_module", "after_module", "check_same_thread"):
+            setattr(self, "eager_" + name, getattr(self, name))
             setattr(self, name, disable(getattr(self, name)))
 
     # ---- lifetime ----------------------------------------------------------------------

@@ -20,11 +20,12 @@ from .targets import Site
 class Stream:
     """One cached output tensor."""
 
-    __slots__ = ("state", "buffer")
+    __slots__ = ("state", "buffer", "forecast_target")
 
     def __init__(self):
         self.state: Optional[CacheState] = None
         self.buffer: Optional[torch.Tensor] = None
+        self.forecast_target: Optional[torch.Tensor] = None  # where the grouped forecast of this step went
 
     @property
     def state_bytes(self) -> int:
@@ -48,15 +49,18 @@ class Stream:
             self.state = st = _api.allocate(feature, method, dtype=config.state_dtype)
         _api.update_(st, feature, h, backend=config.backend)
 
-    def forecast(self, h: float, config) -> torch.Tensor:
+    def forecast_buffer(self, config) -> torch.Tensor:
+        """The tensor this stream's forecast is written into (kept across steps by default)."""
         st = self.state
         if config.reuse_output_buffers:
             b = self.buffer
             if b is None or b.shape != st.shape or b.dtype != st.io_dtype or b.device != st.device:
                 b = self.buffer = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
-        else:
-            b = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
-        return _api.forecast_(st, b, h, backend=config.backend)
+            return b
+        return torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
+
+    def forecast(self, h: float, config) -> torch.Tensor:
+        return _api.forecast_(self.state, self.forecast_buffer(config), h, backend=config.backend)
 
 
 class _Const:
@@ -254,13 +258,18 @@ class StreamGroup:
     def forecast(self, args, kwargs, tau: float, config, written: list):
         """A skipped call: the forecast output(s), without running the module."""
         h = tau - self.last_tau
-        outs = []
-        for stream, name in zip(self.streams, self.inputs):
-            y = stream.forecast(h, config)
+        ys = [stream.forecast(h, config) for stream in self.streams]
+        self.last_tau = tau
+        return self._output(ys, args, kwargs, written)
+
+    def finish_forecast(self, args, kwargs, tau: float, config, written: list):
+        """A skipped call whose forecasts the context already wrote (ContextState.forecast_all)."""
+        return self._output([s.forecast_target for s in self.streams], args, kwargs, written)
+
+    def _output(self, ys, args, kwargs, written: list):
+        for y, name in zip(ys, self.inputs):
             if name is not None:
                 with torch.no_grad():  # a forecast carries no graph, even when its input has one
                     y.add_(self._arg(name, args, kwargs))
-            outs.append(y)
             written.append(y)
-        self.last_tau = tau
-        return rebuild(self.template, outs)
+        return rebuild(self.template, ys)
