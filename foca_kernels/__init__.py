@@ -3,11 +3,14 @@
     state = foca_kernels.allocate(example, method="foca")
     foca_kernels.update_(state, feature, h)     # a fully computed step
     foca_kernels.forecast_(state, out, h)       # a skipped step: out <- forecast
+    group = foca_kernels.StateGroup(states, outs)  # many states: validated once,
+    group.forecast_(h)                            # then one launch per skipped step
 
     foca_kernels.enable_cache(pipe, interval=5)  # hooks on a diffusers pipeline / any nn.Module
 """
 
 from .api import allocate, forecast, forecast_, state_nbytes, update_
+from .group import StateGroup, forecast_group_
 from .backend import BACKENDS, get_backend, set_backend
 from .hooks import CacheConfig, cache_info, cached, disable_cache, enable_cache, reset_cache
 from .methods import FoCa, Method, Reuse, TaylorSeer, make_method
@@ -16,7 +19,7 @@ from .state import CacheState
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "CacheConfig", "CacheState", "FoCa", "Method", "Reuse", "TaylorSeer", "allocate",
+    "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "Method", "Reuse", "TaylorSeer", "allocate",
     "cache_info", "cached", "disable_cache", "enable_cache", "forecast", "forecast_", "get_backend",
     "make_method", "reset_cache", "set_backend", "state_nbytes", "update_",
 ]

@@ -13,39 +13,47 @@ import torch
 import triton
 import triton.language as tl
 
+from .pattern import row_pattern
+
 
 @triton.jit
 def _combine_block(
     slots_ptr, feat_ptr, out_ptr, offs, mask, read_offs, write_offs, coef,
     NUM_READ: tl.constexpr, HAS_FEAT: tl.constexpr, NUM_WRITE: tl.constexpr, HAS_OUT: tl.constexpr,
+    NUM_ROWS: tl.constexpr, DEST_ROW: tl.constexpr, NZ: tl.constexpr, FIRST: tl.constexpr, COPY: tl.constexpr,
 ):
-    """Load every input at ``offs`` once, form every output in fp32, then store them all."""
+    """Load every input at ``offs`` once, form each distinct output row once (fp32), then store
+    every destination. The row structure is compile-time (ops/pattern.py): a row costs one
+    multiply-add per term it has, a copy row none, equal rows are formed once; ``coef`` holds
+    the distinct rows' coefficients (NUM_ROWS x NUM_IN, zeros included)."""
     NUM_IN: tl.constexpr = NUM_READ + HAS_FEAT
     xs = ()
     for i in tl.static_range(NUM_READ):
-        x = tl.load(slots_ptr + read_offs[i] + offs, mask=mask, other=0.0)
-        xs = xs + (x.to(tl.float32),)
+        xs = xs + (tl.load(slots_ptr + read_offs[i] + offs, mask=mask, other=0.0),)
     if HAS_FEAT:
-        x = tl.load(feat_ptr + offs, mask=mask, other=0.0)
-        xs = xs + (x.to(tl.float32),)
+        xs = xs + (tl.load(feat_ptr + offs, mask=mask, other=0.0),)
 
-    # A zero coefficient means "not a term of this row" (the matrix is dense over the inputs
-    # of all rows): drop the input instead of multiplying it, so a non-finite value in a slot
-    # that row does not use cannot turn the row into 0 * inf = nan (the PyTorch path skips
-    # zero coefficients the same way).
+    # A zero coefficient is "not a term" (no 0 * inf = nan from an input the row does not use).
+    # (no named constexprs inside the unrolled loop: triton refuses to reassign them)
     ys = ()
-    for j in tl.static_range(NUM_WRITE + HAS_OUT):
-        c = coef[j * NUM_IN]
-        acc = c * tl.where(c != 0.0, xs[0], 0.0)
-        for i in tl.static_range(1, NUM_IN):
-            c = coef[j * NUM_IN + i]
-            acc += c * tl.where(c != 0.0, xs[i], 0.0)
-        ys = ys + (acc,)
+    for r in tl.static_range(NUM_ROWS):
+        if (NZ >> (r * NUM_IN)) & ((1 << NUM_IN) - 1) == 0:
+            y = tl.zeros_like(xs[0]).to(tl.float32)
+        elif (COPY >> r) & 1:
+            y = xs[(FIRST >> (4 * r)) & 15]  # one input times 1.0: stored as loaded
+        else:
+            y = coef[r * NUM_IN + ((FIRST >> (4 * r)) & 15)] * xs[(FIRST >> (4 * r)) & 15].to(tl.float32)
+            for i in tl.static_range(((FIRST >> (4 * r)) & 15) + 1, NUM_IN):
+                if (NZ >> (r * NUM_IN + i)) & 1:
+                    y += coef[r * NUM_IN + i] * xs[i].to(tl.float32)
+        ys = ys + (y,)
 
     for j in tl.static_range(NUM_WRITE):
-        tl.store(slots_ptr + write_offs[j] + offs, ys[j].to(slots_ptr.dtype.element_ty), mask=mask)
+        y = ys[(DEST_ROW >> (4 * j)) & 15]
+        tl.store(slots_ptr + write_offs[j] + offs, y.to(slots_ptr.dtype.element_ty), mask=mask)
     if HAS_OUT:
-        tl.store(out_ptr + offs, ys[NUM_WRITE].to(out_ptr.dtype.element_ty), mask=mask)
+        y = ys[(DEST_ROW >> (4 * NUM_WRITE)) & 15]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,11 +65,16 @@ def _lincomb_kernel(
     n_body,  # n rounded down to a multiple of TAIL: the part every program covers
     read_offs,  # tuple: element offset of each slot read
     write_offs,  # tuple: element offset of each slot written
-    coef,  # tuple: (NUM_WRITE + HAS_OUT) rows of (NUM_READ + HAS_FEAT) fp32 coefficients
+    coef,  # tuple: NUM_ROWS distinct rows of (NUM_READ + HAS_FEAT) fp32 coefficients
     NUM_READ: tl.constexpr,
     HAS_FEAT: tl.constexpr,
     NUM_WRITE: tl.constexpr,
     HAS_OUT: tl.constexpr,
+    NUM_ROWS: tl.constexpr,  # row structure: see ops/pattern.py
+    DEST_ROW: tl.constexpr,
+    NZ: tl.constexpr,
+    FIRST: tl.constexpr,
+    COPY: tl.constexpr,
     BLOCK: tl.constexpr,
     TAIL: tl.constexpr,  # 16, or 0 when n is a multiple of 16
 ):
@@ -71,12 +84,12 @@ def _lincomb_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     _combine_block(slots_ptr, feat_ptr, out_ptr, offs, offs < n_body, read_offs, write_offs, coef,
-                   NUM_READ, HAS_FEAT, NUM_WRITE, HAS_OUT)
+                   NUM_READ, HAS_FEAT, NUM_WRITE, HAS_OUT, NUM_ROWS, DEST_ROW, NZ, FIRST, COPY)
     if TAIL > 0:
         if pid == 0:
             toffs = n_body + tl.arange(0, TAIL).to(tl.int64)
             _combine_block(slots_ptr, feat_ptr, out_ptr, toffs, toffs < n, read_offs, write_offs, coef,
-                           NUM_READ, HAS_FEAT, NUM_WRITE, HAS_OUT)
+                           NUM_READ, HAS_FEAT, NUM_WRITE, HAS_OUT, NUM_ROWS, DEST_ROW, NZ, FIRST, COPY)
 
 
 def interpreted() -> bool:
@@ -100,6 +113,7 @@ def lincomb_triton(slots, feature, out, n, reads, writes, coef) -> None:
     has_out = out is not None
     num_in = len(reads) + int(has_feat)
     assert len(coef) == (len(writes) + int(has_out)) * num_in and num_in > 0
+    pat = row_pattern(coef, len(writes) + int(has_out), num_in)
     stride = slots.stride(0)
     n_body = n - n % 16
     block, num_warps = launch_config(n)
@@ -112,11 +126,16 @@ def lincomb_triton(slots, feature, out, n, reads, writes, coef) -> None:
         n_body,
         tuple(int(r) * stride for r in reads),
         tuple(int(w) * stride for w in writes),
-        tuple(float(c) for c in coef),
+        pat.flat,
         NUM_READ=len(reads),
         HAS_FEAT=int(has_feat),
         NUM_WRITE=len(writes),
         HAS_OUT=int(has_out),
+        NUM_ROWS=pat.num_rows,
+        DEST_ROW=pat.dest_row,
+        NZ=pat.nz,
+        FIRST=pat.first,
+        COPY=pat.copy,
         BLOCK=block,
         TAIL=16 if n_body < n else 0,
         num_warps=num_warps,
