@@ -132,6 +132,8 @@ class Ctx:
         self.deadline = deadline
         self.cuda = torch.cuda.is_available() and not smoke
         self.device = torch.device("cuda" if self.cuda else "cpu")
+        if not self.cuda:  # a shared CPU: one thread gives steady numbers (docs/benchmarks.md)
+            torch.set_num_threads(1)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -194,6 +196,7 @@ def _group_cls():
     return getattr(fk, "StateGroup", None)
 
 
+NO_GRAPH = "n/a: StateGroup has no cuda_graph() in this checkout"
 NO_GROUP = "n/a: foca_kernels.StateGroup does not exist in this checkout (foca_kernels/group.py: merge main)"
 
 
@@ -340,7 +343,7 @@ def section_a(ctx: Ctx):
         table.append([
             r["size"], r["dtype"], r["label"], f"{r['streams']}" + (f" ({r['note']})" if r["note"] else ""),
             f"{r['bytes_per_call'] / 2**20:.1f}", gtxt,
-            f"{gb / gr['min_s']:.0f}" if gr else "n/a", f"{c / gr['min_s']:.2f}" if gr else "n/a",
+            f"{gb / gr['min_s']:.3g}" if gr else "n/a", f"{c / gr['min_s']:.2f}" if gr else "n/a",
             _fmt_t(p), f"{c / p:.3f}", _fmt_t(c),
         ])
     md = [
@@ -392,9 +395,13 @@ def section_c(ctx: Ctx):
 
             sa, oa, ga = build()
             sb, ob, gb = build()
-            graphed = gb.cuda_graph() if ctx.cuda else gb.forecast_
+            if not hasattr(gb, "cuda_graph"):
+                data["no_graph"] = NO_GRAPH
+                graphed = None
+            else:
+                graphed = gb.cuda_graph() if ctx.cuda else gb.forecast_
             mismatches, compared = [], 0
-            for w in range(3):  # windows F s s s s
+            for w in range(3 if graphed is not None else 0):  # windows F s s s s
                 _drive(fk, sa, feats, 1, start=w)
                 _drive(fk, sb, feats, 1, start=w)
                 for j, h in enumerate(hs):
@@ -420,7 +427,8 @@ def section_c(ctx: Ctx):
 
             budget = max(1.0, (ctx.left() - 3) / 6)
             case["eager"] = _time_rounds(ctx, lambda: ga.forecast_(1.0), 4, 30, prep_a, budget)
-            case["graph"] = _time_rounds(ctx, lambda: graphed(1.0), 4, 30, prep_b, budget)
+            if graphed is not None:
+                case["graph"] = _time_rounds(ctx, lambda: graphed(1.0), 4, 30, prep_b, budget)
 
             def loop():
                 for st, o in zip(sa, oa):
@@ -436,7 +444,10 @@ def section_c(ctx: Ctx):
             rows.append([c["dtype"], "error: " + c["error"], "", "", "", ""])
             continue
         for kind in ("graph", "eager", "per_stream"):
-            t = c[kind]
+            t = c.get(kind)
+            if t is None:
+                rows.append([c["dtype"], "graphed(h)", NO_GRAPH, "", "", ""])
+                continue
             rows.append([c["dtype"], {"graph": "graphed(h) (CUDA graph replay)", "eager": "group.forecast_(h)",
                                       "per_stream": "forecast_ per stream"}[kind],
                          _fmt_t(t["min_s"]), _fmt_t(t["median_s"]), _fmt_t(t["host_median_s"]),
@@ -867,6 +878,35 @@ def _probe_cuda() -> Tuple[bool, str]:
         return False, f"could not import torch: {_err(e)}"
 
 
+def _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, results, logs, out_dir) -> str:
+    """report.md, report.json, sections.log: written after every section, so a hard stop
+    keeps what had finished."""
+    total = time.monotonic() - t_start
+    md = [f"# GPU check ({'smoke run' if args.smoke else 'full'})", "",
+          f"- device: {device_desc}",
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+          f"- total {total:.0f} s of a {budget:.0f} s budget; sections run in the order {RUN_ORDER}", ""]
+    for key, (title, box, _) in SECTIONS.items():
+        if key not in wanted:
+            continue
+        r = results.get(key, {"status": "not run", "markdown": "not run: the check stopped before this section", "seconds": 0})
+        md.append(f"## {title}")
+        md.append("")
+        md.append(f"_{r['status']}, {r.get('seconds', 0):.0f} s of a {box} s time box_")
+        md.append("")
+        md.append(r["markdown"])
+        md.append("")
+    report = "\n".join(md)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump({"device": device_desc, "cuda": cuda, "smoke": args.smoke, "versions": versions,
+                   "total_s": total, "budget_s": budget, "sections": results}, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "sections.log"), "w") as f:
+        f.write("\n\n".join(logs))
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (torch backend): proves the script runs")
@@ -943,32 +983,11 @@ def main(argv=None) -> int:
             logs.append(f"===== section {key}: {title} ({dt:.1f} s, {res['status']}) =====\n{output}")
             results[key] = res
             print(f"[gpu_check] section {key}: {res['status']} in {dt:.0f} s", flush=True)
+            _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, results, logs, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    total = time.monotonic() - t_start
-    md = [f"# GPU check ({'smoke run' if args.smoke else 'full'})", "",
-          f"- device: {device_desc}",
-          "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-          f"- total {total:.0f} s of a {budget:.0f} s budget; sections run in the order {RUN_ORDER}", ""]
-    for key, (title, box, _) in SECTIONS.items():
-        if key not in wanted:
-            continue
-        r = results.get(key, {"status": "skipped", "markdown": "skipped", "seconds": 0})
-        md.append(f"## {title}")
-        md.append("")
-        md.append(f"_{r['status']}, {r.get('seconds', 0):.0f} s of a {box} s time box_")
-        md.append("")
-        md.append(r["markdown"])
-        md.append("")
-    report = "\n".join(md)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"device": device_desc, "cuda": cuda, "smoke": args.smoke, "versions": versions,
-                   "total_s": total, "budget_s": budget, "sections": results}, f, indent=1, default=str)
-    with open(os.path.join(out_dir, "sections.log"), "w") as f:
-        f.write("\n\n".join(logs))
+    report = _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, results, logs, out_dir)
     print(report, flush=True)
     return 0
 
