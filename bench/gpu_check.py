@@ -86,7 +86,7 @@ SECTIONS: Dict[str, Tuple[str, int, bool]] = {
     "d": ("d. Host-device syncs in the skipped steps of a cached generation", 40, True),
     "e": ("e. End to end at DiT-XL/2 size (random weights)", 140, True),
     "f": ("f. bf16 rounding under torch.compile", 70, True),
-    "g": ("g. The repository's CUDA tests", 60, True),
+    "g": ("g. The repository's CUDA tests", 90, True),
 }
 RUN_ORDER = "acdbefg"  # the report is printed in a..g order; this is the order they run in
 DEFAULT_BUDGET_S = 450  # the whole check; bench/gpu_check.sh adds a hard limit a little above it
@@ -119,6 +119,26 @@ def _env_for_children() -> Dict[str, str]:
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def _run(cmd: List[str], timeout: float, env: Dict[str, str]) -> Tuple[Optional[int], str]:
+    """(exit code or None on timeout, stdout + stderr). The command runs in its own process
+    session and on timeout the whole session is killed, grandchildren too (a pytest run
+    under a section), so nothing left behind holds the pipes open."""
+    import signal
+
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="replace", start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=max(1.0, timeout))
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = p.communicate()
+        return None, (out or "") + f"\n[gpu_check] killed after the {timeout:.0f} s time box"
 
 
 class Ctx:
@@ -596,7 +616,7 @@ def section_d(ctx: Ctx):
                  ["uncached (the model's own)", len(base_sites), f"{len(base_sites) / n_skip:.2f}"],
                  ["cached (foca_kernels.hooks)", len(cached_sites), f"{len(cached_sites) / n_skip:.2f}"]])]
     if not ctx.cuda:
-        lines.append("(CPU dry run: no sync debug mode without CUDA)")
+        lines += ["", "(CPU dry run: no sync debug mode without CUDA)"]
     extra = len(cached_sites) - len(base_sites)
     lines.append("")
     lines.append("Expect no sync from the cache: " + ("none found." if extra <= 0 and not cached_sites else
@@ -728,13 +748,7 @@ def _pytest(ctx: Ctx, args: List[str], env_extra: Dict[str, str], timeout: float
     env.update(env_extra)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
     t0 = time.monotonic()
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1.0, timeout))
-        out, rc = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out += f"\n[gpu_check] timed out after {timeout:.0f} s"
-        rc = None
+    rc, out = _run(cmd, timeout, env)
     log.append(f"$ {' '.join(cmd)}  (env {env_extra})\n{out}")
     return rc, out, time.monotonic() - t0
 
@@ -762,7 +776,7 @@ def section_b(ctx: Ctx):
     log: List[str] = []
     rc, out, dt = _pytest(ctx, ["bench", "-k", "host", "-q", "-s"], {"TRITON_INTERPRET": "0"}, ctx.left() - 2, log)
     m = re.search(r"host time per skipped step.*?\n((?:\|.*\n?)+)", out)
-    lines = [f"`python -m pytest bench -k host -s` ({dt:.0f} s): {_last_line(out)}", ""]
+    lines = [f"`python -m pytest bench -k host -s` ({dt:.0f} s): {'TIMED OUT: ' if rc is None else ''}{_last_line(out)}", ""]
     if m:
         lines.append(out[m.start():m.end()].strip())
     else:
@@ -786,9 +800,9 @@ def section_e(ctx: Ctx):
     except ImportError:
         peers = "cache-dit not installed: its rows skip"
     rc, out, dt = _pytest(ctx, ["bench", "-k", kexpr, "-q"], env, ctx.left() - 2, log)
-    m = re.search(r"foca-kernels end-to-end summary.*?\n(.*?)(?:\n=+ |\Z)", out, re.S)
+    m = re.search(r"foca-kernels end-to-end summary.*?\n(.*?)(?:\n[-=]{10,}|\Z)", out, re.S)
     lines = [f"`FOCA_E2E_MODEL={model} python -m pytest bench -k \"{kexpr}\"` ({dt:.0f} s, passes "
-             f"{env['FOCA_E2E_PASSES']}; {peers}): {_last_line(out)}", ""]
+             f"{env['FOCA_E2E_PASSES']}; {peers}): {'TIMED OUT: ' if rc is None else ''}{_last_line(out)}", ""]
     if m:
         lines.append(m.group(1).strip())
     else:
@@ -796,31 +810,30 @@ def section_e(ctx: Ctx):
     return "\n".join(lines), {"rc": rc, "summary_found": bool(m), "log": log}
 
 
-G_KERNEL_SUITES = ["tests/test_parity.py", "tests/test_compile.py", "tests/test_ptx.py", "tests/test_duca_ptx.py",
-                   "tests/test_duca_kernel.py"]
+G_KERNEL_SUITES = ["tests/test_group.py", "tests/test_parity.py", "tests/test_compile.py", "tests/test_duca_kernel.py",
+                   "tests/test_ptx.py", "tests/test_duca_ptx.py"]  # in priority order; those present run
 
 
 def section_g(ctx: Ctx):
     ctx.need_cuda()
     log: List[str] = []
-    rows = []
-    env = {"TRITON_INTERPRET": "0"}
-    rc, out, dt = _pytest(ctx, ["tests", "-q", "-m", "cuda"], env, min(ctx.left() - 2, 60), log)
-    rows.append(["`pytest tests -m cuda`", f"{dt:.0f} s", _last_line(out)])
-    fails = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    if ctx.left() > 10:
-        suites = [s for s in G_KERNEL_SUITES if os.path.exists(os.path.join(ROOT, s))]
-        rc2, out2, dt2 = _pytest(ctx, [*suites, "-q"], env, ctx.left() - 2, log)
-        rows.append([f"`TRITON_INTERPRET=0 pytest {' '.join(s.replace('tests/', '') for s in suites)}`"
-                     " (device fixture on CUDA)", f"{dt2:.0f} s", _last_line(out2)])
-        fails += [ln for ln in out2.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    else:
-        rows.append(["kernel suites on CUDA", "-", "not run: the section's time box was spent"])
+    rows, fails = [], []
+    env = {"TRITON_INTERPRET": "0"}  # conftest's device fixture then puts kernel tests on CUDA
+    runs = [("`pytest tests -m cuda`", ["tests", "-m", "cuda"])]
+    runs += [(f"`TRITON_INTERPRET=0 pytest {s}`", [s]) for s in G_KERNEL_SUITES if os.path.exists(os.path.join(ROOT, s))]
+    for i, (label, args) in enumerate(runs):
+        left = ctx.left() - 2
+        if left < 10:
+            rows.append([label, "-", "not run: the section's time box was spent"])
+            continue
+        rc, out, dt = _pytest(ctx, [*args, "-q", "-rfE"], env, left if i else min(left, 60), log)
+        rows.append([label, f"{dt:.0f} s", ("TIMED OUT: " if rc is None else "") + _last_line(out)])
+        fails += [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     lines = [_table(["command", "time", "result"], rows)]
     if fails:
         lines.append("")
         lines += [f"- {f[:240]}" for f in fails[:20]]
-    return "\n".join(lines), {"rc": rc, "failures": fails, "log": log}
+    return "\n".join(lines), {"failures": fails, "log": log}
 
 
 FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f, "g": section_g}
@@ -954,15 +967,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", key, "--result", res_path,
                    "--box", f"{box_s - 3:.1f}"] + (["--smoke"] if args.smoke else []) + (["--cpu-dry"] if args.cpu_dry else [])
             t0 = time.monotonic()
-            try:
-                p = subprocess.run(cmd, cwd=ROOT, env=_env_for_children(), capture_output=True, text=True,
-                                   timeout=box_s + 10)
-                output, rc = p.stdout + p.stderr, p.returncode
-            except subprocess.TimeoutExpired as e:
-                def s(x):
-                    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-
-                output, rc = s(e.stdout) + s(e.stderr), None
+            rc, output = _run(cmd, box_s + 10, _env_for_children())
             dt = time.monotonic() - t0
             if os.path.exists(res_path):
                 with open(res_path) as f:
