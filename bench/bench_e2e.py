@@ -63,7 +63,8 @@ Environment:
   FOCA_E2E_PASSES=P      passes (overrides the above)
   FOCA_E2E_BATCH=B       class labels per generation (default 2: the model sees 2B samples)
   FOCA_E2E_STEPS=S       sampling steps (default 50)
-  FOCA_E2E_MODEL         dit-s2 (default), dit-b2, or tiny (a 4-block toy for smoke runs)
+  FOCA_E2E_MODEL         dit-s2 (default), dit-b2, dit-xl2 (hidden 1152 = 16 x 72, 28 blocks;
+                         for a GPU: bench/gpu_check.py), or tiny (a 4-block toy for smoke runs)
   FOCA_E2E_SCHEDULER     ddim (default) or dpm (DPMSolverMultistepScheduler)
 """
 
@@ -102,6 +103,7 @@ STUB_REPS = 8  # stub calls per kind in each uncached test (interleaved)
 MODELS = {  # DiT paper configurations (hidden = heads x 64), 256 px -> 32x32 latent
     "dit-s2": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=32),
     "dit-b2": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12, sample_size=32),
+    "dit-xl2": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32),  # 16 x 72 = 1152 (GPU check)
     "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, sample_size=16),
 }
 LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample classes

@@ -1,0 +1,1005 @@
+"""One prepared GPU check (issue 8, item 6): everything this repository wants measured on one
+H100/H200, in one command that ends inside 8 minutes and prints one markdown report.
+
+    bash bench/gpu_check.sh                 # on the GPU machine (picks the Python, see there)
+    python bench/gpu_check.py               # the same, with this Python
+    python bench/gpu_check.py --smoke       # tiny sizes on the CPU, seconds (CI: tests/test_gpu_check_smoke.py)
+    python bench/gpu_check.py --sections a,c --budget 200
+
+The report (``report.md``), every number (``report.json``) and the sections' combined output
+(``sections.log``) go to ``$OUT`` if set (the device tool's output folder), else
+``./gpu-check-out/`` (``--out`` overrides both). Three files: the device tool brings back at
+most 8.
+
+Sections (each runs in a child process with its own time box, so a crash, an out-of-memory or
+a poisoned CUDA context in one section cannot take the others down; a failing section prints
+its error and the check goes on; the whole run stops starting sections when ``--budget``
+seconds are spent):
+
+  a  grouped skipped-step kernel (``foca_kernels.StateGroup(...).forecast_``) against a
+     device-to-device copy of the same bytes, and against one ``forecast_`` per stream, at
+     DiT-XL/2 (56 streams of [2, 256, 1152]), FLUX (114 streams of [1, 4608, 3072]; fewer if
+     memory is short, and the report says so) and 100k-token video (4 streams of
+     [1, 100000, 3072]) sizes, bf16 and fp32, FoCa (default reading r3), TaylorSeer-2, reuse
+  b  host time per skipped step through the hooks against diffusers' TaylorSeer hook:
+     ``bench/bench_host.py`` (pytest -k host) on CUDA, its table
+  c  CUDA-graph replay of a skipped step (``group.cuda_graph()``) against the eager grouped
+     forecast at DiT-XL/2 size: time per call (device and host), and bit-identical outputs
+     over three F s s s s windows with unequal steps
+  d  ``torch.cuda.set_sync_debug_mode`` around the skipped steps of a cached 50-step
+     generation of a tiny diffusers DiT (``enable_cache(model, interval=5)``): every sync,
+     with the Python line that made it, against the uncached model on the same steps
+  e  end to end at DiT-XL/2 size with random weights: ``bench/bench_e2e.py`` with
+     FOCA_E2E_MODEL=dit-xl2, rows uncached / fk-foca-N5 / diffusers-taylorseer2-N5 /
+     cache-dit (if installed)
+  f  bf16 rounding under ``torch.compile`` (inductor): a compiled ``forecast_`` against the
+     eager one, and a compiled cached tiny bf16 DiT against the eager cached one, step by
+     step (bit-identical, or the largest difference in bf16 ulps), with the uncached model
+     compiled the same way as the yardstick
+  g  the repository's CUDA tests: ``pytest tests -m cuda`` (conftest skips items marked
+     ``cuda`` without a GPU), then, with TRITON_INTERPRET=0, the kernel suites whose
+     ``device`` fixture then puts them on the GPU
+
+Sections that need CUDA report "skipped: no CUDA" on a machine without one; ``--smoke`` runs
+section a at tiny sizes with the PyTorch backend on the CPU. Nothing is downloaded: the
+check needs torch (+ triton on CUDA) and, for b, d and e, diffusers (cache-dit optional);
+what is missing is reported per section.
+
+The API of section a/c is ``foca_kernels.StateGroup`` (foca_kernels/group.py): until it exists
+those rows say so and only the per-stream rows run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+SKIP_NO_CUDA = "skipped: no CUDA"
+
+
+class Skip(Exception):
+    """A section (or a part of one) that cannot run here; the message says why."""
+
+
+# ---- section registry --------------------------------------------------------------------
+# key: (title, time box in seconds, needs CUDA)
+SECTIONS: Dict[str, Tuple[str, int, bool]] = {
+    "a": ("a. Grouped skipped-step kernel vs device-to-device copy", 100, False),
+    "b": ("b. Host time per skipped step: hooks vs diffusers' TaylorSeer hook", 60, True),
+    "c": ("c. CUDA-graph replay of a skipped step", 35, True),
+    "d": ("d. Host-device syncs in the skipped steps of a cached generation", 40, True),
+    "e": ("e. End to end at DiT-XL/2 size (random weights)", 140, True),
+    "f": ("f. bf16 rounding under torch.compile", 70, True),
+    "g": ("g. The repository's CUDA tests", 90, True),
+}
+RUN_ORDER = "acdbefg"  # the report is printed in a..g order; this is the order they run in
+DEFAULT_BUDGET_S = 450  # the whole check; bench/gpu_check.sh adds a hard limit a little above it
+MIN_SECTION_S = 15  # no section starts with less than this left
+
+
+# ---- small helpers -------------------------------------------------------------------------
+def _fmt_t(s: Optional[float]) -> str:
+    if s is None or not math.isfinite(s):
+        return "n/a"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _table(header: List[str], rows: List[List[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+
+
+def _env_for_children() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _run(cmd: List[str], timeout: float, env: Dict[str, str]) -> Tuple[Optional[int], str]:
+    """(exit code or None on timeout, stdout + stderr). The command runs in its own process
+    session and on timeout the whole session is killed, grandchildren too (a pytest run
+    under a section), so nothing left behind holds the pipes open."""
+    import signal
+
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="replace", start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=max(1.0, timeout))
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = p.communicate()
+        return None, (out or "") + f"\n[gpu_check] killed after the {timeout:.0f} s time box"
+
+
+class Ctx:
+    """What a section gets: the device, smoke mode, and its deadline (time.monotonic())."""
+
+    def __init__(self, smoke: bool, deadline: float, cpu_dry: bool = False):
+        import torch
+
+        self.smoke = smoke
+        self.cpu_dry = cpu_dry  # developer mode: run CUDA sections' code on the CPU where it can
+        self.deadline = deadline
+        self.cuda = torch.cuda.is_available() and not smoke
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        if not self.cuda:  # a shared CPU: one thread gives steady numbers (docs/benchmarks.md)
+            torch.set_num_threads(1)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def need_cuda(self):
+        if not self.cuda and not self.cpu_dry:
+            raise Skip(SKIP_NO_CUDA)
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+def _time_rounds(ctx: Ctx, fn: Callable, k: int, rounds: int, prepare: Optional[Callable] = None,
+                 budget_s: float = 5.0) -> Dict[str, float]:
+    """Per-call device time of ``fn`` (k calls back to back between CUDA events; perf_counter
+    on the CPU) and host time per call (perf_counter around the k calls, no sync), over
+    ``rounds`` rounds (fewer if ``budget_s`` runs out after 3). ``prepare`` runs untimed
+    before each round (e.g. a full step, so that each round is the same k skipped steps)."""
+    import torch
+
+    if prepare is not None:
+        prepare()
+    fn()  # warm-up (Triton compiles on its first launch)
+    ctx.sync()
+    dev, host = [], []
+    t_end = time.monotonic() + budget_s
+    for r in range(rounds):
+        if prepare is not None:
+            prepare()
+        ctx.sync()
+        if ctx.cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            h0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            h1 = time.perf_counter()
+            e1.record()
+            e1.synchronize()
+            dev.append(e0.elapsed_time(e1) / 1e3 / k)
+        else:
+            h0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            h1 = time.perf_counter()
+            dev.append((h1 - h0) / k)
+        host.append((h1 - h0) / k)
+        if r >= 2 and time.monotonic() > t_end:
+            break
+    return {"min_s": min(dev), "median_s": statistics.median(dev), "host_median_s": statistics.median(host),
+            "rounds": len(dev), "calls_per_round": k}
+
+
+def _group_cls():
+    import foca_kernels as fk
+
+    return getattr(fk, "StateGroup", None)
+
+
+NO_GRAPH = "n/a: StateGroup has no cuda_graph() in this checkout"
+NO_GROUP = "n/a: foca_kernels.StateGroup does not exist in this checkout (foca_kernels/group.py: merge main)"
+
+
+# ---- a. grouped kernel vs copy ---------------------------------------------------------------
+A_METHODS = [("foca r3", "foca", {}), ("taylorseer-2", "taylorseer", {"order": 2}), ("reuse", "reuse", {})]
+
+
+def _a_sizes(ctx: Ctx):
+    if ctx.smoke or not ctx.cuda:
+        return [("dit-xl2 (smoke: 4 x [2,16,32])", 4, (2, 16, 32)), ("flux (smoke: 3 x [1,64,48])", 3, (1, 64, 48)),
+                ("video (smoke: 2 x [1,256,48])", 2, (1, 256, 48))]
+    return [("dit-xl2-256px: 56 x [2,256,1152]", 56, (2, 256, 1152)),
+            ("flux-1024px: 114 x [1,4608,3072]", 114, (1, 4608, 3072)),
+            ("video-100k: 4 x [1,100000,3072]", 4, (1, 100000, 3072))]
+
+
+def _skip_tensors_moved(state) -> int:
+    t = state.t + 1.0
+    return state.plan(state.method.skip(state.context(t)), t).tensors_moved
+
+
+def _drive(fk, states, feats, n_full: int, h: float = 1.0, start: int = 0):
+    for i in range(n_full):
+        f = feats[(start + i) % len(feats)]
+        for st in states:
+            fk.update_(st, f, h)
+
+
+def _a_case(ctx: Ctx, fk, name, n_req, shape, dtype, method, opts, copy_cache: dict, case_budget: float) -> dict:
+    import torch
+
+    dev = ctx.device
+    numel = math.prod(shape)
+    esize = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator(device=dev).manual_seed(0)
+    base = torch.randn(shape, generator=g, device=dev, dtype=torch.float32)
+    feats = [(base * (1.0 + 0.1 * i)).to(dtype) for i in range(3)]
+    del base
+    probe = fk.allocate(feats[0], method, **opts)
+    _drive(fk, [probe], feats, 4)
+    moved = _skip_tensors_moved(probe)
+    per_stream = probe.nbytes + numel * esize  # state + out
+    del probe
+    n, note = n_req, ""
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        need_per = per_stream + moved * numel * esize  # + the copy floor's src and dst
+        if n * need_per > 0.85 * free:
+            n = max(1, int(0.85 * free // need_per))
+            note = f"{n} of {n_req} streams: {free / 2**30:.0f} GiB free"
+    states = [fk.allocate(feats[0], method, **opts) for _ in range(n)]
+    outs = [torch.empty(shape, device=dev, dtype=dtype) for _ in range(n)]
+    _drive(fk, states, feats, 4)
+    nbytes = moved * numel * esize * n
+    k = 4  # the skipped steps of one N=5 window
+    rounds = 3 if ctx.smoke else 10 if nbytes > 2**30 else 25
+    count = [0]
+
+    def prepare():  # one full step for every stream: each round is the same 4 skipped steps
+        _drive(fk, states, feats, 1, start=count[0])
+        count[0] += 1
+
+    row = {"size": name, "dtype": str(dtype).replace("torch.", ""), "method": method if not opts else f"{method} {opts}",
+           "label": None, "streams": n, "streams_requested": n_req, "note": note, "bytes_per_call": nbytes,
+           "tensors_moved_per_stream": moved}
+    budget = max(1.0, case_budget / 3)
+
+    def loop():
+        for st, o in zip(states, outs):
+            fk.forecast_(st, o, 1.0)
+
+    row["per_stream"] = _time_rounds(ctx, loop, k, rounds, prepare, budget)
+    Group = _group_cls()
+    if Group is None:
+        row["group"] = None
+        row["group_error"] = NO_GROUP
+    else:
+        try:
+            group = Group(states, outs)
+            row["group"] = _time_rounds(ctx, lambda: group.forecast_(1.0), k, rounds, prepare, budget)
+            # the grouped forecast equals the per-stream one: two fresh pairs of states with
+            # the same history, one pair forecast through a group, the other stream by stream
+            pair_g = [fk.allocate(feats[0], method, **opts) for _ in range(2)]
+            pair_s = [fk.allocate(feats[0], method, **opts) for _ in range(2)]
+            _drive(fk, pair_g + pair_s, feats, 4)
+            out_g = [torch.empty_like(feats[0]) for _ in pair_g]
+            out_s = [torch.empty_like(feats[0]) for _ in pair_s]
+            Group(pair_g, out_g).forecast_(1.0)
+            for st, o in zip(pair_s, out_s):
+                fk.forecast_(st, o, 1.0)
+            row["group_equals_per_stream"] = all(torch.equal(a, b) for a, b in zip(out_g, out_s))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            row["group"] = None
+            row["group_error"] = _err(e)
+    key = nbytes
+    if key not in copy_cache:
+        src = torch.ones(nbytes // 2, dtype=torch.uint8, device=dev)
+        dst = torch.zeros_like(src)
+        copy_cache.clear()
+        copy_cache[key] = _time_rounds(ctx, lambda: dst.copy_(src), k, rounds, None, budget)
+        del src, dst
+    row["copy"] = copy_cache[key]
+    del states, outs, feats
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def section_a(ctx: Ctx):
+    import torch
+
+    import foca_kernels as fk
+
+    if not ctx.cuda:
+        fk.set_backend("torch")
+    dtypes = [torch.bfloat16, torch.float32]
+    cases = [(s, d, m) for s in _a_sizes(ctx) for d in dtypes for m in A_METHODS]
+    rows, copy_cache = [], {}
+    for i, ((name, n, shape), dtype, (label, method, opts)) in enumerate(cases):
+        left = ctx.left() - 3
+        if left < 2:
+            rows.append({"size": name, "dtype": str(dtype).replace("torch.", ""), "label": label,
+                         "error": "not run: the section's time box was spent"})
+            continue
+        try:
+            row = _a_case(ctx, fk, name, n, shape, dtype, method, opts, copy_cache, left / (len(cases) - i))
+        except Exception as e:  # noqa: BLE001 - one case failing does not stop the others
+            row = {"size": name, "dtype": str(dtype).replace("torch.", ""), "error": _err(e)}
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+        row["label"] = label
+        rows.append(row)
+
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["size"], r["dtype"], r["label"], "-", "error", r["error"], "", "", "", "", ""])
+            continue
+        c, p, gr = r["copy"]["min_s"], r["per_stream"]["min_s"], r.get("group")
+        gb = r["bytes_per_call"] / 1e9
+        gtxt = _fmt_t(gr["min_s"]) if gr else ("n/a (no StateGroup)" if r.get("group_error") == NO_GROUP
+                                                else "error: " + r.get("group_error", "?"))
+        table.append([
+            r["size"], r["dtype"], r["label"], f"{r['streams']}" + (f" ({r['note']})" if r["note"] else ""),
+            f"{r['bytes_per_call'] / 2**20:.1f}", gtxt,
+            f"{gb / gr['min_s']:.3g}" if gr else "n/a", f"{c / gr['min_s']:.2f}" if gr else "n/a",
+            _fmt_t(p), f"{c / p:.3f}", _fmt_t(c),
+        ])
+    md = [
+        "Per skipped step (a call forecasts every stream once), fastest round; 4 calls per round, each round after",
+        "one untimed full step of every stream. Bytes = the launch's tensors moved (reads + writes) x streams;",
+        "GB/s = bytes / time; fraction of floor = copy time / time (1.0 = as fast as copying those bytes);",
+        "per-stream = one `forecast_` per stream (a launch each). Backend: "
+        + ("the Triton kernel" if ctx.cuda else "the fused PyTorch path (CPU smoke run: not a GPU figure)") + ".",
+        "",
+        _table(["size", "dtype", "method", "streams", "MiB / call", "grouped", "grouped GB/s", "grouped / floor",
+                "per-stream loop", "per-stream / floor", "copy floor"], table),
+    ]
+    if any(r.get("group_error") == NO_GROUP for r in rows):
+        md += ["", NO_GROUP + "."]
+    eq = [r for r in rows if "group_equals_per_stream" in r]
+    if eq:
+        bad = [f"{r['size']} {r['dtype']} {r['label']}" for r in eq if not r["group_equals_per_stream"]]
+        md.append("")
+        md.append("grouped forecast == per-stream forecast (bitwise, two streams checked per case): "
+                  + ("yes, every case" if not bad else "NO for " + "; ".join(bad)))
+    return "\n".join(md), {"rows": rows}
+
+
+# ---- c. CUDA graph ---------------------------------------------------------------------------
+def section_c(ctx: Ctx):
+    import torch
+
+    import foca_kernels as fk
+
+    ctx.need_cuda()
+    Group = _group_cls()
+    if Group is None:
+        raise Skip(NO_GROUP)
+    n, shape = (56, (2, 256, 1152)) if ctx.cuda else (4, (2, 16, 32))
+    lines, data = [], {"streams": n, "shape": list(shape), "cases": []}
+    hs = [1.0, 0.75, 1.25, 1.0]  # unequal steps: the coefficients change every call
+    for dtype in (torch.bfloat16, torch.float32):
+        case = {"dtype": str(dtype)}
+        data["cases"].append(case)
+        try:
+            g = torch.Generator(device=ctx.device).manual_seed(0)
+            feats = [torch.randn(shape, generator=g, device=ctx.device).to(dtype) for _ in range(3)]
+
+            def build():
+                sts = [fk.allocate(feats[0], "foca") for _ in range(n)]
+                outs = [torch.empty(shape, device=ctx.device, dtype=dtype) for _ in range(n)]
+                _drive(fk, sts, feats, 2)
+                return sts, outs, Group(sts, outs)
+
+            sa, oa, ga = build()
+            sb, ob, gb = build()
+            if not hasattr(gb, "cuda_graph"):
+                data["no_graph"] = NO_GRAPH
+                graphed = None
+            else:
+                graphed = gb.cuda_graph() if ctx.cuda else gb.forecast_
+            mismatches, compared = [], 0
+            for w in range(3 if graphed is not None else 0):  # windows F s s s s
+                _drive(fk, sa, feats, 1, start=w)
+                _drive(fk, sb, feats, 1, start=w)
+                for j, h in enumerate(hs):
+                    ga.forecast_(h)
+                    got = graphed(h)
+                    ctx.sync()
+                    if isinstance(got, (list, tuple)) and len(got) == n and all(torch.is_tensor(t) for t in got):
+                        ob_now = list(got)  # what the replay hands back (the contract: the outs themselves)
+                    else:
+                        ob_now = ob
+                    for i, (x, y) in enumerate(zip(oa, ob_now)):
+                        compared += 1
+                        if not torch.equal(x, y):
+                            mismatches.append((w, j, i, float((x.float() - y.float()).abs().max())))
+            case["bit_identical"] = not mismatches
+            case["compared"] = compared
+            case["mismatches"] = mismatches[:10]
+            cnt = [0]
+
+            def prep_a():
+                _drive(fk, sa, feats, 1, start=cnt[0])
+                cnt[0] += 1
+
+            def prep_b():
+                _drive(fk, sb, feats, 1, start=cnt[0])
+                cnt[0] += 1
+
+            budget = max(1.0, (ctx.left() - 3) / 6)
+            case["eager"] = _time_rounds(ctx, lambda: ga.forecast_(1.0), 4, 30, prep_a, budget)
+            if graphed is not None:
+                case["graph"] = _time_rounds(ctx, lambda: graphed(1.0), 4, 30, prep_b, budget)
+
+            def loop():
+                for st, o in zip(sa, oa):
+                    fk.forecast_(st, o, 1.0)
+
+            case["per_stream"] = _time_rounds(ctx, loop, 4, 30, prep_a, budget)
+        except Exception as e:  # noqa: BLE001
+            case["error"] = _err(e)
+            case["traceback"] = traceback.format_exc()[-2000:]
+    rows = []
+    for c in data["cases"]:
+        if "error" in c:
+            rows.append([c["dtype"], "error: " + c["error"], "", "", "", ""])
+            continue
+        for kind in ("graph", "eager", "per_stream"):
+            t = c.get(kind)
+            if t is None:
+                rows.append([c["dtype"], "graphed(h)", NO_GRAPH, "", "", ""])
+                continue
+            rows.append([c["dtype"], {"graph": "graphed(h) (CUDA graph replay)", "eager": "group.forecast_(h)",
+                                      "per_stream": "forecast_ per stream"}[kind],
+                         _fmt_t(t["min_s"]), _fmt_t(t["median_s"]), _fmt_t(t["host_median_s"]),
+                         ("yes" if c["bit_identical"] else f"NO ({len(c['mismatches'])}+ outputs differ)")
+                         if kind == "graph" else ""])
+    lines.append(f"{n} streams of {list(shape)}, FoCa r3; per call = one skipped step of all streams; device time"
+                 " between CUDA events over 4 back-to-back calls, host time = time for the calls to return.")
+    if not ctx.cuda:
+        lines.append("(CPU dry run: `graphed` is the eager group here; not a GPU figure)")
+    lines.append("")
+    lines.append(_table(["dtype", "what", "device min / call", "device median / call", "host median / call",
+                         "bit-identical to eager group (3 windows x 4 skips, unequal h)"], rows))
+    for c in data["cases"]:
+        if c.get("mismatches"):
+            lines.append(f"{c['dtype']}: first mismatches (window, skip, stream, max |diff|): {c['mismatches'][:5]}")
+    return "\n".join(lines), data
+
+
+# ---- tiny diffusers DiT for d and f ---------------------------------------------------------
+def _tiny_dit(layers: int = 2, dtype=None):
+    import torch
+
+    try:
+        import diffusers
+    except ImportError:
+        raise Skip("skipped: diffusers is not installed (carry its wheel: see bench/gpu_check.sh)") from None
+    torch.manual_seed(0)
+    m = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=layers,
+        sample_size=8, patch_size=2, norm_num_groups=1, num_embeds_ada_norm=1000,
+    ).eval()
+    return m.to(dtype=dtype) if dtype is not None else m
+
+
+def _generation(model, device, steps: int, per_step: Callable, dtype=None):
+    """A DDIM loop; ``per_step(i, call)`` runs ``call()`` (the model call) for step i and
+    returns the model output. Inputs are made before the call (their host-to-device copies
+    are not the model's)."""
+    import diffusers
+    import torch
+
+    sched = diffusers.DDIMScheduler()
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((2, 4, 8, 8), generator=g).to(device, dtype or torch.float32)
+    y = torch.tensor([1, 1000], device=device)
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            ts = t.to(device).expand(2)
+            inp = x
+            out = per_step(i, lambda: model(inp, timestep=ts, class_labels=y).sample)
+            outs.append(out.clone())
+            x = sched.step(out.float(), t, x.float()).prev_sample.to(x.dtype)
+    return x, outs
+
+
+# ---- d. syncs --------------------------------------------------------------------------------
+def _sync_sites(fn) -> List[dict]:
+    """Run ``fn`` under sync debug mode "warn"; each sync's warning with the innermost frames
+    of the Python stack that made it."""
+    import warnings
+
+    import torch
+
+    found = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        stack = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
+        ours = [f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:{f.lineno} "
+                f"({f.name})" for f in stack[-6:]]
+        found.append({"message": str(message)[:200], "where": f"{filename}:{lineno}", "stack": ours})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old = warnings.showwarning
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = old
+    return found
+
+
+def section_d(ctx: Ctx):
+    import torch
+
+    from foca_kernels.hooks import CacheConfig, disable_cache, enable_cache, reset_cache
+
+    ctx.need_cuda()
+    steps = 50
+    pattern = CacheConfig(interval=5).pattern(steps)
+    model = _tiny_dit(layers=4).to(ctx.device)
+    data = {"pattern": pattern}
+
+    def run(per_skip):
+        def per_step(i, call):
+            return per_skip(call) if pattern[i] == "s" else call()
+
+        return _generation(model, ctx.device, steps, per_step)
+
+    # uncached model, the same steps: syncs that are the model's own
+    base_sites: List[dict] = []
+    if ctx.cuda:
+        run(lambda call: _collect(base_sites, call))
+    enable_cache(model, interval=5)
+    cached_sites = []
+    if ctx.cuda:
+        run(lambda call: _collect(cached_sites, call))
+    else:  # CPU dry run: the loop without a debug mode
+        run(lambda call: call())
+    # "error" mode, as the issue asks: the first sync raises; report where
+    reset_cache(model)
+    first_error = None
+    if ctx.cuda:
+        def strict(call):
+            nonlocal first_error
+            if first_error is not None:
+                return call()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return call()
+            except RuntimeError as e:
+                tb = traceback.extract_tb(e.__traceback__)
+                first_error = {"error": _err(e), "stack": [f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:{f.lineno} ({f.name})" for f in tb[-8:]]}
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        try:
+            run(strict)
+        except RuntimeError:
+            pass
+    disable_cache(model)
+    n_skip = pattern.count("s")
+    data.update({"uncached_syncs": len(base_sites), "cached_syncs": len(cached_sites), "skipped_steps": n_skip,
+                 "cached_sites": cached_sites[:50], "uncached_sites": base_sites[:50], "first_error": first_error})
+    lines = [f"Tiny diffusers DiT (4 blocks, 8 cached modules), DDIM 50 steps, `enable_cache(model, interval=5)`"
+             f" (pattern {pattern}); sync debug mode on around the {n_skip} skipped-step model calls only.",
+             "",
+             _table(["model", "syncs over the skipped-step calls", "per skipped step"], [
+                 ["uncached (the model's own)", len(base_sites), f"{len(base_sites) / n_skip:.2f}"],
+                 ["cached (foca_kernels.hooks)", len(cached_sites), f"{len(cached_sites) / n_skip:.2f}"]])]
+    if not ctx.cuda:
+        lines += ["", "(CPU dry run: no sync debug mode without CUDA)"]
+    extra = len(cached_sites) - len(base_sites)
+    lines.append("")
+    lines.append("Expect no sync from the cache: " + ("none found." if extra <= 0 and not cached_sites else
+                                                      f"{len(cached_sites)} syncs in the cached calls ({extra:+d} vs uncached)."))
+    distinct = {}
+    for s in cached_sites:
+        distinct.setdefault(s["where"], s)
+    for where, s in list(distinct.items())[:8]:
+        n = sum(1 for x in cached_sites if x["where"] == where)
+        lines.append(f"- {n} x `{where}`: {s['message'][:100]}; stack: " + " <- ".join(reversed(s["stack"][-4:])))
+    if first_error:
+        lines.append(f"- mode \"error\": the first skipped step raised {first_error['error']} at "
+                     + " <- ".join(reversed(first_error["stack"][-4:])))
+    elif ctx.cuda:
+        lines.append("- mode \"error\": the whole generation ran without raising")
+    return "\n".join(lines), data
+
+
+def _collect(sink: list, call):
+    out = []
+    sink.extend(_sync_sites(lambda: out.append(call())))
+    return out[0]
+
+
+# ---- f. compiled bf16 rounding ---------------------------------------------------------------
+def _ulps_bf16(a, b) -> int:
+    """Largest distance in bf16 ulps between two bf16 tensors (bit patterns mapped to a
+    monotone integer line; nan/inf compare by bits)."""
+    import torch
+
+    def line(x):
+        i = x.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -32768 - i, i)  # negative floats: reverse order below zero
+
+    return int((line(a) - line(b)).abs().max()) if a.numel() else 0
+
+
+def _diff(a, b) -> str:
+    import torch
+
+    if torch.equal(a, b):
+        return "bit-identical"
+    if a.dtype == torch.bfloat16:
+        return f"max {_ulps_bf16(a, b)} ulp (max |diff| {float((a.float() - b.float()).abs().max()):.3g})"
+    return f"max |diff| {float((a.double() - b.double()).abs().max()):.3g}"
+
+
+def section_f(ctx: Ctx):
+    import torch
+    import torch._dynamo
+
+    import foca_kernels as fk
+    from foca_kernels.hooks import CacheConfig, disable_cache, enable_cache, reset_cache
+
+    ctx.need_cuda()
+    backend = "inductor" if ctx.cuda else "aot_eager"
+    dt = torch.bfloat16
+    lines, data = [], {"backend": backend}
+    # 1. forecast_ alone
+    try:
+        torch._dynamo.reset()
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        feats = [torch.randn((2, 256, 1152), generator=g, device=ctx.device).to(dt) for _ in range(3)]
+        a, b = fk.allocate(feats[0], "foca"), fk.allocate(feats[0], "foca")
+        _drive(fk, [a, b], feats, 3)
+
+        def skip(st, out, h):
+            fk.forecast_(st, out, h)
+
+        comp = torch.compile(skip, backend=backend, fullgraph=True)
+        res = []
+        for h in (1.0, 0.5, 1.25):
+            oa, ob = torch.empty_like(feats[0]), torch.empty_like(feats[0])
+            skip(a, oa, h)
+            comp(b, ob, h)
+            res.append(_diff(ob, oa))
+        data["forecast"] = res
+        lines.append(f"- compiled `forecast_` (fullgraph, {backend}) vs eager, bf16 [2,256,1152], 3 skipped steps: "
+                     + "; ".join(res))
+    except Exception as e:  # noqa: BLE001
+        data["forecast_error"] = _err(e)
+        lines.append(f"- compiled `forecast_`: error {_err(e)}")
+    # 2. the cached tiny DiT in bf16, compiled vs eager; the uncached model as the yardstick
+    try:
+        steps = 20 if ctx.cuda else 8
+        pattern = CacheConfig(interval=5).pattern(steps)
+        model = _tiny_dit(layers=1, dtype=dt).to(ctx.device)
+        rows = []
+        for cached in (False, True):
+            if cached:
+                enable_cache(model, interval=5)
+            _, eager = _generation(model, ctx.device, steps, lambda i, call: call(), dtype=dt)
+            if cached:
+                reset_cache(model)
+            torch._dynamo.reset()
+            cm = torch.compile(model, backend=backend)
+            _, comp = _generation(cm, ctx.device, steps, lambda i, call: call(), dtype=dt)
+            full = [_ulps_bf16(comp[i], eager[i]) for i in range(steps) if pattern[i] == "F"]
+            skipped = [_ulps_bf16(comp[i], eager[i]) for i in range(steps) if pattern[i] == "s"]
+            rows.append(["cached (interval 5)" if cached else "uncached", max(full), max(skipped) if cached else "-",
+                         sum(1 for i in range(steps) if torch.equal(comp[i], eager[i])), steps])
+            if cached:
+                disable_cache(model)
+        data["model"] = rows
+        lines.append("")
+        lines.append(f"Tiny diffusers DiT (1 block) in bf16, {steps} DDIM steps, pattern {pattern}: model output of every"
+                     f" step, `torch.compile(model, backend={backend!r})` vs eager, inputs fed from each run's own"
+                     " trajectory (so differences compound). Max difference in bf16 ulps:")
+        lines.append("")
+        lines.append(_table(["model", "full steps (max ulp)", "skipped steps (max ulp)", "bit-identical steps",
+                             "steps"], rows))
+        lines.append("")
+        lines.append("The uncached row is the model's own rounding under inductor (fused bf16 ops keep fp32"
+                     " intermediates); the cached row should match it on full steps, and its skipped steps add"
+                     " only what the eager forecast (outside the graph) passes on.")
+    except Skip as e:
+        lines.append(f"- compiled cached model: {e}")
+    except Exception as e:  # noqa: BLE001
+        data["model_error"] = _err(e)
+        data["model_traceback"] = traceback.format_exc()[-2000:]
+        lines.append(f"- compiled cached model: error {_err(e)}")
+    torch._dynamo.reset()
+    return "\n".join(lines), data
+
+
+# ---- b, e, g: pytest runs ---------------------------------------------------------------------
+def _pytest(ctx: Ctx, args: List[str], env_extra: Dict[str, str], timeout: float, log: List[str]):
+    env = _env_for_children()
+    env.update(env_extra)
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
+    t0 = time.monotonic()
+    rc, out = _run(cmd, timeout, env)
+    log.append(f"$ {' '.join(cmd)}  (env {env_extra})\n{out}")
+    return rc, out, time.monotonic() - t0
+
+
+def _last_line(out: str) -> str:
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.search(r"\b(passed|failed|skipped|error|errors|deselected|no tests ran)\b", ln):
+            return ln.strip("= ")
+    return lines[-1] if lines else "(no output)"
+
+
+def _need_diffusers():
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise Skip("skipped: diffusers is not installed (carry its wheel: see bench/gpu_check.sh)") from None
+
+
+def section_b(ctx: Ctx):
+    ctx.need_cuda()
+    _need_diffusers()
+    if not os.path.exists(os.path.join(ROOT, "bench", "bench_host.py")):
+        raise Skip("skipped: bench/bench_host.py is not in this checkout")
+    log: List[str] = []
+    rc, out, dt = _pytest(ctx, ["bench", "-k", "host", "-q", "-s"], {"TRITON_INTERPRET": "0"}, ctx.left() - 2, log)
+    m = re.search(r"host time per skipped step.*?\n((?:\|.*\n?)+)", out)
+    lines = [f"`python -m pytest bench -k host -s` ({dt:.0f} s): {'TIMED OUT: ' if rc is None else ''}{_last_line(out)}", ""]
+    if m:
+        lines.append(out[m.start():m.end()].strip())
+    else:
+        lines.append("(no table in its output; the tail of the output is in sections.log)")
+    return "\n".join(lines), {"rc": rc, "table_found": bool(m), "log": log}
+
+
+def section_e(ctx: Ctx):
+    ctx.need_cuda()
+    _need_diffusers()
+    log: List[str] = []
+    model = "dit-xl2" if ctx.cuda else "tiny"
+    env = {"TRITON_INTERPRET": "0", "FOCA_E2E_MODEL": model, "FOCA_E2E_PASSES": os.environ.get("FOCA_E2E_PASSES", "2")}
+    if not ctx.cuda:
+        env.update({"FOCA_E2E_STEPS": "10", "FOCA_E2E_PASSES": "1", "FOCA_BENCH_THREADS": "1"})
+    kexpr = "e2e and (uncached or fk-foca-N5 or diffusers-taylorseer2-N5 or cachedit) and not driver"
+    try:
+        import cache_dit  # noqa: F401
+
+        peers = "cache-dit installed: its rows run"
+    except ImportError:
+        peers = "cache-dit not installed: its rows skip"
+    rc, out, dt = _pytest(ctx, ["bench", "-k", kexpr, "-q"], env, ctx.left() - 2, log)
+    m = re.search(r"foca-kernels end-to-end summary.*?\n(.*?)(?:\n[-=]{10,}|\Z)", out, re.S)
+    lines = [f"`FOCA_E2E_MODEL={model} python -m pytest bench -k \"{kexpr}\"` ({dt:.0f} s, passes "
+             f"{env['FOCA_E2E_PASSES']}; {peers}): {'TIMED OUT: ' if rc is None else ''}{_last_line(out)}", ""]
+    if m:
+        lines.append(m.group(1).strip())
+    else:
+        lines.append("(no summary table in its output; the tail of the output is in sections.log)")
+    return "\n".join(lines), {"rc": rc, "summary_found": bool(m), "log": log}
+
+
+G_KERNEL_SUITES = ["tests/test_group.py", "tests/test_parity.py", "tests/test_compile.py", "tests/test_duca_kernel.py",
+                   "tests/test_ptx.py", "tests/test_duca_ptx.py"]  # in priority order; those present run
+
+
+def section_g(ctx: Ctx):
+    ctx.need_cuda()
+    log: List[str] = []
+    rows, fails = [], []
+    env = {"TRITON_INTERPRET": "0"}  # conftest's device fixture then puts kernel tests on CUDA
+    runs = [("`pytest tests -m cuda`", ["tests", "-m", "cuda"])]
+    runs += [(f"`TRITON_INTERPRET=0 pytest {s}`", [s]) for s in G_KERNEL_SUITES if os.path.exists(os.path.join(ROOT, s))]
+    for i, (label, args) in enumerate(runs):
+        left = ctx.left() - 2
+        if left < 10:
+            rows.append([label, "-", "not run: the section's time box was spent"])
+            continue
+        rc, out, dt = _pytest(ctx, [*args, "-q", "-rfE"], env, left if i else min(left, 60), log)
+        rows.append([label, f"{dt:.0f} s", ("TIMED OUT: " if rc is None else "") + _last_line(out)])
+        fails += [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    lines = [_table(["command", "time", "result"], rows)]
+    if fails:
+        lines.append("")
+        lines += [f"- {f[:240]}" for f in fails[:20]]
+    return "\n".join(lines), {"failures": fails, "log": log}
+
+
+FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f, "g": section_g}
+
+
+# ---- child: one section ----------------------------------------------------------------------
+def run_child(key: str, result_path: str, smoke: bool, box: float, cpu_dry: bool) -> int:
+    t0 = time.monotonic()
+    res = {"key": key}
+    try:
+        ctx = Ctx(smoke, t0 + box, cpu_dry)
+        md, data = FUNCS[key](ctx)
+        res.update(status="ok", markdown=md, data=data)
+    except Skip as e:
+        res.update(status="skipped", markdown=str(e))
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        res.update(status="error", markdown=f"error: {_err(e)}", traceback=traceback.format_exc()[-4000:])
+    res["seconds"] = time.monotonic() - t0
+    with open(result_path, "w") as f:
+        json.dump(res, f, default=str)
+    return 0
+
+
+# ---- parent ----------------------------------------------------------------------------------
+def _versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "triton", "diffusers", "cache-dit", "transformers"):
+        try:
+            v[name] = md.version(name)
+        except md.PackageNotFoundError:
+            v[name] = "not installed"
+    try:
+        v["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        v["commit"] = "unknown"
+    return v
+
+
+def _probe_cuda() -> Tuple[bool, str]:
+    """(CUDA usable, device description) from a child, so the parent never holds a CUDA
+    context (and never imports torch: each section's child does)."""
+    code = ("import torch, json; ok = torch.cuda.is_available(); "
+            "print(json.dumps([ok, (torch.cuda.get_device_name(0) + ', %.0f GiB' % "
+            "(torch.cuda.get_device_properties(0).total_memory / 2**30) + ', torch ' + torch.__version__ "
+            "+ ', CUDA ' + str(torch.version.cuda)) if ok else 'no CUDA device (torch ' + torch.__version__ + ')']))")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=_env_for_children())
+        ok, desc = json.loads(p.stdout.strip().splitlines()[-1])
+        return bool(ok), desc
+    except Exception as e:  # noqa: BLE001
+        return False, f"could not import torch: {_err(e)}"
+
+
+def _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, results, logs, out_dir) -> str:
+    """report.md, report.json, sections.log: written after every section, so a hard stop
+    keeps what had finished."""
+    total = time.monotonic() - t_start
+    md = [f"# GPU check ({'smoke run' if args.smoke else 'full'})", "",
+          f"- device: {device_desc}",
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+          f"- total {total:.0f} s of a {budget:.0f} s budget; sections run in the order {RUN_ORDER}", ""]
+    for key, (title, box, _) in SECTIONS.items():
+        if key not in wanted:
+            continue
+        r = results.get(key, {"status": "not run", "markdown": "not run: the check stopped before this section", "seconds": 0})
+        md.append(f"## {title}")
+        md.append("")
+        md.append(f"_{r['status']}, {r.get('seconds', 0):.0f} s of a {box} s time box_")
+        md.append("")
+        md.append(r["markdown"])
+        md.append("")
+    report = "\n".join(md)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump({"device": device_desc, "cuda": cuda, "smoke": args.smoke, "versions": versions,
+                   "total_s": total, "budget_s": budget, "sections": results}, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "sections.log"), "w") as f:
+        f.write("\n\n".join(logs))
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (torch backend): proves the script runs")
+    ap.add_argument("--sections", default="abcdefg", help="which sections, e.g. 'a,c' or 'ac' (default: all)")
+    ap.add_argument("--budget", type=float, default=None, help=f"seconds for the whole check (default {DEFAULT_BUDGET_S}; smoke 100)")
+    ap.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu-check-out)")
+    ap.add_argument("--cpu-dry", action="store_true", help=argparse.SUPPRESS)  # developers: CUDA sections' code on CPU
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--box", type=float, default=60.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return run_child(args.child, args.result, args.smoke, args.box, args.cpu_dry)
+
+    t_start = time.monotonic()
+    budget = args.budget if args.budget is not None else (100.0 if args.smoke else DEFAULT_BUDGET_S)
+    out_dir = args.out or os.environ.get("OUT") or os.path.join(os.getcwd(), "gpu-check-out")
+    os.makedirs(out_dir, exist_ok=True)
+    wanted = [k for k in re.sub(r"[^a-g]", "", args.sections.lower())]
+    cuda, device_desc = (False, "CPU (smoke run: tiny sizes, PyTorch backend)") if args.smoke else _probe_cuda()
+    if args.cpu_dry:
+        cuda = False
+    versions = _versions()
+    print(f"[gpu_check] device: {device_desc}; budget {budget:.0f} s; output {out_dir}", flush=True)
+
+    results: Dict[str, dict] = {}
+    logs: List[str] = []
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    try:
+        for key in RUN_ORDER:
+            if key not in wanted:
+                continue
+            title, box, needs_cuda = SECTIONS[key]
+            left = budget - (time.monotonic() - t_start) - 5
+            if needs_cuda and not cuda and not args.cpu_dry:
+                results[key] = {"status": "skipped", "markdown": SKIP_NO_CUDA, "seconds": 0.0}
+                continue
+            if left < MIN_SECTION_S:
+                results[key] = {"status": "skipped", "seconds": 0.0,
+                                "markdown": f"skipped: out of time ({left:.0f} s of the {budget:.0f} s budget left)"}
+                continue
+            box_s = min(box, left)
+            print(f"[gpu_check] section {key} (time box {box_s:.0f} s) ...", flush=True)
+            res_path = os.path.join(tmp, f"{key}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", key, "--result", res_path,
+                   "--box", f"{box_s - 3:.1f}"] + (["--smoke"] if args.smoke else []) + (["--cpu-dry"] if args.cpu_dry else [])
+            t0 = time.monotonic()
+            rc, output = _run(cmd, box_s + 10, _env_for_children())
+            dt = time.monotonic() - t0
+            if os.path.exists(res_path):
+                with open(res_path) as f:
+                    res = json.load(f)
+            elif rc is None:
+                res = {"status": "error", "markdown": f"error: timed out after {dt:.0f} s (time box {box_s:.0f} s); "
+                       "the output so far is in sections.log"}
+            else:
+                tail = "\n".join(output.strip().splitlines()[-15:])
+                res = {"status": "error", "markdown": f"error: the section's process ended with exit code {rc} "
+                       f"and no result:\n\n```\n{tail}\n```"}
+            res["seconds"] = dt
+            data = res.get("data") if isinstance(res.get("data"), dict) else {}
+            for entry in data.pop("log", []):
+                output += "\n" + entry
+            if res.get("traceback"):
+                output += "\n" + res["traceback"]
+            logs.append(f"===== section {key}: {title} ({dt:.1f} s, {res['status']}) =====\n{output}")
+            results[key] = res
+            print(f"[gpu_check] section {key}: {res['status']} in {dt:.0f} s", flush=True)
+            _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, results, logs, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, results, logs, out_dir)
+    print(report, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
