@@ -69,7 +69,14 @@ class CacheConfig:
       num_inference_steps: steps per generation if known in advance.
       detect_new_generation: start over when a model call looks like the first step of a
           new generation (the first timestep seen again, timesteps running backwards, step
-          count past num_inference_steps). Reads the timestep (one host sync per call on GPU).
+          count past num_inference_steps). Timesteps are read only where that is free (CPU
+          tensors, numbers); a GPU timestep tensor is not read (no host-device sync), so new
+          generations are then found from the step count, the pipeline's step index or its
+          cache reset, unless ``sync=True``.
+      sync: read GPU timestep tensors as numbers (one host-device sync per model call): needed
+          only for time="timesteps" without a pipeline, or for timestep-based generation
+          detection when the number of steps is unknown. With a pipeline, time="timesteps" /
+          "sigmas" read the scheduler's values, copied to the host once per generation.
 
     Non-finite outputs: ``check_finite=True`` checks every computed output that would feed a
       cache (one reduction and host sync per output) and, when it holds nan/inf, resets that
@@ -99,6 +106,7 @@ class CacheConfig:
     default_context: str = "default"
     backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
     check_finite: bool = False  # reset a module's cache when its computed output holds nan/inf
+    sync: bool = False  # read GPU timestep tensors (one host-device sync per model call)
 
     def __post_init__(self):
         for name in ("interval", "warmup", "final"):
@@ -142,8 +150,9 @@ class CacheConfig:
             isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
-        if not isinstance(self.check_finite, bool):
-            raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
+        for name in ("check_finite", "sync"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):
             raise TypeError("timestep_arg must be an argument name or a positional index")
 

@@ -25,13 +25,23 @@ from .stream import StreamGroup, input_signature
 from .targets import Site
 
 
-def _scalar(v) -> Optional[float]:
-    """A timestep argument as one number (None if there is none)."""
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` as a Python number is free: a CPU tensor. Reading a GPU tensor
+    waits for every kernel queued before it (a host-device sync), so the per-step path never
+    does it unless ``CacheConfig(sync=True)`` asks for it."""
+    return t.device.type == "cpu"
+
+
+def _scalar(v, sync: bool = True) -> Optional[float]:
+    """A timestep argument as one number (None if there is none, or if it lives on a device
+    and ``sync`` is off)."""
     if v is None:
         return None
     if isinstance(v, torch.Tensor):
+        if not v.numel() or not (sync or on_host(v)):
+            return None
         # max: pipelines with per-token timesteps (Wan 2.2 expand_timesteps) mask some to 0
-        return float(v.max()) if v.numel() else None
+        return float(v.max())
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -75,6 +85,7 @@ class CacheController:
         self.calls_forced = 0  # computed on a skipped step: the module's cache was not ready
         self.shape_resets = 0
         self._warned: set = set()
+        self._host_values: Dict[int, tuple] = {}  # id(tensor) -> (tensor, its values on the host)
         self.duca = None  # DuCa's token selection and partial calls (method="duca")
         if isinstance(config.method, str) and config.method.lower() == "duca":
             from .duca import DucaRuntime
@@ -99,7 +110,28 @@ class CacheController:
             v = kwargs.get(key)
             if v is None and self.timestep_index is not None and self.timestep_index < len(args):
                 v = args[self.timestep_index]
-        return _scalar(v)
+        return _scalar(v, self.config.sync)
+
+    def _host_copy(self, values) -> Optional[list]:
+        """A scheduler's timesteps/sigmas as Python floats, copied to the host once per tensor
+        (a new generation's set_timesteps makes a new tensor): at most one sync per generation,
+        none when they already live on the CPU."""
+        if values is None:
+            return None
+        key = id(values)
+        hit = self._host_values.get(key)
+        if hit is None or hit[0] is not values:
+            hit = self._host_values[key] = (values, [float(v) for v in values.detach().to("cpu").reshape(-1)]
+                                            if isinstance(values, torch.Tensor) else [float(v) for v in values])
+        return hit[1]
+
+    def _scheduler_timestep(self, step: int) -> Optional[float]:
+        sched = self._scheduler()
+        ts = self._host_copy(getattr(sched, "timesteps", None)) if sched is not None else None
+        if ts is None:
+            return None
+        i = int(getattr(sched, "begin_index", None) or 0) + step
+        return ts[i] if i < len(ts) else None
 
     def _num_steps(self, info: Dict[str, Any]) -> Optional[int]:
         if self.config.num_inference_steps is not None:
@@ -115,8 +147,9 @@ class CacheController:
         return None
 
     def _sigma(self, info: Dict[str, Any], step: int) -> float:
-        if info.get("sigma") is not None:
-            return float(info["sigma"])
+        v = _scalar(info.get("sigma"), self.config.sync)
+        if v is not None:
+            return v
         sched = self._scheduler()
         sigmas = getattr(sched, "sigmas", None) if sched is not None else None
         if sigmas is None:
@@ -127,7 +160,7 @@ class CacheController:
         i = int(getattr(sched, "begin_index", None) or 0) + step
         if i >= len(sigmas):
             raise ValueError(f"time='sigmas': step {step} is past the scheduler's {len(sigmas)} sigmas")
-        return float(sigmas[i])
+        return self._host_copy(sigmas)[i]
 
     # ---- one model call ----------------------------------------------------------------
     def begin_step(self, args, kwargs) -> None:
@@ -146,7 +179,7 @@ class CacheController:
         info = active.info
         ts = self._timestep(args, kwargs) if (cfg.time == "timesteps" or cfg.detect_new_generation) else None
         if ts is None:
-            ts = _scalar(info.get("timestep"))
+            ts = _scalar(info.get("timestep"), cfg.sync)
         num_steps = self._num_steps(info)
         step_index = info.get("step_index")
         if ctx.counter.is_new_generation(ts, step_index, num_steps):
@@ -160,6 +193,14 @@ class CacheController:
             self._warn_once(
                 "final", f"final={cfg.final} needs the number of steps: pass num_inference_steps or enable on the pipeline"
             )
+        if cfg.time == "timesteps" and ts is None:
+            ts = self._scheduler_timestep(step)
+            if ts is None:
+                raise ValueError(
+                    "time='timesteps': the timestep of this call is not readable without a host-device sync (it "
+                    "is a GPU tensor) and no pipeline scheduler gives it: enable the cache on the pipeline, pass "
+                    "CacheConfig(sync=True) (one sync per model call), or use time='step'"
+                )
         value = ts if cfg.time == "timesteps" else self._sigma(info, step) if cfg.time == "sigmas" else None
         tau = ctx.counter.set_time(value)
         full = self.schedule.is_full(step, num_steps)

@@ -1,0 +1,112 @@
+"""The per-step path makes no host-device sync by default (issue 8, item 3).
+
+On a GPU a tensor read as a Python number (``float(t)``, ``t.item()``, ``bool(t)``, ...) waits
+for every kernel queued before it. Without a GPU the test makes every tensor count as a device
+tensor (``controller.on_host`` -> False) and records each tensor-to-Python conversion made from
+foca_kernels' own frames during a whole cached generation: there must be none, full steps and
+skipped steps alike, and the samples must equal those of the default (CPU-reading) run. With
+a GPU, ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from foca_kernels.hooks import CacheConfig, disable_cache, enable_cache
+from foca_kernels.hooks import controller as controller_mod
+
+import hooks_tiny as T  # noqa: E402  (skips the module when diffusers is missing)
+
+STEPS = 20
+CONVERSIONS = ("__float__", "__int__", "__bool__", "__index__", "item", "tolist")
+
+model_for = T.model_cache()
+
+
+class _Recorder:
+    """Wraps tensor-to-Python conversions; records those called from foca_kernels code."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in CONVERSIONS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+
+    def _wrap(self, name, fn):
+        calls = self.calls
+
+        def wrapped(t, *a, **k):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("foca_kernels"):
+                calls.append((name, caller, sys._getframe(1).f_lineno))
+            return fn(t, *a, **k)
+
+        return wrapped
+
+
+@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse"])
+@pytest.mark.parametrize("cfg", ["batched", "separate"])
+def test_no_tensor_is_read_on_the_host_during_a_generation(method, cfg, monkeypatch):
+    case, m = T.CASES["dit"], model_for("dit")
+    config = CacheConfig(interval=3, method=method, num_inference_steps=STEPS)
+    enable_cache(m, config)
+    expected = T.sample(case, m, steps=STEPS, cfg=cfg)  # CPU tensors: reading them is free
+    disable_cache(m)
+
+    monkeypatch.setattr(controller_mod, "on_host", lambda t: False)  # every tensor a GPU one
+    enable_cache(m, config)
+    rec = _Recorder(monkeypatch)
+    got = T.sample(case, m, steps=STEPS, cfg=cfg)
+    again = T.sample(case, m, steps=STEPS, cfg=cfg)  # the next generation is found by counting
+    monkeypatch.undo()
+    disable_cache(m)
+    assert rec.calls == []
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+
+
+def test_time_timesteps_without_a_host_source_is_refused_not_synced(monkeypatch):
+    case, m = T.CASES["dit"], model_for("dit")
+    monkeypatch.setattr(controller_mod, "on_host", lambda t: False)
+    enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS))
+    with pytest.raises(ValueError, match="sync=True"):
+        T.sample(case, m, steps=STEPS)
+    disable_cache(m)
+    # asked for explicitly, the sync is made and the run works
+    enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS, sync=True))
+    T.sample(case, m, steps=STEPS)
+    disable_cache(m)
+
+
+def test_sync_must_be_a_bool():
+    with pytest.raises(TypeError, match="sync must be a bool"):
+        CacheConfig(sync=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generation_makes_no_sync():
+    case, m = T.CASES["dit"], T.CASES["dit"].make().cuda()
+    enable_cache(m, CacheConfig(interval=3, num_inference_steps=STEPS))
+    steps = {"n": 0}
+
+    def guard(mod, args, kwargs):  # sync debugging on inside the model calls only
+        torch.cuda.set_sync_debug_mode("error")
+        steps["n"] += 1
+
+    def unguard(mod, args, kwargs, out):
+        torch.cuda.set_sync_debug_mode("default")
+
+    h1 = m.register_forward_pre_hook(guard, with_kwargs=True)
+    h2 = m.register_forward_hook(unguard, with_kwargs=True)
+    try:
+        case_latents = case.latents(1).cuda()
+        conds = tuple(c.cuda() if isinstance(c, torch.Tensor) else c for c in case.conds(1))
+        T.sample(case, m, steps=STEPS, latents=case_latents, conds=conds)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        h1.remove()
+        h2.remove()
+        disable_cache(m)
+    assert steps["n"] == STEPS
