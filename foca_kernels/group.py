@@ -134,6 +134,17 @@ class StateGroup:
         """A skipped step for every state (``h`` one float, or one per state): the same as
         ``forecast_(state, out, h)`` for each pair, checked for all before any is written."""
         hs = self._steps_sizes(h)
+        self._check_current()
+        classes = self._classes(hs)
+        launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
+        for launch, (rep, t_new, members) in launches:
+            self._run(launch, members, backend)
+        for launch, (rep, t_new, members) in launches:
+            for m in members:
+                m.state.commit(launch, t_new, full=False)
+        return self.outs
+
+    def _check_current(self) -> None:
         if self._inference and not torch.is_inference_mode_enabled():
             for m in self.members:
                 check_writable(m.state, m.out)
@@ -143,14 +154,6 @@ class StateGroup:
                     f"stale StateGroup: state {m.index} was moved (pack_states_/move_to_) after the group was "
                     "built; build a new StateGroup"
                 )
-        classes = self._classes(hs)
-        launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
-        for launch, (rep, t_new, members) in launches:
-            self._run(launch, members, backend)
-        for launch, (rep, t_new, members) in launches:
-            for m in members:
-                m.state.commit(launch, t_new, full=False)
-        return self.outs
 
     def _steps_sizes(self, h) -> List[float]:
         if isinstance(h, (numbers.Real, torch.Tensor)):
@@ -184,25 +187,29 @@ class StateGroup:
 
     # ---- running one class of states ----------------------------------------------------------
     def _run(self, launch: Launch, members: list, backend: Optional[str]) -> None:
+        for call in self._prepare(launch, members, backend):
+            call.fn()
+            self.launches += 1
+
+    def _prepare(self, launch: Launch, members: list, backend: Optional[str]) -> list:
+        """The launches of one class, ready to run (device-side inputs already uploaded)."""
         rep = members[0].state
         name = get_backend(rep.device, backend)
+        calls = [_Call(lambda m=m: self._run_single(launch, m, name), None)  # own launch, as forecast_
+                 for m in members if not m.aligned]
         grouped = [m for m in members if m.aligned]
-        for m in members:
-            if not m.aligned:  # own launch, exactly as forecast_
-                self._run_single(launch, m, name)
         if not grouped:
-            return
+            return calls
         grouped = self._merged(grouped)
-        num_in = len(launch.reads)
-        pattern = row_pattern(launch.coef, len(launch.writes) + int(launch.has_out), num_in)
-        with torch.no_grad():
-            if name == "torch":
-                from .ops.torch_group import group_torch
+        pattern = row_pattern(launch.coef, len(launch.writes) + int(launch.has_out), len(launch.reads))
+        if name == "torch":
+            from .ops.torch_group import group_torch
 
-                group_torch(grouped, list(launch.reads), list(launch.writes), launch.has_out, list(launch.coef), pattern)
-            else:
-                self._run_triton(launch, grouped, pattern)
-        self.launches += 1
+            calls.append(_Call(lambda: group_torch(grouped, list(launch.reads), list(launch.writes), launch.has_out,
+                                                   list(launch.coef), pattern), None))
+        else:
+            calls.append(self._prepare_triton(launch, grouped, pattern))
+        return calls
 
     def _run_single(self, launch: Launch, m: _Member, backend: str) -> None:
         if m.flat is not None:
@@ -211,9 +218,8 @@ class StateGroup:
             tmp = torch.empty(m.state.shape, dtype=m.out.dtype, device=m.out.device)
             _run(m.state, launch, None, tmp.view(-1), backend)
             m.out.copy_(tmp)
-        self.launches += 1
 
-    def _run_triton(self, launch: Launch, members: list, pattern) -> None:
+    def _prepare_triton(self, launch: Launch, members: list, pattern) -> "_Call":
         from .ops import triton_group as tg
 
         block, num_warps = tg.block_size(max(m.numel for m in members))
@@ -225,8 +231,20 @@ class StateGroup:
             step = self._steps[key] = torch.empty(len(values), dtype=torch.float32, device=members[0].slots.device)
         # From pageable host memory: copied to a staging buffer at once, no device sync.
         step.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
-        tg.group_triton(members[0].slots, members[0].flat, table, step, n_programs, pattern,
-                        len(launch.reads), len(launch.writes), launch.has_out, block, num_warps)
+        nr, nw, ho = len(launch.reads), len(launch.writes), launch.has_out
+
+        def fn():
+            with torch.no_grad():
+                tg.group_triton(members[0].slots, members[0].flat, table, step, n_programs, pattern,
+                                nr, nw, ho, block, num_warps)
+
+        # What a captured graph of this launch depends on besides the uploaded step tensor.
+        return _Call(fn, (tuple(m.index for m in members), pattern.key, nr, nw, ho, block))
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def cuda_graph(self) -> "GraphedForecast":
+        """A skipped step as a CUDA graph replay: see :class:`GraphedForecast`."""
+        return GraphedForecast(self)
 
     def _merged(self, members: list) -> list:
         """Members whose slots and outputs continue each other's columns in one allocation
@@ -265,6 +283,66 @@ class StateGroup:
         table = torch.tensor(rows, dtype=torch.int64).to(s0.device)
         hit = self._tables[key] = (table, len(rows))
         return hit
+
+
+class _Call:
+    """One launch ready to run; ``graph_key`` is None when it cannot be captured in a CUDA
+    graph (its coefficients are baked into the launch arguments)."""
+
+    __slots__ = ("fn", "graph_key")
+
+    def __init__(self, fn, graph_key):
+        self.fn = fn
+        self.graph_key = graph_key
+
+
+class GraphedForecast:
+    """``group.forecast_(h)`` with the launches replayed from a captured CUDA graph.
+
+    Per call, the host plans the step (checks, coefficients) and uploads the coefficients and
+    slot indices into the group's device tensors (a copy, no sync); the kernels then run as
+    one graph replay, which reads them there. A graph is captured the first time a step
+    structure is seen (the set of history classes, their row structure and launch shape: a
+    method's skipped steps share one) and replayed afterwards; the first call of a structure
+    runs eagerly. Needs the Triton backend on CUDA and members the grouped kernel can address
+    (contiguous, 16-byte aligned outs)."""
+
+    def __init__(self, group: "StateGroup"):
+        self.group = group
+        self.graphs: Dict[tuple, object] = {}
+        self.replays = 0
+
+    def __call__(self, h=1.0) -> List[torch.Tensor]:
+        g = self.group
+        dev = g.members[0].state.device
+        if dev.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need CUDA tensors; this group's states are on {dev}")
+        hs = g._steps_sizes(h)
+        g._check_current()
+        classes = g._classes(hs)
+        launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]
+        calls = [call for launch, c in launches for call in g._prepare(launch, c[2], "triton")]
+        if any(call.graph_key is None for call in calls):
+            raise RuntimeError("a member of this group cannot be captured (non-contiguous or misaligned out); "
+                               "use group.forecast_ instead")
+        key = tuple(call.graph_key for call in calls)
+        graph = self.graphs.get(key)
+        if graph is None:
+            for call in calls:  # eager (also compiles the kernel before capture)
+                call.fn()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # captured on a side stream, nothing runs
+                for call in calls:
+                    call.fn()
+            self.graphs[key] = graph
+        else:
+            graph.replay()
+            self.replays += 1
+        g.launches += len(calls)
+        for launch, (rep, t_new, members) in launches:
+            for m in members:
+                m.state.commit(launch, t_new, full=False)
+        return g.outs
 
 
 def pack_states_(states: Sequence[CacheState]) -> List[torch.Tensor]:
