@@ -688,6 +688,12 @@ def _aggregate(row: Row) -> dict:
     units = sum(n for _, n in row.calls)
     npass = max(1, len(row.passes))
     mean, mean_clock = statistics.fmean(row.gen_s), statistics.fmean(row.gen_clock)
+    # The free-forecast limit: the uncached generation with every skipped step costing only the
+    # stub step (a cache whose forecasts and bookkeeping were free).
+    u_mean = statistics.fmean(u.gen_clock)
+    limit = None
+    if stub is not None and full0 is not None and row.cid != "uncached":
+        limit = u_mean / (u_mean - (len(other) / npass) * (full0 - stub))
     return {
         "passes": len(row.passes),
         "generation_s": list(row.gen_s),
@@ -696,6 +702,8 @@ def _aggregate(row: Row) -> dict:
         "mean_clock_s": mean_clock,
         "speedup": statistics.fmean(u.gen_clock) / mean_clock,
         "speedup_wall": statistics.fmean(u.gen_s) / mean,
+        "speedup_limit": limit,
+        "fraction_of_limit": (u_mean / mean_clock) / limit if limit else None,
         "speedup_per_pass": [a / b for a, b in zip(u.gen_clock, row.gen_clock)] if row.cid != "uncached" else None,
         "steps_full": len(full) / npass,
         "steps_skipped": len(other) / npass,
@@ -745,23 +753,26 @@ class _Summary:
             f"times: {CLOCK_NAME} unless marked wall; per generation = mean over passes; speed-up = mean uncached / mean; "
             "skipped = attn1+ff calls not run; step times = medians over calls; "
             "forecast overhead = (skipped step - stub step) / uncached full step; "
+            "limit = speed-up if skipped steps cost only the stub step (free forecasts); "
             "full-step overhead = (full step - uncached full step) / uncached full step; "
             "error = relative L2 of the final latents vs uncached"
         )
         tr.write_line("")
         tr.write_line(
             "| configuration | full / skipped steps | block compute skipped | per generation | speed-up | "
-            "per generation (wall) | speed-up (wall) | full step | skipped step | forecast overhead | "
+            "limit (% reached) | per generation (wall) | speed-up (wall) | full step | skipped step | forecast overhead | "
             "full-step overhead | cache state | buffers | rel. L2 error |"
         )
-        tr.write_line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        tr.write_line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             a = r.agg
             unc = r.cid == "uncached"
             note = "" if a["repeatable"] else " (passes differ)"
             tr.write_line(
                 f"| {r.cid} | {a['steps_full']:g} / {a['steps_skipped']:g} | {_fmt_pct(a['skipped_fraction'])} | "
-                f"{_fmt_s(a['mean_clock_s'])} | {a['speedup']:.2f}x | {_fmt_s(a['mean_s'])} | {a['speedup_wall']:.2f}x | "
+                f"{_fmt_s(a['mean_clock_s'])} | {a['speedup']:.2f}x | "
+                f"{'-' if a['speedup_limit'] is None else format(a['speedup_limit'], '.2f') + 'x (' + _fmt_pct(a['fraction_of_limit']) + ')'} | "
+                f"{_fmt_s(a['mean_s'])} | {a['speedup_wall']:.2f}x | "
                 f"{_fmt_s(a['full_step_s'])} | "
                 f"{_fmt_s(a['skip_step_s'])} | {'-' if unc else _fmt_pct(a['forecast_overhead'])} | "
                 f"{'-' if unc else _fmt_pct(a['full_step_overhead'])} | "

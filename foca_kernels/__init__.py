@@ -10,7 +10,7 @@
 """
 
 from .api import allocate, forecast, forecast_, state_nbytes, update_
-from .group import StateGroup, forecast_group_
+from .group import StateGroup, forecast_group_, pack_states_
 from .backend import BACKENDS, get_backend, set_backend
 from .hooks import CacheConfig, cache_info, cached, disable_cache, enable_cache, reset_cache
 from .methods import FoCa, Method, Reuse, TaylorSeer, make_method
@@ -19,7 +19,7 @@ from .state import CacheState
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "Method", "Reuse", "TaylorSeer", "allocate",
+    "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "pack_states_", "Method", "Reuse", "TaylorSeer", "allocate",
     "cache_info", "cached", "disable_cache", "enable_cache", "forecast", "forecast_", "get_backend",
     "make_method", "reset_cache", "set_backend", "state_nbytes", "update_",
 ]
