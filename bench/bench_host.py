@@ -12,15 +12,15 @@ Rows (each one 50-step generation per round, rounds interleaved so drift cancels
   fk-<method>         foca_kernels.hooks.enable_cache(model, interval=5, method=...)
   diffusers-ts2       diffusers' TaylorSeer hook (cache_interval 5, disable_cache_before_step 2,
                       max_order 2) on the same modules, each call in CacheMixin.cache_context
-Per row: median time of a skipped-step model call (process CPU time on CPU, wall-clock on
-CUDA), and cache overhead per cached module = (skipped call - stub call) / 56. The table
-printed at the end gives each row's overhead relative to diffusers' hook. Nothing is asserted.
+Per row: 10th percentile and median time of a skipped-step model call (process CPU time on
+CPU, wall-clock on CUDA), and cache overhead per cached module = (skipped call - stub call) / 56,
+at each quantile. The table printed at the end gives each row's overhead relative to diffusers'
+hook. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from typing import Callable, Dict, List
 
@@ -33,7 +33,7 @@ from foca_kernels.hooks import CacheConfig, disable_cache, enable_cache  # noqa:
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LAYERS, STEPS, INTERVAL, WARMUP = 28, 50, 5, 2
-ROUNDS = 5
+ROUNDS = 6
 FK_METHODS = ("foca", "taylorseer", "reuse")
 
 
@@ -111,6 +111,12 @@ def _diffusers(base):
     return model, call, reset
 
 
+def _quantile(xs: List[float], q: float) -> float:
+    """A low quantile is the steadier figure on a shared machine: other jobs only add time."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 def test_host_skipped_step(benchmark):
     base = _model()
     rows: Dict[str, tuple] = {"stub": _stub(base)}
@@ -128,16 +134,24 @@ def test_host_skipped_step(benchmark):
                 _generation(model, call, times[name])
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    med = {k: statistics.median(v) for k, v in times.items()}
     n_mod = 2 * LAYERS
-    per_mod = {k: (med[k] - med["stub"]) / n_mod for k in med}
-    ref = per_mod["diffusers-ts2"]
-    lines = ["| row | skipped call (ms) | overhead per module (us) | vs diffusers' hook |", "|---|---|---|---|"]
-    for k in med:
-        ratio = per_mod[k] / ref if k != "stub" else float("nan")
-        lines.append(f"| {k} | {med[k] * 1e3:.3f} | {per_mod[k] * 1e6:.1f} | {ratio:.2f} |")
+    stats = {}
+    for q, name in ((0.1, "p10"), (0.5, "median")):
+        at = {k: _quantile(v, q) for k, v in times.items()}
+        per_mod = {k: (at[k] - at["stub"]) / n_mod for k in at}
+        stats[name] = {"call_s": at, "overhead_per_module_s": per_mod}
+    lines = ["| row | skipped call p10 / median (ms) | overhead per module p10 / median (us) | "
+             "vs diffusers' hook p10 / median |", "|---|---|---|---|"]
+    for k in times:
+        lo, mid = stats["p10"], stats["median"]
+        ratio = ("-" if k == "stub" else
+                 f"{lo['overhead_per_module_s'][k] / lo['overhead_per_module_s']['diffusers-ts2']:.2f} / "
+                 f"{mid['overhead_per_module_s'][k] / mid['overhead_per_module_s']['diffusers-ts2']:.2f}")
+        lines.append(f"| {k} | {lo['call_s'][k] * 1e3:.2f} / {mid['call_s'][k] * 1e3:.2f} | "
+                     f"{lo['overhead_per_module_s'][k] * 1e6:.1f} / {mid['overhead_per_module_s'][k] * 1e6:.1f} | {ratio} |")
     table = "\n".join(lines)
-    print(f"\nhost time per skipped step, {LAYERS} blocks ({n_mod} cached modules), {DEVICE}:\n{table}")
-    benchmark.extra_info.update({"median_s": med, "overhead_per_module_s": per_mod, "table": table})
+    print(f"\nhost time per skipped step, {LAYERS} blocks ({n_mod} cached modules), {DEVICE}, "
+          f"{len(times['stub'])} skipped calls per row:\n{table}")
+    benchmark.extra_info.update({"stats": stats, "table": table})
     for name in FK_METHODS:
         disable_cache(rows[f"fk-{name}"][0])

@@ -153,12 +153,14 @@ class StreamGroup:
 
     @property
     def ready(self) -> bool:
-        return (
-            self.uncacheable is None
-            and self.template is not None
-            and self.last_tau is not None
-            and all(s.state is not None and s.state.ready for s in self.streams)
-        )
+        # (a plain loop: evaluated for every group at every skipped step)
+        if self.uncacheable is not None or self.template is None or self.last_tau is None:
+            return False
+        for s in self.streams:
+            st = s.state
+            if st is None or st.n_full < st.method.min_full:
+                return False
+        return True
 
     def reset(self) -> None:
         """Forget the history, keep the allocations."""
