@@ -24,7 +24,7 @@ import torch
 from .api import _plan, _run
 from .backend import get_backend
 from .ops.pattern import row_pattern
-from .ops.aliasing import overlaps
+from .ops.aliasing import _extent, overlaps
 from .state import CacheState, Launch
 from .validation import (
     check_no_alias, check_no_overlap, check_out_grad_free, check_ready, check_state, check_step, check_tensor,
@@ -161,7 +161,7 @@ class StateGroup:
         hs = list(h)
         if len(hs) != len(self.members):
             raise ValueError(f"h: expected one step size or {len(self.members)}, got {len(hs)}")
-        if type(hs[0]) is float and hs.count(hs[0]) == len(hs):  # the usual case: one check
+        if all(type(x) is float for x in hs) and hs.count(hs[0]) == len(hs):  # the usual case: one check
             return [check_step(hs[0], "h[0]")] * len(hs)
         return [check_step(x, f"h[{i}]") for i, x in enumerate(hs)]
 
@@ -255,7 +255,7 @@ class StateGroup:
         if hit is None:
             hit, run = [], [members[0]]
             for m in members[1:]:
-                if _continues(run[-1], m):
+                if _continues(run[-1], m) and not self._gap_holds_an_out(run[-1], m):
                     run.append(m)
                 else:
                     hit.append(_Span(run))
@@ -263,6 +263,20 @@ class StateGroup:
             hit.append(_Span(run))
             hit = self._merges[key] = [r.members[0] if len(r.members) == 1 else r for r in hit]
         return hit
+
+    def _gap_holds_an_out(self, a, b) -> bool:
+        """Whether another member's out lies in the padding between a's and b's outputs (a
+        merged update writes that padding)."""
+        g0 = a.flat.data_ptr() + a.numel * a.flat.element_size()
+        g1 = b.flat.data_ptr()
+        for m in self.members:
+            if m is a or m is b or m.out.device != b.flat.device:
+                continue
+            m0 = m.out.data_ptr()
+            m1 = m0 + _extent(m.out) * m.out.element_size()
+            if m0 < g1 and g0 < m1:
+                return True
+        return False
 
     def _table(self, members: list, block: int):
         key = (tuple(m.index for m in members), block)

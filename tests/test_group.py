@@ -475,8 +475,6 @@ def test_refused_forecast_leaves_everything_as_it_was(case, be, device):
         assert_same_state(states[i], b, f"state {i} after the refusal")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StateGroup._steps_sizes' fast path (hs.count(hs[0]) == len(hs)) "
-                   "counts True == 1.0, so a bool step size in a list is accepted as 1.0 without check_step")
 def test_refused_bool_in_h_list(device):
     states, twins, outs = _three(device, "torch")
     saved = [o.clone() for o in outs]
@@ -486,9 +484,6 @@ def test_refused_bool_in_h_list(device):
     _assert_untouched(states, twins, outs, saved)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StateGroup._steps_sizes' fast path compares a tensor element with "
-                   "hs[0] (list.count): a 2-element tensor in an h list raises torch's 'Boolean value of Tensor "
-                   "with more than one value is ambiguous' instead of check_step's 'must be a scalar'")
 def test_refused_tensor_in_h_list(device):
     states, twins, outs = _three(device, "torch")
     saved = [o.clone() for o in outs]
@@ -627,9 +622,6 @@ def test_forecast_group_function(backend, device):
         assert_same_state(states[i], b, f"state {i}, tensor h")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: merging packed members (_continues/_Span) writes the out arena's "
-                   "padding columns between them, which may hold another member's out (a view the caller placed "
-                   "there); only out-vs-out overlap of the views themselves is checked")
 def test_merged_span_does_not_write_another_out(backend, device):
     x = feature((10,), torch.float32, device, 1)
     a, b, c, c_twin = (fk.allocate(x, "reuse") for _ in range(4))

@@ -61,6 +61,7 @@ class StepInfo:
     written: List[torch.Tensor] = field(default_factory=list)  # forecast tensors returned
     warned_shape: bool = False
     batched: Optional[set] = None  # groups forecast together at this (skipped) step's first cached call
+    plans: dict = field(default_factory=dict)  # full-step plans shared by states with one history
     phase: str = ""  # duca: "full" / "conservative" / "aggressive"
     cfg_batched: bool = False  # duca: this call holds two CFG halves (conservative steps only)
 
@@ -303,7 +304,8 @@ class CacheController:
         return None, (group if step.update else None)
 
     def after_module(self, group: StreamGroup, out, args, kwargs) -> None:
-        group.update(out, args, kwargs, self.current.tau, self.config, self.method)
+        step = self.current
+        group.update(out, args, kwargs, step.tau, self.config, self.method, step.plans)
         if self.duca is not None:
             self.duca.on_full(group)
 

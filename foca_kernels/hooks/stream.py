@@ -43,11 +43,14 @@ class Stream:
             b = self.buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         return b
 
-    def update(self, feature: torch.Tensor, h: float, config, method) -> None:
+    def update(self, feature: torch.Tensor, h: float, config, method, plans: Optional[dict] = None) -> None:
         st = self.state
         if st is None or st.shape != feature.shape or st.io_dtype != feature.dtype or st.device != feature.device:
             self.state = st = _api.allocate(feature, method, dtype=config.state_dtype)
-        _api.update_(st, feature, h, backend=config.backend)
+        if plans is None or torch.is_inference_mode_enabled() != st.slots.is_inference():
+            _api.update_(st, feature, h, backend=config.backend)
+        else:  # shape, dtype, device checked above; h > 0 by construction of tau
+            _api.update_shared_(st, feature, h, plans, backend=config.backend)
 
     def forecast_buffer(self, config) -> torch.Tensor:
         """The tensor this stream's forecast is written into (kept across steps by default)."""
@@ -222,7 +225,7 @@ class StreamGroup:
         return names
 
     # ---- steps -------------------------------------------------------------------------
-    def update(self, out, args, kwargs, tau: float, config, method) -> None:
+    def update(self, out, args, kwargs, tau: float, config, method, plans: Optional[dict] = None) -> None:
         """A computed call: feed its output(s) to the states."""
         tensors, template = flatten(out)
         if tensors is None:
@@ -254,7 +257,7 @@ class StreamGroup:
                 x = self._arg(name, args, kwargs)
                 with torch.no_grad():  # cache writes record no autograd history (out= refuses it anyway)
                     t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
-            stream.update(t, h, config, method)
+            stream.update(t, h, config, method, plans)
         self.last_tau = tau
 
     def forecast(self, args, kwargs, tau: float, config, written: list):
