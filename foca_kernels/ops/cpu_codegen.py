@@ -1,0 +1,432 @@
+"""Generated code for the fused PyTorch path on CPU: one C loop per update, compiled at run time.
+
+``lincomb_torch`` on CPU hands a whole update to :func:`lincomb_c` when it can: one pass over
+the elements in L1-sized blocks, fp32 accumulation, one rounding per output, non-temporal
+stores for large tensors. The C source below is compiled once per process, on the first call,
+with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3
+-march=native``, retried without ``-march=native``) into a temporary directory and loaded with
+ctypes; nothing is compiled per signature (the loop takes any number of inputs, rows and
+destinations, and any mix of float32 / bfloat16 / float16), so new coefficients, methods or
+dtypes never recompile. The first call's cost (about 0.3 s here, see docs/benchmarks.md) is paid
+once per process.
+
+Without a compiler, or when compiling fails, or with ``FOCA_KERNELS_CPU_CODEGEN=0``, the plain
+PyTorch ops in torch_lincomb.py run instead (same results up to fp32 summation order);
+:func:`status` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import torch
+
+SOURCE = r"""/* The fused linear-combination update for CPU tensors, as one loop over the elements.
+
+   Compiled at run time by cpu_codegen.py (once per process, with the C compiler found on the
+   machine) and called through ctypes with raw pointers. Every pointer addresses a contiguous
+   run of elements of dtype 0 = float32, 1 = bfloat16, 2 = float16.
+
+   The elements are worked through in blocks of BLOCK. For each block, every distinct output row
+   is accumulated in fp32 into its own L1-resident buffer before anything is stored, so an output
+   may overwrite one of the inputs in place; then each row is rounded once to each destination's
+   dtype (round to nearest even, bit for bit torch's scalar conversions) and stored. A zero
+   coefficient is not a term: its input is never read, so a nan/inf in an unused input cannot
+   reach a row. Up to four terms of one dtype are summed in registers in one loop
+   (c0*x0 + c1*x1 + ..., left to right, as the PyTorch path adds them).
+
+   With stream != 0 (large tensors) stores bypass the cache (non-temporal), as the libc copy the
+   benchmarks call the floor does; otherwise every written cache line would first be read. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 2048 /* elements: 8 KiB of fp32 per row */
+
+static inline float f32_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+static inline float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+static inline uint16_t f32_to_bf16(float f) { /* c10::detail::round_to_nearest_even */
+    uint32_t u = f32_to_bits(f);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? 0x7fc0u : r);
+}
+
+static inline float f16_to_f32(uint16_t h) { /* c10::detail::fp16_ieee_to_fp32_value */
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t nb = f32_to_bits(normalized), db = f32_to_bits(denormalized);
+    return f32_from_bits(sign | (two_w < (1u << 27) ? db : nb));
+}
+
+static inline uint16_t f32_to_f16(float f) { /* c10::detail::fp16_ieee_from_fp32_value */
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f32_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_to_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+#define LD0(p, k) (((const float *)(p))[k])
+#define LD1(p, k) bf16_to_f32(((const uint16_t *)(p))[k])
+#define LD2(p, k) f16_to_f32(((const uint16_t *)(p))[k])
+
+/* acc (=|+=) sum of nt <= 4 terms c[i] * x[i], all of dtype D, over m elements */
+#define DEF_TERMS(D)                                                                               \
+    static void terms##D(float *restrict acc, const void *const *x, const float *c, int nt,       \
+                         int64_t m, int first) {                                                  \
+        const void *restrict x0 = x[0], *restrict x1 = nt > 1 ? x[1] : 0;                          \
+        const void *restrict x2 = nt > 2 ? x[2] : 0, *restrict x3 = nt > 3 ? x[3] : 0;             \
+        const float c0 = c[0], c1 = nt > 1 ? c[1] : 0.f, c2 = nt > 2 ? c[2] : 0.f,                \
+                    c3 = nt > 3 ? c[3] : 0.f;                                                      \
+        if (first) {                                                                               \
+            switch (nt) {                                                                          \
+            case 1: { for (int64_t k = 0; k < m; k++) acc[k] = c0 * LD##D(x0, k); } break;             \
+            case 2: { for (int64_t k = 0; k < m; k++) acc[k] = c0 * LD##D(x0, k) + c1 * LD##D(x1, k); } break; \
+            case 3: { for (int64_t k = 0; k < m; k++)                                                \
+                    acc[k] = c0 * LD##D(x0, k) + c1 * LD##D(x1, k) + c2 * LD##D(x2, k); } break;      \
+            default: { for (int64_t k = 0; k < m; k++)                                               \
+                    acc[k] = c0 * LD##D(x0, k) + c1 * LD##D(x1, k) + c2 * LD##D(x2, k)              \
+                             + c3 * LD##D(x3, k); } break;                                            \
+            }                                                                                      \
+        } else {                                                                                   \
+            switch (nt) {                                                                          \
+            case 1: { for (int64_t k = 0; k < m; k++) acc[k] = acc[k] + c0 * LD##D(x0, k); } break;    \
+            case 2: { for (int64_t k = 0; k < m; k++)                                                \
+                    acc[k] = acc[k] + c0 * LD##D(x0, k) + c1 * LD##D(x1, k); } break;                 \
+            case 3: { for (int64_t k = 0; k < m; k++)                                                \
+                    acc[k] = acc[k] + c0 * LD##D(x0, k) + c1 * LD##D(x1, k) + c2 * LD##D(x2, k); } break; \
+            default: { for (int64_t k = 0; k < m; k++)                                               \
+                    acc[k] = acc[k] + c0 * LD##D(x0, k) + c1 * LD##D(x1, k) + c2 * LD##D(x2, k)     \
+                             + c3 * LD##D(x3, k); } break;                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }
+DEF_TERMS(0)
+DEF_TERMS(1)
+DEF_TERMS(2)
+
+/* acc rounded to dtype dt into dst, ordinary stores */
+static void store_plain(void *restrict dst, const float *restrict acc, int dt, int64_t m) {
+    if (dt == 0) {
+        memcpy(dst, acc, (size_t)m * 4);
+    } else if (dt == 1) {
+        uint16_t *restrict q = (uint16_t *)dst;
+        for (int64_t k = 0; k < m; k++) q[k] = f32_to_bf16(acc[k]);
+    } else {
+        uint16_t *restrict q = (uint16_t *)dst;
+        for (int64_t k = 0; k < m; k++) q[k] = f32_to_f16(acc[k]);
+    }
+}
+
+#if defined(__AVX2__)
+static inline __m256i bf16_round8(__m256 v) { /* 8 x u32, bf16 bits in the low half */
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    __m256 ordered = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    return _mm256_blendv_epi8(_mm256_set1_epi32(0x7fc0), r, _mm256_castps_si256(ordered));
+}
+#endif
+
+/* acc rounded to dtype dt into dst with non-temporal stores where dst is 32-byte aligned */
+static void store_stream(void *restrict dst, const float *restrict acc, int dt, int64_t m) {
+#if defined(__AVX2__)
+    const int size = dt == 0 ? 4 : 2;
+    int64_t head = (int64_t)(((32 - ((uintptr_t)dst % 32)) % 32) / size);
+    if ((uintptr_t)dst % size) head = m; /* misaligned elements: no streaming */
+    if (head > m) head = m;
+    store_plain(dst, acc, dt, head);
+    int64_t k = head;
+    if (dt == 0) {
+        float *q = (float *)dst;
+        for (; k + 8 <= m; k += 8) _mm256_stream_ps(q + k, _mm256_loadu_ps(acc + k));
+    } else if (dt == 1) {
+        uint16_t *q = (uint16_t *)dst;
+        for (; k + 16 <= m; k += 16) {
+            __m256i p = _mm256_packus_epi32(bf16_round8(_mm256_loadu_ps(acc + k)),
+                                            bf16_round8(_mm256_loadu_ps(acc + k + 8)));
+            _mm256_stream_si256((__m256i *)(q + k), _mm256_permute4x64_epi64(p, 0xD8));
+        }
+    } else {
+        uint16_t stage[16] __attribute__((aligned(32)));
+        uint16_t *q = (uint16_t *)dst;
+        for (; k + 16 <= m; k += 16) {
+            for (int i = 0; i < 16; i++) stage[i] = f32_to_f16(acc[k + i]);
+            _mm256_stream_si256((__m256i *)(q + k), _mm256_load_si256((const __m256i *)stage));
+        }
+    }
+    store_plain((char *)dst + k * size, acc + k, dt, m - k);
+#else
+    store_plain(dst, acc, dt, m);
+#endif
+}
+
+/* nbytes from src to dst, non-temporal stores where dst is 32-byte aligned */
+static void copy_stream(char *restrict dst, const char *restrict src, size_t nbytes) {
+#if defined(__AVX2__)
+    size_t head = (32 - ((uintptr_t)dst % 32)) % 32;
+    if (head > nbytes) head = nbytes;
+    memcpy(dst, src, head);
+    size_t k = head;
+    for (; k + 32 <= nbytes; k += 32)
+        _mm256_stream_si256((__m256i *)(dst + k), _mm256_loadu_si256((const __m256i *)(src + k)));
+    memcpy(dst + k, src + k, nbytes - k);
+#else
+    memcpy(dst, src, nbytes);
+#endif
+}
+
+/* One update over elements [begin, end).
+   ptrs: the n_in inputs, then the n_dst destinations.
+   meta: in_dt[n_in], row_start[n_rows + 1], dst_dt[n_dst], row_copy[n_rows]: row r has
+   coefficients coef[r*n_in ..] and destinations row_start[r] .. row_start[r+1]; row_copy[r] >= 0
+   says the row is input row_copy[r] times 1 into destinations of its dtype, none of which is an
+   input of the call: its bytes are copied as they are (widening and rounding back is exact).
+   Returns 0, or -1 when the block buffers cannot be allocated. */
+int foca_lincomb(int64_t begin, int64_t end, int n_in, int n_rows, int n_dst, void *const *ptrs,
+                 const int *meta, const float *coef, int stream) {
+    static const int size_of[3] = {4, 2, 2};
+    const int *in_dt = meta, *row_start = meta + n_in, *dst_dt = row_start + n_rows + 1;
+    const int *row_copy = dst_dt + n_dst;
+    void *const *in = ptrs, *const *dst = ptrs + n_in;
+    float *buf = (float *)aligned_alloc(64, (size_t)(n_rows > 0 ? n_rows : 1) * BLOCK * sizeof(float));
+    if (!buf) return -1;
+    for (int64_t s = begin; s < end; s += BLOCK) {
+        int64_t m = end - s < BLOCK ? end - s : BLOCK;
+        for (int r = 0; r < n_rows; r++) {
+            if (row_copy[r] >= 0) continue;
+            float *acc = buf + (size_t)r * BLOCK;
+            const float *cr = coef + (size_t)r * n_in;
+            int first = 1;
+            int j = 0;
+            while (j < n_in) {
+                /* the next group: up to 4 nonzero terms of one dtype */
+                const void *xs[4];
+                float cs[4];
+                int nt = 0, dt = -1;
+                for (; j < n_in && nt < 4; j++) {
+                    if (cr[j] == 0.0f) continue;
+                    if (dt >= 0 && in_dt[j] != dt) break;
+                    dt = in_dt[j];
+                    xs[nt] = (const char *)in[j] + s * size_of[dt];
+                    cs[nt++] = cr[j];
+                }
+                if (nt == 0) continue;
+                if (dt == 0) terms0(acc, xs, cs, nt, m, first);
+                else if (dt == 1) terms1(acc, xs, cs, nt, m, first);
+                else terms2(acc, xs, cs, nt, m, first);
+                first = 0;
+            }
+            if (first) memset(acc, 0, (size_t)m * sizeof(float));
+        }
+        for (int r = 0; r < n_rows; r++) {
+            const float *acc = buf + (size_t)r * BLOCK;
+            for (int d = row_start[r]; d < row_start[r + 1]; d++) {
+                int size = size_of[dst_dt[d]];
+                char *p = (char *)dst[d] + s * size;
+                if (row_copy[r] >= 0) {
+                    const char *q = (const char *)in[row_copy[r]] + s * size;
+                    if (stream) copy_stream(p, q, (size_t)(m * size));
+                    else memcpy(p, q, (size_t)(m * size));
+                } else if (stream) {
+                    store_stream(p, acc, dst_dt[d], m);
+                } else {
+                    store_plain(p, acc, dst_dt[d], m);
+                }
+            }
+        }
+    }
+#if defined(__AVX2__)
+    if (stream) _mm_sfence();
+#endif
+    free(buf);
+    return 0;
+}
+"""
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+STREAM_BYTES = 8 << 20  # non-temporal stores once the call moves more than this (past L2, near L3)
+ENV = "FOCA_KERNELS_CPU_CODEGEN"
+
+_lock = threading.Lock()
+_lib = None
+_tried = False
+_reason = "not loaded yet"
+compile_seconds: Optional[float] = None  # how long the first call spent compiling and loading
+
+
+_OFF = ("0", "false", "off", "no")
+
+
+def _enabled() -> bool:
+    v = os.environ.get(ENV)
+    return v is None or v.strip().lower() not in _OFF
+
+
+def _compilers():
+    names = [os.environ["CC"]] if os.environ.get("CC") else []
+    names += ["cc", "gcc", "clang"]
+    seen = []
+    for name in names:
+        path = shutil.which(name)
+        if path and path not in seen:
+            seen.append(path)
+    return seen
+
+
+def _build():
+    """Compile SOURCE and load it; returns (library, reason)."""
+    compilers = _compilers()
+    if not compilers:
+        return None, "no C compiler found (looked for $CC, cc, gcc, clang)"
+    tmp = tempfile.mkdtemp(prefix="foca_kernels_cpu_")
+    src = os.path.join(tmp, "lincomb.c")
+    with open(src, "w") as f:
+        f.write(SOURCE)
+    errors = []
+    try:
+        for cc in compilers:
+            for arch in (["-march=native"], []):
+                so = os.path.join(tmp, f"lincomb{len(errors)}.so")
+                cmd = [cc, "-O3", *arch, "-fno-trapping-math", "-std=c11", "-shared", "-fPIC", src, "-o", so]
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                except (OSError, subprocess.SubprocessError) as e:
+                    errors.append(f"{' '.join(cmd)}: {e}")
+                    continue
+                if r.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-300:]}")
+                    continue
+                try:
+                    lib = ctypes.CDLL(so)
+                except OSError as e:
+                    errors.append(f"loading {so}: {e}")
+                    continue
+                fn = lib.foca_lincomb
+                fn.restype = ctypes.c_int
+                fn.argtypes = [
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                ]
+                return lib, f"compiled with {' '.join(cmd[:-4])}"
+        return None, "compiling failed: " + " | ".join(errors)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a loaded library stays mapped
+
+
+def load():
+    """The compiled library, compiling it on the first call of the process; None if unavailable."""
+    global _lib, _tried, _reason, compile_seconds
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            t0 = time.perf_counter()
+            try:
+                _lib, _reason = _build()
+            except Exception as e:  # never let the fast path break the fallback
+                _lib, _reason = None, f"compiling failed: {type(e).__name__}: {e}"
+            compile_seconds = time.perf_counter() - t0
+            _tried = True
+    return _lib
+
+
+def status() -> str:
+    """Whether the generated CPU code is used, and why (or why not)."""
+    if not _enabled():
+        return f"off ({ENV}=0): plain PyTorch ops"
+    if not _tried:
+        return "not loaded yet (compiled on the first CPU update)"
+    if _lib is None:
+        return f"unavailable, plain PyTorch ops: {_reason}"
+    t = f" in {compile_seconds:.2f} s" if compile_seconds is not None else ""
+    return f"in use ({_reason}{t})"
+
+
+def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
+    """``lincomb_torch``'s update with the compiled loop, straight from data pointers (no
+    tensor views: on small tensors the per-call cost is the Python around the loop). Returns
+    False, having written nothing, when the compiled code cannot take this call (switched off,
+    no compiler, a dtype it does not know, a non-contiguous tensor); the caller then runs the
+    PyTorch ops."""
+    if not _enabled():
+        return False
+    lib = _lib if _tried else load()
+    if lib is None:
+        return False
+    code = DTYPE_CODES.get(slots.dtype)
+    if code is None or slots.dim() != 2 or slots.stride(1) != 1 or slots.device.type != "cpu":
+        return False
+    size = slots.element_size()
+    base, row = slots.data_ptr(), slots.stride(0) * size
+    ptrs = [base + r * row for r in reads]
+    in_dt = [code] * len(ptrs)
+    if feature is not None:
+        fcode = DTYPE_CODES.get(feature.dtype)
+        if fcode is None or feature.numel() != n or not feature.is_contiguous() or feature.device.type != "cpu":
+            return False
+        ptrs.append(feature.data_ptr())
+        in_dt.append(fcode)
+    n_in = len(ptrs)
+    dst_ptrs = [base + w * row for w in writes]
+    dst_codes = [code] * len(dst_ptrs)
+    if out is not None:
+        ocode = DTYPE_CODES.get(out.dtype)
+        if ocode is None or out.numel() != n or not out.is_contiguous() or out.device.type != "cpu":
+            return False
+        dst_ptrs.append(out.data_ptr())
+        dst_codes.append(ocode)
+    if n <= 0 or not dst_ptrs:
+        return True
+    # distinct rows, each with its destinations (pointer, dtype)
+    targets: dict = {}
+    for j, (p, c) in enumerate(zip(dst_ptrs, dst_codes)):
+        targets.setdefault(tuple(coef[j * n_in : (j + 1) * n_in]), []).append((p, c))
+    flat_ptrs, flat_coef, row_start, dsts_dt, row_copy = list(ptrs), [], [0], [], []
+    written = set(dst_ptrs)
+    for r, ds in targets.items():
+        flat_coef.extend(r)
+        row_start.append(row_start[-1] + len(ds))
+        for p, c in ds:
+            flat_ptrs.append(p)
+            dsts_dt.append(c)
+        nz = [j for j, c in enumerate(r) if c != 0.0]
+        copy = -1
+        if len(nz) == 1 and r[nz[0]] == 1.0:
+            j = nz[0]
+            if ptrs[j] not in written and all(c == in_dt[j] for _, c in ds):
+                copy = j
+        row_copy.append(copy)
+    meta = in_dt + row_start + dsts_dt + row_copy
+    in_bytes = sum(2 if c else 4 for c in in_dt)
+    out_bytes = sum(2 if c else 4 for c in dsts_dt)
+    rc = lib.foca_lincomb(
+        0, n, n_in, len(targets), len(dsts_dt), (ctypes.c_void_p * len(flat_ptrs))(*flat_ptrs),
+        (ctypes.c_int * len(meta))(*meta), (ctypes.c_float * len(flat_coef))(*flat_coef),
+        1 if n * (in_bytes + out_bytes) > STREAM_BYTES else 0,
+    )
+    if rc != 0:
+        raise MemoryError("foca_kernels: the compiled CPU update could not allocate its block buffers")
+    return True
