@@ -236,3 +236,12 @@ def test_equal_rows_into_destinations_of_different_dtypes(stream, monkeypatch):
     exact = 1.5 * slots[0].double() - 0.5 * slots[1].double() + 0.5 * slots[2].double()
     assert torch.allclose(out.double(), exact, rtol=1e-6, atol=1e-6)
     assert torch.equal(slots[3], out.to(torch.bfloat16))
+
+
+@needs_cc
+def test_out_of_range_slots_are_left_to_the_pytorch_ops():
+    slots = torch.randn(2, 8)
+    assert cpu_codegen.lincomb_cpu(slots, None, None, 8, [2], [0], [1.0]) is False
+    assert cpu_codegen.lincomb_cpu(slots, None, None, 9, [0], [1], [1.0]) is False
+    with pytest.raises(IndexError):
+        lincomb_torch(slots, None, None, 8, [2], [0], [1.0])

@@ -482,6 +482,9 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     code = DTYPE_CODES.get(slots.dtype)
     if code is None or slots.dim() != 2 or slots.stride(1) != 1 or slots.device.type != "cpu":
         return False
+    rows, width = slots.shape
+    if n > width or any(not 0 <= r < rows for r in (*reads, *writes)):
+        return False  # the PyTorch ops raise the proper error
     size = slots.element_size()
     base, row = slots.data_ptr(), slots.stride(0) * size
     ptrs = [base + r * row for r in reads]
