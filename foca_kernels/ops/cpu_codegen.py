@@ -229,78 +229,132 @@ static void copy_stream(char *restrict dst, const char *restrict src, size_t nby
 #endif
 }
 
-/* whether row cr can be stored in one pass into a destination of dtype dt: 1..4 nonzero
-   terms, all inputs with a nonzero coefficient of dtype dt */
-static int direct_ok(const float *cr, int n_in, const int *in_dt, int dt) {
+/* The nonzero terms of row cr when there are 1..4 and all are of dtype dt: their inputs (at
+   element s) into xs, coefficients into cs; returns how many, or 0 when the row does not fit. */
+static int gather(const float *cr, int n_in, void *const *in, const int *in_dt, int dt, int64_t s,
+                  const void **xs, float *cs) {
+    static const int size_of[3] = {4, 2, 2};
     int nt = 0;
     for (int j = 0; j < n_in; j++) {
         if (cr[j] == 0.0f) continue;
-        if (in_dt[j] != dt || ++nt > 4) return 0;
+        if (in_dt[j] != dt || nt == 4) return 0;
+        xs[nt] = (const char *)in[j] + s * size_of[dt];
+        cs[nt++] = cr[j];
     }
-    return nt > 0;
+    return nt;
 }
 
-static int direct_row(const float *cr, int n_in, void *const *in, const int *in_dt, void *dst, int dt,
-                      int64_t s, int64_t m) {
-    static const int size_of[3] = {4, 2, 2};
-    if (!direct_ok(cr, n_in, in_dt, dt)) return 0;
-    const void *xs[4];
-    float cs[4];
-    int nt = 0;
-    for (int j = 0; j < n_in; j++)
-        if (cr[j] != 0.0f) { xs[nt] = (const char *)in[j] + s * size_of[dt]; cs[nt++] = cr[j]; }
-    char *p = (char *)dst + s * size_of[dt];
-    if (dt == 0) direct0(p, xs, cs, nt, m);
-    else if (dt == 1) direct1(p, xs, cs, nt, m);
-    else direct2(p, xs, cs, nt, m);
-    return 1;
+#if defined(__AVX2__) && defined(__FMA__)
+/* bf16 inputs to a bf16 destination, 16 elements a step. Widening by interleaving with zeros
+   and narrowing with packus are both per 128-bit lane, so together they keep element order
+   without a cross-lane shuffle. */
+static inline __attribute__((always_inline)) void bf16_steps(uint16_t *q, const void *const *xs, const float *cs,
+                                                             const int nt, int64_t k0, int64_t m, int stream) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 c[4];
+    for (int i = 0; i < nt; i++) c[i] = _mm256_set1_ps(cs[i]);
+    for (int64_t k = k0; k + 16 <= m; k += 16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)xs[0] + k));
+        __m256 lo = _mm256_mul_ps(c[0], _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)));
+        __m256 hi = _mm256_mul_ps(c[0], _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)));
+        for (int i = 1; i < nt; i++) {
+            v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)xs[i] + k));
+            lo = _mm256_fmadd_ps(c[i], _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), lo);
+            hi = _mm256_fmadd_ps(c[i], _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), hi);
+        }
+        __m256i r = _mm256_packus_epi32(bf16_round8(lo), bf16_round8(hi));
+        if (stream) _mm256_stream_si256((__m256i *)(q + k), r);
+        else _mm256_storeu_si256((__m256i *)(q + k), r);
+    }
+}
+
+static void bf16_direct(uint16_t *q, const void *const *xs, const float *cs, int nt, int64_t m, int stream) {
+    int64_t head = 0;
+    if (stream) {
+        head = (int64_t)(((32 - ((uintptr_t)q % 32)) % 32) / 2);
+        if ((uintptr_t)q % 2 || head > m) head = m;
+        direct1(q, xs, cs, nt, head);
+    }
+    switch (nt) {
+    case 1: bf16_steps(q, xs, cs, 1, head, m, stream); break;
+    case 2: bf16_steps(q, xs, cs, 2, head, m, stream); break;
+    case 3: bf16_steps(q, xs, cs, 3, head, m, stream); break;
+    default: bf16_steps(q, xs, cs, 4, head, m, stream); break;
+    }
+    int64_t done = head + (m - head) / 16 * 16;
+    const void *rest[4];
+    for (int i = 0; i < nt; i++) rest[i] = (const uint16_t *)xs[i] + done;
+    direct1(q + done, rest, cs, nt, m - done);
+}
+#endif
+
+/* dst (at the block) <- the row of terms xs/cs rounded to dt, in one pass where possible */
+static void store_direct(char *p, int dt, const void **xs, const float *cs, int nt, int64_t m, int stream,
+                         float *scratch) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (dt == 1) { bf16_direct((uint16_t *)p, xs, cs, nt, m, stream); return; }
+#endif
+    if (!stream) {
+        if (dt == 0) direct0(p, xs, cs, nt, m);
+        else if (dt == 1) direct1(p, xs, cs, nt, m);
+        else direct2(p, xs, cs, nt, m);
+        return;
+    }
+    if (dt == 0) terms0(scratch, xs, cs, nt, m, 1);
+    else if (dt == 1) terms1(scratch, xs, cs, nt, m, 1);
+    else terms2(scratch, xs, cs, nt, m, 1);
+    store_stream(p, scratch, dt, m);
 }
 
 /* One update over elements [begin, end).
    ptrs: the n_in inputs, then the n_dst destinations.
-   meta: in_dt[n_in], row_start[n_rows + 1], dst_dt[n_dst], row_copy[n_rows]: row r has
-   coefficients coef[r*n_in ..] and destinations row_start[r] .. row_start[r+1]; row_copy[r] >= 0
-   says the row is input row_copy[r] times 1 into destinations of its dtype, none of which is an
-   input of the call: its bytes are copied as they are (widening and rounding back is exact).
-   hazard == 0 promises that no destination is an input: rows may then be stored as soon as
-   they are formed, in one pass where inputs and destination share a dtype (and at most four
-   terms), and unit copies run over the whole range at once.
+   meta: in_dt[n_in], row_start[n_rows + 1], dst_dt[n_dst], row_copy[n_rows], row_hazard[n_rows]:
+   row r has coefficients coef[r*n_in ..] and destinations row_start[r] .. row_start[r+1].
+   row_copy[r] >= 0: the row is input row_copy[r] times 1 into destinations of its dtype, and that
+   input is no destination of the call: its bytes are copied as they are (widening and rounding
+   back is exact). row_hazard[r]: some destination of the row is an input of the call, so the
+   row is stored only after every row of the block has been formed; the other rows are stored
+   as soon as they are formed (in one pass when they have a single destination).
    Returns 0, or -1 when the block buffers cannot be allocated. */
 int foca_lincomb(int64_t begin, int64_t end, int n_in, int n_rows, int n_dst, void *const *ptrs,
-                 const int *meta, const float *coef, int stream, int hazard) {
+                 const int *meta, const float *coef, int stream) {
     static const int size_of[3] = {4, 2, 2};
     const int *in_dt = meta, *row_start = meta + n_in, *dst_dt = row_start + n_rows + 1;
-    const int *row_copy = dst_dt + n_dst;
+    const int *row_copy = dst_dt + n_dst, *row_hazard = row_copy + n_rows;
     void *const *in = ptrs, *const *dst = ptrs + n_in;
-    float *buf = (float *)aligned_alloc(64, (size_t)(n_rows > 0 ? n_rows : 1) * BLOCK * sizeof(float));
+    float *buf = (float *)aligned_alloc(64, (size_t)(n_rows + 1) * BLOCK * sizeof(float));
     if (!buf) return -1;
-    if (!hazard) {
-        for (int r = 0; r < n_rows; r++) {
-            if (row_copy[r] < 0) continue;
-            for (int d = row_start[r]; d < row_start[r + 1]; d++) {
-                int size = size_of[dst_dt[d]];
-                char *p = (char *)dst[d] + begin * size;
-                const char *q = (const char *)in[row_copy[r]] + begin * size;
-                if (stream) copy_stream(p, q, (size_t)((end - begin) * size));
-                else memcpy(p, q, (size_t)((end - begin) * size));
-            }
+    float *scratch = buf + (size_t)n_rows * BLOCK;
+    for (int r = 0; r < n_rows; r++) { /* unit copies into non-inputs: the whole range at once */
+        if (row_copy[r] < 0 || row_hazard[r]) continue;
+        for (int d = row_start[r]; d < row_start[r + 1]; d++) {
+            int size = size_of[dst_dt[d]];
+            char *p = (char *)dst[d] + begin * size;
+            const char *q = (const char *)in[row_copy[r]] + begin * size;
+            if (stream) copy_stream(p, q, (size_t)((end - begin) * size));
+            else memcpy(p, q, (size_t)((end - begin) * size));
         }
     }
     for (int64_t s = begin; s < end; s += BLOCK) {
         int64_t m = end - s < BLOCK ? end - s : BLOCK;
         for (int r = 0; r < n_rows; r++) {
             if (row_copy[r] >= 0) continue;
-            float *acc = buf + (size_t)r * BLOCK;
+            int d0 = row_start[r], nd = row_start[r + 1] - d0;
             const float *cr = coef + (size_t)r * n_in;
-            if (!hazard && !stream && direct_row(cr, n_in, in, in_dt, dst[row_start[r]], dst_dt[row_start[r]], s, m))
+            const void *xs[4];
+            float cs[4];
+            int nt;
+            if (!row_hazard[r] && nd == 1 && (nt = gather(cr, n_in, in, in_dt, dst_dt[d0], s, xs, cs)) > 0) {
+                store_direct((char *)dst[d0] + s * size_of[dst_dt[d0]], dst_dt[d0], xs, cs, nt, m, stream, scratch);
                 continue;
+            }
+            float *acc = buf + (size_t)r * BLOCK;
             int first = 1;
             int j = 0;
             while (j < n_in) {
                 /* the next group: up to 4 nonzero terms of one dtype */
-                const void *xs[4];
-                float cs[4];
-                int nt = 0, dt = -1;
+                int dt = -1;
+                nt = 0;
                 for (; j < n_in && nt < 4; j++) {
                     if (cr[j] == 0.0f) continue;
                     if (dt >= 0 && in_dt[j] != dt) break;
@@ -315,33 +369,17 @@ int foca_lincomb(int64_t begin, int64_t end, int n_in, int n_rows, int n_dst, vo
                 first = 0;
             }
             if (first) memset(acc, 0, (size_t)m * sizeof(float));
-        }
-        for (int r = 0; r < n_rows; r++) {
-            const float *acc = buf + (size_t)r * BLOCK;
-            int d0 = row_start[r];
-            if (!hazard && row_copy[r] >= 0) continue; /* copied above */
-            if (!hazard && !stream && direct_ok(coef + (size_t)r * n_in, n_in, in_dt, dst_dt[d0])) {
-                /* stored by direct_row: the other destinations copy or round from it */
-                for (int d = d0 + 1; d < row_start[r + 1]; d++) {
-                    int size = size_of[dst_dt[d]];
-                    char *p = (char *)dst[d] + s * size;
-                    const char *q = (const char *)dst[d0] + s * size;
-                    if (dst_dt[d] == dst_dt[d0]) memcpy(p, q, (size_t)(m * size));
-                    else { /* recompute: rare (destinations of different dtypes) */
-                        const void *xs[4]; float cs[4]; int nt = 0;
-                        const float *cr = coef + (size_t)r * n_in;
-                        for (int j = 0; j < n_in; j++)
-                            if (cr[j] != 0.0f) { xs[nt] = (const char *)in[j] + s * size_of[in_dt[j]]; cs[nt++] = cr[j]; }
-                        float *tmp = buf + (size_t)r * BLOCK;
-                        if (dst_dt[d0] == 0) terms0(tmp, xs, cs, nt, m, 1);
-                        else if (dst_dt[d0] == 1) terms1(tmp, xs, cs, nt, m, 1);
-                        else terms2(tmp, xs, cs, nt, m, 1);
-                        store_plain(p, tmp, dst_dt[d], m);
-                    }
-                }
-                continue;
+            if (row_hazard[r]) continue; /* stored below */
+            for (int d = d0; d < d0 + nd; d++) {
+                char *p = (char *)dst[d] + s * size_of[dst_dt[d]];
+                if (stream) store_stream(p, acc, dst_dt[d], m);
+                else store_plain(p, acc, dst_dt[d], m);
             }
-            for (int d = d0; d < row_start[r + 1]; d++) {
+        }
+        for (int r = 0; r < n_rows; r++) { /* every row is formed: now the inputs may change */
+            if (!row_hazard[r]) continue;
+            const float *acc = buf + (size_t)r * BLOCK;
+            for (int d = row_start[r]; d < row_start[r + 1]; d++) {
                 int size = size_of[dst_dt[d]];
                 char *p = (char *)dst[d] + s * size;
                 if (row_copy[r] >= 0) {
@@ -431,7 +469,7 @@ def _build():
                 fn.restype = ctypes.c_int
                 fn.argtypes = [
                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                 ]
                 return lib, f"compiled with {' '.join(cmd[:-4])}"
         return None, "compiling failed: " + " | ".join(errors)
@@ -510,9 +548,10 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     targets: dict = {}
     for j, (p, c) in enumerate(zip(dst_ptrs, dst_codes)):
         targets.setdefault(tuple(coef[j * n_in : (j + 1) * n_in]), []).append((p, c))
-    flat_ptrs, flat_coef, row_start, dsts_dt, row_copy = list(ptrs), [], [0], [], []
-    written = set(dst_ptrs)
+    flat_ptrs, flat_coef, row_start, dsts_dt, row_copy, row_hazard = list(ptrs), [], [0], [], [], []
+    written, read = set(dst_ptrs), set(ptrs)
     for r, ds in targets.items():
+        row_hazard.append(1 if any(p in read for p, _ in ds) else 0)
         flat_coef.extend(r)
         row_start.append(row_start[-1] + len(ds))
         for p, c in ds:
@@ -525,14 +564,13 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
             if ptrs[j] not in written and all(c == in_dt[j] for _, c in ds):
                 copy = j
         row_copy.append(copy)
-    meta = in_dt + row_start + dsts_dt + row_copy
+    meta = in_dt + row_start + dsts_dt + row_copy + row_hazard
     in_bytes = sum(2 if c else 4 for c in in_dt)
     out_bytes = sum(2 if c else 4 for c in dsts_dt)
     args = (
         n_in, len(targets), len(dsts_dt), (ctypes.c_void_p * len(flat_ptrs))(*flat_ptrs),
         (ctypes.c_int * len(meta))(*meta), (ctypes.c_float * len(flat_coef))(*flat_coef),
         1 if n * (in_bytes + out_bytes) > STREAM_BYTES else 0,
-        1 if written.intersection(ptrs) else 0,
     )
     threads = min(torch.get_num_threads(), n // PARALLEL_GRAIN)
     if threads <= 1:
