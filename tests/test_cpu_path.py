@@ -176,6 +176,8 @@ def test_fallback_without_a_compiler(monkeypatch):
     """No compiler on PATH: the first call records why, and the PyTorch ops give the results."""
     monkeypatch.setattr(cpu_codegen, "_lib", None)
     monkeypatch.setattr(cpu_codegen, "_tried", False)
+    monkeypatch.setattr(cpu_codegen, "_reason", cpu_codegen._reason)  # restored afterwards
+    monkeypatch.setattr(cpu_codegen, "compile_seconds", cpu_codegen.compile_seconds)
     monkeypatch.setattr(cpu_codegen, "_compilers", lambda: [])
     slots = torch.randn(3, 100)
     feature = torch.randn(100)
@@ -245,3 +247,13 @@ def test_out_of_range_slots_are_left_to_the_pytorch_ops():
     assert cpu_codegen.lincomb_cpu(slots, None, None, 9, [0], [1], [1.0]) is False
     with pytest.raises(IndexError):
         lincomb_torch(slots, None, None, 8, [2], [0], [1.0])
+
+
+@needs_cc
+def test_version_counters_move_as_with_in_place_ops():
+    """Raw writes still tell autograd that slots and out changed (as copy_ into them would)."""
+    slots = torch.randn(2, 8)
+    out = torch.empty(8)
+    v_slots, v_out = slots._version, out._version
+    lincomb_torch(slots, None, out, 8, [0], [1], [1.0, 2.0])
+    assert slots._version > v_slots and out._version > v_out

@@ -1,18 +1,20 @@
-"""Generated code for the fused PyTorch path on CPU: one C loop per update, compiled at run time.
+"""Generated code for the fused update on CPU: one C loop, compiled at run time.
 
-``lincomb_torch`` on CPU hands a whole update to :func:`lincomb_c` when it can: one pass over
-the elements in L1-sized blocks, fp32 accumulation, one rounding per output, non-temporal
-stores for large tensors. The C source below is compiled once per process, on the first call,
-with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3
--march=native``, retried without ``-march=native``) into a temporary directory and loaded with
-ctypes; nothing is compiled per signature (the loop takes any number of inputs, rows and
-destinations, and any mix of float32 / bfloat16 / float16), so new coefficients, methods or
-dtypes never recompile. The first call's cost (about 0.3 s here, see docs/benchmarks.md) is paid
-once per process.
+``lincomb_torch`` on CPU hands the whole update to :func:`lincomb_cpu` when it can: one pass
+over the elements in 2048-element blocks, fp32 accumulation, one rounding per output (torch's
+own round-to-nearest-even conversions), zero coefficients not terms, equal rows formed once,
+in-place overwrites of input slots safe, non-temporal stores for large calls. The C source below
+is compiled once per process, on the first CPU update, with the machine's C compiler (``$CC``,
+else ``cc``, ``gcc`` or ``clang``; ``-O2 -ftree-vectorize -march=native``, retried without
+``-march=native``) in a temporary directory, and loaded with ctypes. Nothing is compiled per
+signature: the loop takes any number of inputs, rows and destinations and any mix of float32 /
+bfloat16 / float16, so new coefficients, methods or dtypes never recompile. The first call's
+cost (1.4-2.3 s on the project's 2-vCPU machine; ``compile_seconds`` after loading) is paid
+once per process; see docs/benchmarks.md.
 
-Without a compiler, or when compiling fails, or with ``FOCA_KERNELS_CPU_CODEGEN=0``, the plain
-PyTorch ops in torch_lincomb.py run instead (same results up to fp32 summation order);
-:func:`status` says which and why.
+Without a compiler, when compiling fails, or with ``FOCA_KERNELS_CPU_CODEGEN=0``, the PyTorch
+ops in torch_lincomb.py run instead (same results up to fp32 summation order); :func:`status`
+says which path runs and why.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from typing import Optional
 
 import torch
+from torch.autograd.graph import increment_version
 
 SOURCE = r"""/* The fused linear-combination update for CPU tensors, as one loop over the elements.
 
@@ -592,4 +595,9 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
             w.join()
     if any(rcs):
         raise MemoryError("foca_kernels: the compiled CPU update could not allocate its block buffers")
+    # written behind autograd's back: bump the version counters as the in-place ops would
+    if writes:
+        increment_version(slots)
+    if out is not None:
+        increment_version(out)
     return True
