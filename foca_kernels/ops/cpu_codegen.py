@@ -520,6 +520,8 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     lib = _lib if _tried else load()
     if lib is None:
         return False
+    if isinstance(coef, torch.Tensor):
+        return False  # coefficients as a tensor: the PyTorch ops take them as they are
     code = DTYPE_CODES.get(slots.dtype)
     if code is None or slots.dim() != 2 or slots.stride(1) != 1 or slots.device.type != "cpu":
         return False
