@@ -6,16 +6,23 @@ a slot may be overwritten in place exactly as in the Triton kernel, and each out
 rounded once to its storage dtype. Rows with identical coefficients (FoCa's new F and the
 caller's out) are computed once and stored twice. Zero coefficients are skipped, as in the
 kernel, so a non-finite value in an unused input cannot leak into a row.
+
+On CPU the whole update is first offered to generated code (cpu_codegen.py: one compiled C
+loop, same rules); the PyTorch ops below run when that is unavailable or switched off.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cpu_codegen
+
 CPU_CHUNK = 1 << 16  # elements: a chunk of every input and accumulator stays in L2
 
 
 def lincomb_torch(slots, feature, out, n, reads, writes, coef) -> None:
+    if slots.device.type == "cpu" and cpu_codegen.lincomb_cpu(slots, feature, out, n, reads, writes, coef):
+        return
     xs = [slots[r, :n] for r in reads]
     if feature is not None:
         xs.append(feature)
