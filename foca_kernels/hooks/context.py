@@ -35,7 +35,8 @@ class ContextState:
         self.last_full: Optional[bool] = None  # decision of the latest step
         self.thread: Optional[int] = None  # thread running the current generation
         self.batch = None  # StateGroup of the streams forecast together at skipped steps
-        self.batch_key: Optional[tuple] = None  # which states and buffers it was built for
+        self.batch_key: Optional[tuple] = None  # which states it was built for
+        self.batch_ptrs: set = set()  # storages its forecasts live in
 
     def check_thread(self, me: int) -> None:
         """A generation belongs to the thread that started it: steps from another thread would
@@ -60,6 +61,7 @@ class ContextState:
         self.thread = None
         self.groups.clear()
         self.batch = self.batch_key = None
+        self.batch_ptrs = set()
 
     def forecast_all(self, tau: float, config) -> set:
         """Forecast every ready stream of this context in one grouped call (one launch per
@@ -73,11 +75,13 @@ class ContextState:
         key = tuple(id(s.state) for s in streams)
         reuse = config.reuse_output_buffers
         batch = self.batch
-        if key != self.batch_key or (reuse and any(s.buffer is not o for s, o in zip(streams, batch.outs))):
+        if key != self.batch_key:
             # (Re)pack: the states move into shared allocations so the step is one update.
+            # (A stream's buffer only changes with its state, so the key covers both.)
             states = [s.state for s in streams]
             batch = self.batch = StateGroup(states, pack_states_(states))
             self.batch_key = key
+            self._adopt(streams, batch, reuse)
         elif not reuse:  # new output tensors every step, laid out as the packed ones
             fresh = {}
             outs = []
@@ -87,15 +91,19 @@ class ContextState:
                     fresh[base.data_ptr()] = torch.empty(base.nbytes() // o.element_size(), dtype=o.dtype, device=o.device)
                 outs.append(fresh[base.data_ptr()].as_strided(o.shape, o.stride(), o.storage_offset()))
             batch = self.batch = StateGroup(batch.states, outs)
-        for s, o in zip(streams, batch.outs):
-            s.forecast_target = o
-            if reuse:
-                s.buffer = o
+            self._adopt(streams, batch, reuse)
         hs = [tau - g.last_tau for g in ready for _ in g.streams]
         self.batch.forecast_(hs, backend=config.backend)
         for g in ready:
             g.last_tau = tau
         return set(ready)
+
+    def _adopt(self, streams, batch, reuse: bool) -> None:
+        for s, o in zip(streams, batch.outs):
+            s.forecast_target = o
+            if reuse:
+                s.buffer = o
+        self.batch_ptrs = {o.untyped_storage().data_ptr() for o in batch.outs}
 
     def states(self) -> list:
         return [st for g in self.groups.values() for st in g.states()]

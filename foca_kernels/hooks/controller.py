@@ -59,6 +59,7 @@ class StepInfo:
     tau: float
     calls: Dict[str, int] = field(default_factory=dict)  # module name -> calls so far this step
     written: List[torch.Tensor] = field(default_factory=list)  # forecast tensors returned
+    written_ptrs: set = field(default_factory=set)  # storages of the grouped forecasts returned
     warned_shape: bool = False
     batched: Optional[set] = None  # groups forecast together at this (skipped) step's first cached call
     plans: dict = field(default_factory=dict)  # full-step plans shared by states with one history
@@ -235,9 +236,9 @@ class CacheController:
         """End the model call. Returned forecast buffers must not leave the model: the next
         step would overwrite them."""
         step, self.current = self.current, None
-        if not step.written or not self.config.reuse_output_buffers:
+        if not (step.written or step.written_ptrs) or not self.config.reuse_output_buffers:
             return out
-        ptrs = {t.untyped_storage().data_ptr() for t in step.written}
+        ptrs = step.written_ptrs | {t.untyped_storage().data_ptr() for t in step.written}
 
         def own(t):
             return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in ptrs
@@ -287,9 +288,10 @@ class CacheController:
         if not step.full and self.duca is None:
             if step.batched is None:
                 step.batched = ctx.forecast_all(step.tau, self.config)
+                step.written_ptrs = ctx.batch_ptrs
             if group in step.batched:  # forecast with every other ready module, in one launch
                 self.calls_forecast += 1
-                return group.finish_forecast(args, kwargs, step.tau, self.config, step.written), None
+                return group.finish_forecast(args, kwargs), None
         if not step.full and group.ready:
             self.calls_forecast += 1
             if step.phase == "conservative":

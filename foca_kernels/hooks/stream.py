@@ -267,14 +267,16 @@ class StreamGroup:
         self.last_tau = tau
         return self._output(ys, args, kwargs, written)
 
-    def finish_forecast(self, args, kwargs, tau: float, config, written: list):
-        """A skipped call whose forecasts the context already wrote (ContextState.forecast_all)."""
-        return self._output([s.forecast_target for s in self.streams], args, kwargs, written)
+    def finish_forecast(self, args, kwargs):
+        """A skipped call whose forecasts the context already wrote (ContextState.forecast_all;
+        it also records where they live, for the controller's end-of-step check)."""
+        return self._output([s.forecast_target for s in self.streams], args, kwargs, None)
 
-    def _output(self, ys, args, kwargs, written: list):
+    def _output(self, ys, args, kwargs, written: Optional[list]):
         for y, name in zip(ys, self.inputs):
             if name is not None:
                 with torch.no_grad():  # a forecast carries no graph, even when its input has one
                     y.add_(self._arg(name, args, kwargs))
-            written.append(y)
+            if written is not None:
+                written.append(y)
         return rebuild(self.template, ys)

@@ -1,8 +1,8 @@
 """The grouped update with PyTorch ops (devices Triton does not serve): many cache states that
 share a history, one coefficient matrix.
 
-Small members go through ``torch._foreach_*`` ops, a handful of dispatcher calls for the whole
-group instead of a handful per state (on CPU the per-call host cost, not memory, bounds a
+Many small members go through ``torch._foreach_*`` ops, a handful of dispatcher calls for the
+whole group instead of a handful per state (on CPU the per-call host cost, not memory, bounds a
 skipped step of a model with many small cached modules). Large members go through the
 single-state path, whose cache-sized chunks keep every input and accumulator in L2.
 
@@ -19,13 +19,19 @@ import torch
 
 from .torch_lincomb import CPU_CHUNK, lincomb_torch
 
+# From this many small members on, foreach ops (a few dispatcher calls in all) beat one
+# single-state update each (on CPU a compiled loop call, ~16 us; measured in bench_host).
+FOREACH_MIN = 8
+
 
 def group_torch(members: Sequence, reads, writes, has_out: bool, coef, pattern) -> None:
     """``members``: objects with ``slot_views`` (one flat view per slot), ``flat`` (the output, flat, or
     None), ``numel``, ``slots``; all of one state dtype, one output dtype, one device."""
     small = [m for m in members if m.numel <= CPU_CHUNK]
+    if len(small) < FOREACH_MIN:  # e.g. packed states merged into one member
+        small = []
     for m in members:
-        if m.numel > CPU_CHUNK:
+        if m.numel > CPU_CHUNK or not small:
             lincomb_torch(m.slots, None, m.flat if has_out else None, m.numel, reads, writes, coef)
     if small:
         _foreach_update(small, reads, writes, has_out, pattern)
