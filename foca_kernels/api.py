@@ -8,7 +8,12 @@ import torch
 
 from .backend import get_backend
 from .methods import Method, make_method
+import contextlib
+
 from .ops import lincomb_, run_lincomb
+from .ops.dispatch import run_lincomb_checked
+
+_NO_CONTEXT = contextlib.nullcontext()
 from .state import CacheState, Launch, slot_stride
 from .validation import (
     check_coefficients, check_finite_values, check_method_options, check_no_alias, check_no_overlap, check_out_grad_free, check_ready,
@@ -58,8 +63,11 @@ def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
     # The custom op is what torch.compile sees; eager calls skip its dispatcher. No autograd
     # history is ever recorded: the cache is for inference, and a graph kept in the slots
     # would grow with every step (and out= ops refuse inputs that require grad).
-    op = lincomb_ if torch.compiler.is_compiling() else run_lincomb
-    with torch.no_grad():
+    if torch.compiler.is_compiling():
+        op = lincomb_
+    else:  # eager: the caller has checked aliasing already (check_no_alias / StateGroup)
+        op = run_lincomb_checked
+    with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:
         op(
             buf.slots,
             None if feature is None else feature.detach(),

@@ -35,9 +35,22 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_auto_cache: dict = {}  # (device type, FOCA_KERNELS_BACKEND, TRITON_INTERPRET) -> backend
+
+
 def get_backend(device="cpu", backend: Optional[str] = None) -> str:
     """The backend a call on tensors of ``device`` uses."""
-    device = torch.device(device)
+    if backend is None and _override is None and isinstance(device, torch.device):
+        # Hot path (every update): the answer depends only on these, and find_spec is slow.
+        key = (device.type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+        hit = _auto_cache.get(key)
+        if hit is None:
+            hit = _auto_cache[key] = _get_backend(device, None)
+        return hit
+    return _get_backend(torch.device(device), backend)
+
+
+def _get_backend(device: torch.device, backend: Optional[str]) -> str:
     name = backend or _override or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
         if triton_installed() and (device.type == "cuda" or (device.type == "cpu" and interpreter_on())):

@@ -10,6 +10,11 @@ def run_lincomb(slots, feature, out, n, reads, writes, coef, backend) -> None:
     for name, x in (("feature", feature), ("out", out)):
         if x is not None and overlaps(x, slots):
             raise ValueError(f"{name} aliases the state's own storage; pass a separate tensor")
+    run_lincomb_checked(slots, feature, out, n, reads, writes, coef, backend)
+
+
+def run_lincomb_checked(slots, feature, out, n, reads, writes, coef, backend) -> None:
+    """run_lincomb for callers that have refused aliasing inputs already."""
     if backend == "triton":
         from .triton_lincomb import lincomb_triton  # imported late: see its docstring
 
