@@ -30,7 +30,8 @@ must know whether to run the modules). Forced and shared decisions read nothing.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from collections import deque
+from typing import Deque, Dict, Optional, Tuple
 
 import torch
 
@@ -39,6 +40,7 @@ from ..methods import RFC, RawHistory, Reuse, make_method
 from .rfe import module_input
 
 RCS_REDUCE = ("max", "sum")
+LOG_LENGTH = 4096
 
 
 def probe_method(config):
@@ -66,7 +68,8 @@ class RelationalSchedule:
         self.probes: Dict[str, object] = {}  # context name -> CacheState of the first cached input
         self.scratch: Dict[str, torch.Tensor] = {}
         self.last_full: Dict[str, int] = {}  # context name -> step of its latest full compute
-        self.log: List[Tuple[str, int, Optional[float], bool]] = []  # (context, step, estimate or None, full)
+        # (context, step, estimate or None, full) of the latest decisions (diagnostics; kept after disable)
+        self.log: Deque[Tuple[str, int, Optional[float], bool]] = deque(maxlen=LOG_LENGTH)
         self._taus: Dict[str, float] = {}  # context name -> time of the probe's latest step
         self.accumulate = bool(config.rcs_accumulate)
         self.acc: Dict[str, float] = {}  # context name -> estimates summed since its latest full step
@@ -185,7 +188,6 @@ class RelationalSchedule:
         self.reset()
         self.probes.clear()
         self.scratch.clear()
-        self.log.clear()
 
 
 def distributed(group=None):
