@@ -73,12 +73,10 @@ def test_input_unchanged_gives_reuse():
     assert torch.equal(out, y + 1)
 
 
-@pytest.mark.parametrize("base,opts", BASES + [("reuse", {})])
+@pytest.mark.parametrize("base,opts,estimate", [(b, o, e) for b, o in BASES for e in ("ratio", "gain")]
+                         + [("reuse", {}, "ratio")])  # (reuse with "gain" is refused: test_refusals)
 @pytest.mark.parametrize("norm", ["token", "sample"])
-@pytest.mark.parametrize("estimate", ["ratio", "gain"])
 def test_matches_reference(base, opts, norm, estimate):
-    if estimate == "gain" and base == "reuse":
-        pytest.skip("gain needs two computed values (refused, tested below)")
     g = torch.Generator().manual_seed(5)
     shape = (2, 7, 16)
     ys = [torch.randn(shape, generator=g) for _ in range(12)]
@@ -143,7 +141,9 @@ def test_refusals():
     with pytest.raises(ValueError, match="closed form"):
         fk.allocate(y, "rfc", input=u, base="foca", reading="r0")
     with pytest.raises(ValueError, match="same tokens"):
-        fk.allocate(y, "rfc", input=torch.randn(2, 6, 8))
+        fk.allocate(y, "rfc", input=torch.randn(2, 6, 8), norm="token")
+    with pytest.raises(ValueError, match="same batch size"):
+        fk.allocate(y, "rfc", input=torch.randn(3, 5, 8))
     with pytest.raises(ValueError, match="norm"):
         fk.allocate(y, "rfc", input=u, norm="channel")
     with pytest.raises(ValueError, match="estimate='gain'"):

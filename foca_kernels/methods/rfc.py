@@ -20,7 +20,7 @@ from .reuse import Reuse
 
 RFE_NORMS = ("token", "sample")
 RFE_ESTIMATES = ("ratio", "gain")
-DEFAULT_RFE_NORM = "token"
+DEFAULT_RFE_NORM = "sample"
 DEFAULT_RFE_ESTIMATE = "ratio"
 DEFAULT_RFE_CLIP = 4.0
 
