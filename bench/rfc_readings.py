@@ -32,12 +32,13 @@ def main():
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--n", type=int, nargs="+", default=[3, 5, 7, 9])
     ap.add_argument("--clip", type=float, nargs="*", default=[])
+    ap.add_argument("--only-clip", action="store_true", help="only the rfc sample ratio rows with --clip values")
     a = ap.parse_args()
     torch.set_num_threads(1)
     m = load_demo_dit(a.model)
     labels = torch.arange(a.samples) % 10
     full = sample(m, labels, seed=0, num_steps=50)
-    variants = list(VARIANTS) + [(f"rfc sample ratio clip {c:g}", "rfc", {"norm": "sample", "clip": c}) for c in a.clip]
+    variants = ([] if a.only_clip else list(VARIANTS)) + [(f"rfc sample ratio clip {c:g}", "rfc", {"norm": "sample", "clip": c}) for c in a.clip]
     print(f"model {a.model}, {a.samples} samples, PSNR dB vs full compute")
     print("| variant | " + " | ".join(f"N={n}" for n in a.n) + " |")
     print("|---|" + "---|" * len(a.n))

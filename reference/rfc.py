@@ -30,7 +30,7 @@ def norm(t: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class RFCRef:
-    def __init__(self, base: str = "foca", norm: str = "sample", estimate: str = "ratio", clip: float = 4.0,
+    def __init__(self, base: str = "foca", norm: str = "sample", estimate: str = "ratio", clip: float = 1.0,
                  **base_options):
         self.out = make_ref(base, **dict(base_options))
         self.inp = make_ref(base, **dict(base_options))

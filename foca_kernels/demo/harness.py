@@ -143,6 +143,7 @@ class HarnessConfig:
     progress: bool = True  # tqdm bar over all sampling steps
     fid_reference: str = "test"  # data split the FID is measured against
     model: str = "digits"  # which shipped demo model: "digits" (8x8) or "mnist" (28x28)
+    rcs_options: Dict[str, object] = field(default_factory=dict)  # extra CacheConfig fields of the RCS runs
 
     def __post_init__(self):
         seen, methods = set(), []
@@ -170,7 +171,7 @@ class HarnessConfig:
         if canonical_method(method) in ADAPTIVE:
             if threshold is None:
                 raise ValueError(f"{method} needs its calibrated RCS threshold")
-            rcs = dict(schedule="rcs", rcs_threshold=threshold, rcs_max_gap=2 * interval)
+            rcs = dict(dict(schedule="rcs", rcs_threshold=threshold, rcs_max_gap=2 * interval), **self.rcs_options)
         return CacheConfig(interval=interval, warmup=self.warmup, final=self.final, method=m, method_options=opts,
                            granularity=self.granularity, num_inference_steps=self.num_steps, backend=self.backend,
                            **rcs)

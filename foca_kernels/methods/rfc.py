@@ -22,7 +22,7 @@ RFE_NORMS = ("token", "sample")
 RFE_ESTIMATES = ("ratio", "gain")
 DEFAULT_RFE_NORM = "sample"
 DEFAULT_RFE_ESTIMATE = "ratio"
-DEFAULT_RFE_CLIP = 4.0
+DEFAULT_RFE_CLIP = 1.0
 
 
 class RFC(Method):
