@@ -7,7 +7,7 @@ module's input ``X`` (free: the layers before it ran or were forecast), writes
 
     Y^  = sum_j c_j Y_j                      (the base method's forecast, fused kernel)
     X^  = sum_j c_j U_j                      (the same coefficients on the input history)
-    s   = min(|X - U0| / |X^ - U0|, clip)    (estimate "ratio"; per token or per sample)
+    s   = min(|X - U0| / |X^ - U0|, clip)    (estimate "ratio"; per sample or per token; clip 1)
     out = Y0 + s (Y^ - Y0)
 
 (estimate "gain": s = min(g |X - U0| / |Y^ - Y0|, clip), g = |Y0 - Y1| / |U0 - U1|). The

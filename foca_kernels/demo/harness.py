@@ -73,7 +73,7 @@ run's samples so that they compute as many steps as the fixed schedule at N (equ
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
 DEFAULT_INTERVALS = (2, 3, 5, 7, 9)
-DEMO_METHODS = ("full", "steps", "reuse", "taylorseer2", "foca")
+DEMO_METHODS = ("full", "steps", "reuse", "taylorseer2", "foca", "rfc")
 DEMO_INTERVALS = (3, 5, 7)
 DEMO_SAMPLES = 30
 DEMO_STEPS = 50

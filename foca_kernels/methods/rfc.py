@@ -33,7 +33,9 @@ class RFC(Method):
     ``estimate``: "ratio" (scale = |X - U0| / |X^ - U0|: the input's actual change over the
     change the base method forecasts for the input) or "gain" (scale = g |X - U0| / |Y^ - Y0|
     with g = |Y0 - Y1| / |U0 - U1|, the output/input change ratio of the last two computes).
-    ``clip``: upper bound of the scale (a vanishing denominator must not blow the forecast up).
+    ``clip``: upper bound of the scale (default 1: the input can only shrink the temporal
+    forecast's change, which measured best on both shipped models; also bounds a vanishing
+    denominator).
     """
 
     name = "rfc"
