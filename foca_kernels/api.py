@@ -49,9 +49,8 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
         if inp is None:
             raise TypeError("method 'rfc' needs input= (the module's input, a tensor or a shape)")
         n_in = (inp.shape if isinstance(inp, torch.Tensor) else torch.Size(inp)).numel()
-        one = state_nbytes(example, m.base, dtype=dtype)
-        return one + m.n_slots * slot_stride(n_in) * (one // (m.n_slots * slot_stride(
-            (example.shape if isinstance(example, torch.Tensor) else torch.Size(example)).numel())))
+        dt = dtype or (example.dtype if isinstance(example, torch.Tensor) else torch.float32)
+        return state_nbytes(example, m.base, dtype=dt) + m.n_slots * slot_stride(n_in) * torch.empty((), dtype=dt).element_size()
     if isinstance(example, torch.Tensor):
         shape, dtype = example.shape, dtype or example.dtype
     else:
