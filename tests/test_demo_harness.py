@@ -89,8 +89,8 @@ def test_harness_end_to_end(model, classifier, test_digits):
     assert len(res.probe_modules) == 12  # attn1 and ff of 6 blocks
     for r in res.runs[1:]:
         pattern = cfg.schedule(r.interval)
-        if r.method in ADAPTIVE:  # RCS: its realised schedule (threshold calibrated on the recording samples)
-            assert len(r.schedule) == len(pattern) and set(r.schedule) <= {"F", "s"}
+        if r.method in ADAPTIVE:  # RCS: its realised schedule, calibrated on the same batch to at most the fixed compute
+            assert len(r.schedule) == len(pattern) and r.schedule.count("F") <= pattern.count("F")
             pattern = r.schedule
         assert r.seconds > 0 and r.speedup > 0
         assert 0.0 <= r.accuracy <= 1.0 and r.fid_test >= 0.0 and r.fid_full >= 0.0

@@ -144,6 +144,8 @@ class HarnessConfig:
     fid_reference: str = "test"  # data split the FID is measured against
     model: str = "digits"  # which shipped demo model: "digits" (8x8) or "mnist" (28x28)
     rcs_options: Dict[str, object] = field(default_factory=dict)  # extra CacheConfig fields of the RCS runs
+    rcs_calibration: str = "samples"  # RCS threshold calibrated on "samples" (the evaluated batch: equal
+    # compute) or "probe" (the first probe_samples: cheaper, RCS may then compute a step more or less)
 
     def __post_init__(self):
         seen, methods = set(), []
@@ -164,6 +166,8 @@ class HarnessConfig:
         if self.num_steps < 2 or self.warmup < 1 or self.repeats < 1:
             raise ValueError("need num_steps >= 2, warmup >= 1, repeats >= 1")
         get_spec(self.model)  # validates the model name
+        if self.rcs_calibration not in ("samples", "probe"):
+            raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
 
     def cache_config(self, method: str, interval: int, threshold: Optional[float] = None) -> CacheConfig:
         m, opts = cache_method(method)
@@ -557,8 +561,8 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
         thresholds: Dict[Tuple[str, int], float] = {}
         for method, interval in config.runs()[1:]:
             if method in ADAPTIVE:
-                thresholds[(method, interval)] = calibrate_rcs(
-                    model, config, method, interval, labels[:config.probe_samples])
+                cal = labels if config.rcs_calibration == "samples" else labels[:config.probe_samples]
+                thresholds[(method, interval)] = calibrate_rcs(model, config, method, interval, cal)
 
         full_x, full_v, _, full_t, _ = run("full", None)
         full_feats = classifier.features(full_x)
@@ -615,10 +619,10 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                          seconds_total=time.perf_counter() - t_start)
 
 
-def calibrate_rcs(model, config: HarnessConfig, method: str, interval: int, labels, iters: int = 12) -> float:
+def calibrate_rcs(model, config: HarnessConfig, method: str, interval: int, labels, iters: int = 10) -> float:
     """The RCS threshold at which ``method`` computes as many steps of one generation as the
-    fixed schedule at ``interval`` does (bisection on log(threshold) over sampling runs of
-    ``labels``; the smallest threshold reaching the count, ties toward fewer full steps)."""
+    fixed schedule at ``interval`` does (bisection on log(threshold) in [1e-4, 10] over sampling
+    runs of ``labels``; ends on a threshold computing at most that many steps)."""
     from .sampler import sample
 
     target = config.schedule(interval).count("F")
