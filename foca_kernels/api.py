@@ -7,11 +7,12 @@ from typing import Optional
 import torch
 
 from .backend import get_backend
-from .methods import Method, make_method
 import contextlib
 
+from .methods import RFC, Method, make_method
 from .ops import lincomb_, run_lincomb
 from .ops.dispatch import run_lincomb_checked
+from .rfc import RFCState, forecast_rfc_, update_rfc_
 
 _NO_CONTEXT = contextlib.nullcontext()
 from .state import CacheState, Launch, slot_stride
@@ -21,24 +22,40 @@ from .validation import (
 )
 
 
-def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtype] = None, **options) -> CacheState:
+def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtype] = None,
+             input: Optional[torch.Tensor] = None, **options) -> CacheState:
     """A state for caching tensors shaped like ``example`` with ``method``.
 
     ``dtype`` stores the state in another precision than the feature (e.g. bf16 for an fp32
     model); features and outputs must still have ``example``'s dtype. ``options`` go to the
-    method: ``anchor=`` for FoCa, ``order=`` for TaylorSeer.
+    method: ``anchor=`` for FoCa, ``order=`` for TaylorSeer; ``method="rfc"``: ``base=``,
+    ``norm=``, ``estimate=``, ``clip=`` and the base's options, and ``input=`` an example of
+    the module's input (the state then holds both histories: :class:`foca_kernels.rfc.RFCState`).
     """
     if not isinstance(example, torch.Tensor):
         raise TypeError(f"example must be a torch.Tensor, got {type(example).__name__}")
     m = make_method(method, **check_method_options(options))
+    if isinstance(m, RFC):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError("method 'rfc' needs input=, an example of the module's input (its history is stored too)")
+        return RFCState(m, example.shape, input.shape, dtype or example.dtype, example.device, example.dtype, input.dtype)
+    if input is not None:
+        raise TypeError(f"input= is an option of method 'rfc', not of {m.describe()}")
     return CacheState(m, example.shape, dtype or example.dtype, example.device, io_dtype=example.dtype)
 
 
 def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None, **options) -> int:
     """Bytes a state for ``example`` (a tensor, or a shape with ``dtype``) would hold."""
-    if isinstance(example, CacheState):
+    if isinstance(example, (CacheState, RFCState)):
         return example.nbytes
+    inp = options.pop("input", None)
     m: Method = make_method(method, **check_method_options(options))
+    if isinstance(m, RFC):  # output history + input history
+        if inp is None:
+            raise TypeError("method 'rfc' needs input= (the module's input, a tensor or a shape)")
+        n_in = (inp.shape if isinstance(inp, torch.Tensor) else torch.Size(inp)).numel()
+        dt = dtype or (example.dtype if isinstance(example, torch.Tensor) else torch.float32)
+        return state_nbytes(example, m.base, dtype=dt) + m.n_slots * slot_stride(n_in) * torch.empty((), dtype=dt).element_size()
     if isinstance(example, torch.Tensor):
         shape, dtype = example.shape, dtype or example.dtype
     else:
@@ -81,13 +98,22 @@ def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
 
 
 def update_(
-    buf: CacheState, feature: torch.Tensor, h=1.0, *, backend: Optional[str] = None, check_finite: bool = False
+    buf: CacheState, feature: torch.Tensor, h=1.0, *, backend: Optional[str] = None, check_finite: bool = False,
+    input: Optional[torch.Tensor] = None,
 ) -> CacheState:
     """A fully computed step: store ``feature`` (computed a step ``h`` after the previous
     step) and update the method's derivative/anchor state in the same pass.
 
     ``check_finite=True`` refuses a feature holding nan/inf (one reduction and host sync);
-    by default non-finite values are stored like any other (see docs/method.md)."""
+    by default non-finite values are stored like any other (see docs/method.md).
+    ``input``: the module's input at this step (method "rfc" only, required there)."""
+    if isinstance(buf, RFCState):
+        if check_finite:
+            check_finite_values(feature, "feature")
+        update_rfc_(buf, feature, input, h, backend)
+        return buf
+    if input is not None:
+        raise TypeError("input= is for states of method 'rfc'")
     check_state(buf)
     h = check_step(h)
     check_tensor(buf, feature, "feature")
@@ -123,9 +149,15 @@ def update_shared_(buf: CacheState, feature: torch.Tensor, h: float, plans: dict
     buf.commit(launch, t_before + h, full=True)
 
 
-def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[str] = None) -> torch.Tensor:
+def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[str] = None,
+              input: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A skipped step, ``h`` after the previous step: write the forecast into ``out`` and
-    advance the state (FoCa: predictor, derivative update and corrector in one pass)."""
+    advance the state (FoCa: predictor, derivative update and corrector in one pass).
+    ``input``: the module's input at this step (method "rfc" only, required there)."""
+    if isinstance(buf, RFCState):
+        return forecast_rfc_(buf, out, input, h, backend)
+    if input is not None:
+        raise TypeError("input= is for states of method 'rfc'")
     check_state(buf)
     h = check_step(h)
     check_tensor(buf, out, "out")
@@ -147,8 +179,10 @@ def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[st
     return out
 
 
-def forecast(buf: CacheState, h=1.0, *, backend: Optional[str] = None) -> torch.Tensor:
+def forecast(buf: CacheState, h=1.0, *, backend: Optional[str] = None,
+             input: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Like :func:`forecast_`, into a newly allocated contiguous tensor."""
-    check_state(buf)
+    if not isinstance(buf, RFCState):
+        check_state(buf)
     out = torch.empty(buf.shape, dtype=buf.io_dtype, device=buf.device)
-    return forecast_(buf, out, h, backend=backend)
+    return forecast_(buf, out, h, backend=backend, input=input)

@@ -48,7 +48,8 @@ class Launch:
 class CacheState:
     """Stored tensors of one cached stream (one module output) for one method."""
 
-    def __init__(self, method: Method, shape, dtype: torch.dtype, device, io_dtype: Optional[torch.dtype] = None):
+    def __init__(self, method: Method, shape, dtype: torch.dtype, device, io_dtype: Optional[torch.dtype] = None,
+                 slots: Optional[torch.Tensor] = None):
         if dtype not in STORAGE_DTYPES:
             raise TypeError(f"state dtype must be one of {STORAGE_DTYPES}, got {dtype}")
         io_dtype = dtype if io_dtype is None else io_dtype
@@ -62,7 +63,15 @@ class CacheState:
         self.dtype = dtype
         self.io_dtype = io_dtype
         stride = slot_stride(self.numel)
-        self.slots = torch.zeros(method.n_slots, stride, dtype=dtype, device=device)
+        if slots is None:
+            slots = torch.zeros(method.n_slots, stride, dtype=dtype, device=device)
+        elif (slots.shape != (method.n_slots, stride) or slots.dtype != dtype or slots.device != torch.device(device)
+              or slots.stride(1) != 1 or slots.stride(0) % SLOT_ALIGN):
+            # slots handed in: a view of a larger allocation shared with other tensors (RFC keeps
+            # its input history in the same allocation as the output history)
+            raise ValueError(f"slots must be a ({method.n_slots}, {stride}) {dtype} view on {device} with unit "
+                             f"column stride and a row stride that is a multiple of {SLOT_ALIGN}")
+        self.slots = slots
         self.reset()
 
     def move_to_(self, slots: torch.Tensor) -> None:

@@ -7,7 +7,8 @@ from foca_kernels. Tests and benchmarks compare the fused kernels against these.
 
 from .foca import FoCaRef, FoCaRestartRef
 from .reuse import ReuseRef
+from .rfc import RFCRef
 from .taylorseer import TaylorSeerRef
 from .trajectories import interval_schedule, make_ref, run_schedule
 
-__all__ = ["FoCaRef", "FoCaRestartRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]
+__all__ = ["FoCaRef", "FoCaRestartRef", "RFCRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]

@@ -46,7 +46,7 @@ class _Recorder:
         return wrapped
 
 
-@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse"])
+@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse", "rfc"])
 @pytest.mark.parametrize("cfg", ["batched", "separate"])
 def test_no_tensor_is_read_on_the_host_during_a_generation(method, cfg, monkeypatch):
     case, m = T.CASES["dit"], model_for("dit")

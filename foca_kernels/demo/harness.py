@@ -65,11 +65,15 @@ from .specs import get_spec
 from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS, make_method
 
 BASELINES = ("full", "steps")
-CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6", "foca-bdf2", "duca")
+CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6", "foca-bdf2", "duca", "rfc",
+          "foca-rcs", "rfc-rcs")
+ADAPTIVE = ("foca-rcs", "rfc-rcs")
+"""Methods on the adaptive RCS schedule: at each N their threshold is calibrated on the recording
+run's samples so that they compute as many steps as the fixed schedule at N (equal compute)."""
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
 DEFAULT_INTERVALS = (2, 3, 5, 7, 9)
-DEMO_METHODS = ("full", "steps", "reuse", "taylorseer2", "foca")
+DEMO_METHODS = ("full", "steps", "reuse", "taylorseer2", "foca", "rfc")
 DEMO_INTERVALS = (3, 5, 7)
 DEMO_SAMPLES = 30
 DEMO_STEPS = 50
@@ -91,7 +95,7 @@ def canonical_method(name: str) -> str:
         return f"foca-{default_reading()}"
     if n == "foca-secant":
         return "foca-r0"
-    if n in ("full", "steps", "reuse", "foca-bdf2", "duca") or re.fullmatch(r"taylorseer[123]", n):
+    if n in ("full", "steps", "reuse", "foca-bdf2", "duca", "rfc", "foca-rcs", "rfc-rcs") or re.fullmatch(r"taylorseer[123]", n):
         return n
     if n.startswith("foca-") and n[5:] in FOCA_READINGS:
         return n
@@ -102,8 +106,10 @@ def canonical_method(name: str) -> str:
 def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
     """(method, method_options) of a cached harness method, for :class:`CacheConfig`."""
     n = canonical_method(name)
-    if n in ("reuse", "duca"):
+    if n in ("reuse", "duca", "rfc"):
         return n, {}
+    if n in ADAPTIVE:
+        return cache_method(n[:-4])
     if n.startswith("taylorseer"):
         return "taylorseer", {"order": int(n[-1])}
     if n == "foca-bdf2":
@@ -137,6 +143,9 @@ class HarnessConfig:
     progress: bool = True  # tqdm bar over all sampling steps
     fid_reference: str = "test"  # data split the FID is measured against
     model: str = "digits"  # which shipped demo model: "digits" (8x8) or "mnist" (28x28)
+    rcs_options: Dict[str, object] = field(default_factory=dict)  # extra CacheConfig fields of the RCS runs
+    rcs_calibration: str = "samples"  # RCS threshold calibrated on "samples" (the evaluated batch: equal
+    # compute) or "probe" (the first probe_samples: cheaper, RCS may then compute a step more or less)
 
     def __post_init__(self):
         seen, methods = set(), []
@@ -157,11 +166,19 @@ class HarnessConfig:
         if self.num_steps < 2 or self.warmup < 1 or self.repeats < 1:
             raise ValueError("need num_steps >= 2, warmup >= 1, repeats >= 1")
         get_spec(self.model)  # validates the model name
+        if self.rcs_calibration not in ("samples", "probe"):
+            raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
 
-    def cache_config(self, method: str, interval: int) -> CacheConfig:
+    def cache_config(self, method: str, interval: int, threshold: Optional[float] = None) -> CacheConfig:
         m, opts = cache_method(method)
+        rcs = {}
+        if canonical_method(method) in ADAPTIVE:
+            if threshold is None:
+                raise ValueError(f"{method} needs its calibrated RCS threshold")
+            rcs = dict(dict(schedule="rcs", rcs_threshold=threshold, rcs_max_gap=2 * interval), **self.rcs_options)
         return CacheConfig(interval=interval, warmup=self.warmup, final=self.final, method=m, method_options=opts,
-                           granularity=self.granularity, num_inference_steps=self.num_steps, backend=self.backend)
+                           granularity=self.granularity, num_inference_steps=self.num_steps, backend=self.backend,
+                           **rcs)
 
     def schedule(self, interval: int) -> str:
         """The planned full/skip pattern at ``interval`` ('F' computed, 's' skipped)."""
@@ -520,7 +537,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
                     inf = None
                 else:
-                    with cached(model, config.cache_config(method, interval)):
+                    with cached(model, config.cache_config(method, interval, thresholds.get((method, interval)))):
                         t0, c0 = time.perf_counter(), time.process_time()
                         x = sample(model, labels, seed=config.seed, num_steps=steps,
                                    guidance_scale=config.guidance_scale, callback=cb)
@@ -541,6 +558,12 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                    guidance_scale=config.guidance_scale)
         probe_names, records = probe.stacked()
 
+        thresholds: Dict[Tuple[str, int], float] = {}
+        for method, interval in config.runs()[1:]:
+            if method in ADAPTIVE:
+                cal = labels if config.rcs_calibration == "samples" else labels[:config.probe_samples]
+                thresholds[(method, interval)] = calibrate_rcs(model, config, method, interval, cal)
+
         full_x, full_v, _, full_t, _ = run("full", None)
         full_feats = classifier.features(full_x)
 
@@ -559,7 +582,8 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 skipped = info.calls_forecast / done if done else 0.0
                 traj = [float((v - r).norm() / r.norm().clamp_min(1e-30)) for v, r in zip(vel, full_v)]
             fc: List[float] = []
-            if method not in BASELINES and method != "duca":  # duca's token refresh needs the model
+            # duca's token refresh needs the model; rfc needs the module inputs; rcs has no fixed pattern
+            if method not in BASELINES and method not in ("duca", "rfc") + ADAPTIVE:
                 m, opts = cache_method(method)
                 fc = replay_forecast_error(records, m, opts, config.schedule(interval), backend=config.backend)
             return RunResult(
@@ -572,7 +596,8 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 traj_err=traj, fcst_err=fc, nonfinite=nonfinite,
                 calls_computed=info.calls_computed if info else 0, calls_forecast=info.calls_forecast if info else 0,
                 calls_forced=info.calls_forced if info else 0, state_bytes=info.state_bytes if info else 0,
-                schedule=config.schedule(interval) if interval is not None and method != "steps" else "F" * steps,
+                schedule=(info.pattern if method in ADAPTIVE else config.schedule(interval))
+                if interval is not None and method != "steps" else "F" * steps,
                 images=x)
 
         results = [judge("full", None, full_x, full_v, None, full_t, config.num_steps)]
@@ -592,6 +617,29 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
         pass
     return HarnessResult(config=config, runs=results, labels=labels, machine=machine, probe_modules=probe_names,
                          seconds_total=time.perf_counter() - t_start)
+
+
+def calibrate_rcs(model, config: HarnessConfig, method: str, interval: int, labels, iters: int = 10) -> float:
+    """The RCS threshold at which ``method`` computes as many steps of one generation as the
+    fixed schedule at ``interval`` does (bisection on log(threshold) in [1e-4, 10] over sampling
+    runs of ``labels``; ends on a threshold computing at most that many steps)."""
+    from .sampler import sample
+
+    target = config.schedule(interval).count("F")
+
+    def full_steps(th: float) -> int:
+        with cached(model, config.cache_config(method, interval, th)):
+            sample(model, labels, seed=config.seed, num_steps=config.num_steps, guidance_scale=config.guidance_scale)
+            return cache_info(model).pattern.count("F")
+
+    lo, hi = math.log(1e-4), math.log(10.0)  # full_steps falls as the threshold grows
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if full_steps(math.exp(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(hi)
 
 
 def write_outputs(result: HarnessResult, out_dir, *, grid_intervals: Sequence[int] = (5, 7),
@@ -624,7 +672,7 @@ def write_outputs(result: HarnessResult, out_dir, *, grid_intervals: Sequence[in
 
 
 __all__ = [
-    "ALL_METHODS", "BASELINES", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS", "DEMO_METHODS", "DEMO_SAMPLES",
+    "ADAPTIVE", "ALL_METHODS", "BASELINES", "calibrate_rcs", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS", "DEMO_METHODS", "DEMO_SAMPLES",
     "HarnessConfig", "HarnessResult", "RunResult", "cache_method", "canonical_method", "default_reading", "paired_psnr_difference",
     "replay_forecast_error", "run_harness", "write_outputs",
 ]

@@ -273,6 +273,7 @@ class CacheInfo:
     shape_resets: int = 0
     generations: int = 0
     contexts: Dict[str, dict] = field(default_factory=dict)
+    pattern: str = ""  # schedule "rcs": the decisions of the latest generation, 'F' computed, 's' skipped
 
     @property
     def total_bytes(self) -> int:
@@ -284,6 +285,9 @@ def cache_info(model_or_pipeline) -> CacheInfo:
     if not ctls:
         return CacheInfo(enabled=False)
     info = CacheInfo(enabled=True, method=ctls[0][1].method.describe(), schedule=repr(ctls[0][1].schedule))
+    rcs = ctls[0][1].rcs
+    if rcs is not None:
+        info.schedule, info.pattern = repr(rcs), rcs.pattern()
     for name, ctl in ctls:
         info.modules += len(ctl.sites)
         info.calls_computed += ctl.calls_computed

@@ -16,6 +16,8 @@ from ..validation import check_method_options
 GRANULARITIES = ("module", "block")
 CACHE_MODES = ("output", "residual")
 TIME_SOURCES = ("step", "timesteps", "sigmas")
+SCHEDULES = ("fixed", "rcs")
+RCS_REDUCE = ("max", "sum")
 
 Target = Union[str, Tuple[str, str]]  # regex, or (regex, "output" | "residual")
 Mask = Union[Sequence[bool], Callable[[int, Optional[int]], bool]]
@@ -83,6 +85,13 @@ class CacheConfig:
       module's cache instead of feeding it (warning once), so no later forecast inherits the
       value. Off by default: FoCa would otherwise carry it to the end of the generation.
 
+    Adaptive schedule: ``schedule="rcs"`` (relational cache scheduling, docs/hooks.md) decides
+      each model call at its first cached module from the relative error of a forecast of that
+      module's input: full when it exceeds ``rcs_threshold`` or after ``rcs_max_gap`` steps
+      (``warmup`` and ``final`` still apply; ``interval`` and ``mask`` do not). One host read of
+      one scalar per decided step. Under torch.distributed the estimate is all-reduced
+      (``rcs_reduce`` "max": data parallel; "sum": token shards) in ``rcs_group``.
+
     Buffers: ``reuse_output_buffers`` writes forecasts into one preallocated tensor per
       cached output (no allocation per step; a value returned on a skipped step is
       overwritten at the next skipped step of the same module). False allocates each time.
@@ -107,6 +116,13 @@ class CacheConfig:
     backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
     check_finite: bool = False  # reset a module's cache when its computed output holds nan/inf
     sync: bool = False  # read GPU timestep tensors (one host-device sync per model call)
+    # ---- schedule "rcs" (relational cache scheduling, hooks/rcs.py) ----
+    schedule: str = "fixed"  # "fixed" (interval/warmup/final/mask) | "rcs" (adaptive, per model call)
+    rcs_threshold: float = 0.05  # compute fully when the input-forecast relative error exceeds this
+    rcs_max_gap: int = 10  # ... or when this many steps passed since the last full compute
+    rcs_accumulate: bool = True  # compare the sum of the estimates since the last full step
+    rcs_reduce: str = "max"  # across ranks: "max" (data parallel) | "sum" (sequence-sharded tokens)
+    rcs_group: Any = None  # torch.distributed process group (None: the default group)
 
     def __post_init__(self):
         for name in ("interval", "warmup", "final"):
@@ -155,6 +171,26 @@ class CacheConfig:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):
             raise TypeError("timestep_arg must be an argument name or a positional index")
+        self._check_rcs()
+
+    def _check_rcs(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        t = self.rcs_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise ValueError(f"rcs_threshold must be a finite number >= 0, got {t!r}")
+        g = self.rcs_max_gap
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"rcs_max_gap must be an int >= 1, got {g!r}")
+        if not isinstance(self.rcs_accumulate, bool):
+            raise TypeError(f"rcs_accumulate must be a bool, got {type(self.rcs_accumulate).__name__}")
+        if self.rcs_reduce not in RCS_REDUCE:
+            raise ValueError(f"rcs_reduce must be one of {RCS_REDUCE}, got {self.rcs_reduce!r}")
+        if self.schedule == "rcs":
+            if self.mask is not None:
+                raise ValueError("schedule='rcs' decides every step itself: it takes no mask")
+            if isinstance(self.method, str) and self.method.lower() == "duca":
+                raise ValueError("schedule='rcs' is not available with method 'duca' (its phases follow the fixed schedule)")
 
     @classmethod
     def build(cls, config: Optional["CacheConfig"] = None, **options) -> "CacheConfig":

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..group import StateGroup, pack_states_
+from .rfe import is_relational
 from .step_counter import StepCounter
 from .stream import StreamGroup
 
@@ -68,6 +69,8 @@ class ContextState:
         shared history): the skipped step's cached modules then only collect their outputs.
         A module that is not called this step has its state advanced all the same, as if its
         forecast had been taken and dropped (the next call steps on from tau)."""
+        if is_relational(config):  # rfc: per-module path (needs each module's input)
+            return set()
         ready = [g for g in self.groups.values() if g.ready]
         if not ready:
             return set()

@@ -20,6 +20,7 @@ import torch
 
 from .config import CacheConfig, FocaCacheWarning
 from .context import ContextStack, ContextState
+from .rcs import make_rcs
 from .schedule import Schedule
 from .stream import StreamGroup, input_signature
 from .targets import Site
@@ -54,7 +55,7 @@ class StepInfo:
 
     ctx: ContextState
     step: int
-    full: bool
+    full: Optional[bool]  # None: schedule "rcs" decides at the first cached module call
     update: bool  # whether full steps feed the cache (False when nothing is forecast later)
     tau: float
     calls: Dict[str, int] = field(default_factory=dict)  # module name -> calls so far this step
@@ -88,6 +89,7 @@ class CacheController:
         self.shape_resets = 0
         self._warned: set = set()
         self._host_values: Dict[int, tuple] = {}  # id(tensor) -> (tensor, its values on the host)
+        self.rcs = make_rcs(config)  # schedule="rcs": the adaptive decision (hooks/rcs.py), else None
         self.duca = None  # DuCa's token selection and partial calls (method="duca")
         if isinstance(config.method, str) and config.method.lower() == "duca":
             from .duca import DucaRuntime
@@ -206,18 +208,27 @@ class CacheController:
         value = ts if cfg.time == "timesteps" else self._sigma(info, step) if cfg.time == "sigmas" else None
         tau = ctx.counter.set_time(value)
         full = self.schedule.is_full(step, num_steps)
-        ctx.last_full = full
-        if full:
-            ctx.steps_full += 1
-        else:
-            ctx.steps_skipped += 1
         update = (not full) or self.schedule.skips_after(step, num_steps)
+        # ---- rcs: full is None until the first cached module's input decides (before_module) ----
+        if self.rcs is not None:
+            full = self.rcs.begin(ctx, step, num_steps)
+            update = num_steps is None or step < num_steps - 1 - cfg.final
+        # ---- /rcs ----
+        self._count(ctx, full)
         self.current = StepInfo(ctx, step, full, update, tau)
         if self.duca is not None:
             self.current.phase = self.duca.phase(self.schedule, step, num_steps)
             if self.current.phase == "conservative":
                 self.current.cfg_batched = self.duca.cfg_batched(args, kwargs)
         self.thread = threading.get_ident()
+
+    @staticmethod
+    def _count(ctx: ContextState, full: Optional[bool]) -> None:
+        ctx.last_full = full
+        if full:
+            ctx.steps_full += 1
+        elif full is not None:
+            ctx.steps_skipped += 1
 
     def check_same_thread(self) -> None:
         """Called when a model call arrives while one is running: only re-entry from the same
@@ -258,6 +269,13 @@ class CacheController:
             self.check_same_thread()  # raises: another thread inside this model
         step = self.current
         ctx = step.ctx
+        # ---- rcs: the step's first cached call decides (when still open) and feeds the probe ----
+        if self.rcs is not None and not step.calls:
+            undecided = step.full is None
+            step.full = self.rcs.observe(ctx, step.step, step.tau, step.full, site, args, kwargs)
+            if undecided:
+                self._count(ctx, step.full)
+        # ---- /rcs ----
         idx = step.calls.get(site.name, 0)
         step.calls[site.name] = idx + 1
         group = ctx.groups.get((site.name, idx))
@@ -328,6 +346,8 @@ class CacheController:
                 ctx.free()
             else:
                 ctx.reset()
+        if self.rcs is not None:
+            self.rcs.clear() if free_memory else self.rcs.reset()
         if free_memory:
             self.contexts.clear()
             if self.duca is not None:

@@ -14,6 +14,7 @@ import torch
 
 from .. import api as _api
 from ..state import STORAGE_DTYPES, CacheState
+from .rfe import relational_input
 from .targets import Site
 
 
@@ -43,11 +44,16 @@ class Stream:
             b = self.buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         return b
 
-    def update(self, feature: torch.Tensor, h: float, config, method, plans: Optional[dict] = None) -> None:
+    def update(self, feature: torch.Tensor, h: float, config, method, inp: Optional[torch.Tensor] = None,
+               plans: Optional[dict] = None) -> None:
         st = self.state
-        if st is None or st.shape != feature.shape or st.io_dtype != feature.dtype or st.device != feature.device:
-            self.state = st = _api.allocate(feature, method, dtype=config.state_dtype)
-        if plans is None or torch.is_inference_mode_enabled() != st.slots.is_inference():
+        if st is None or st.shape != feature.shape or st.io_dtype != feature.dtype or st.device != feature.device or (
+                inp is not None and (st.input_shape != inp.shape or st.inp.io_dtype != inp.dtype)):  # rfc: input too
+            extra = {} if inp is None else {"input": inp}
+            self.state = st = _api.allocate(feature, method, dtype=config.state_dtype, **extra)
+        if inp is not None:  # rfc (hooks/rfe.py)
+            _api.update_(st, feature, h, backend=config.backend, input=inp)
+        elif plans is None or torch.is_inference_mode_enabled() != st.slots.is_inference():
             _api.update_(st, feature, h, backend=config.backend)
         else:  # shape, dtype, device checked above; h > 0 by construction of tau
             _api.update_shared_(st, feature, h, plans, backend=config.backend)
@@ -62,7 +68,9 @@ class Stream:
             return b
         return torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
 
-    def forecast(self, h: float, config) -> torch.Tensor:
+    def forecast(self, h: float, config, inp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if inp is not None:  # rfc (hooks/rfe.py)
+            return _api.forecast_(self.state, self.forecast_buffer(config), h, backend=config.backend, input=inp)
         return _api.forecast_(self.state, self.forecast_buffer(config), h, backend=config.backend)
 
 
@@ -252,18 +260,20 @@ class StreamGroup:
                 else:
                     self.inputs = names
         h = 1.0 if self.last_tau is None else tau - self.last_tau
+        inp = relational_input(self, method, args, kwargs)  # rfc only, else None
         for stream, t, name in zip(self.streams, tensors, self.inputs):
             if name is not None:
                 x = self._arg(name, args, kwargs)
                 with torch.no_grad():  # cache writes record no autograd history (out= refuses it anyway)
                     t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
-            stream.update(t, h, config, method, plans)
+            stream.update(t, h, config, method, inp, plans)
         self.last_tau = tau
 
     def forecast(self, args, kwargs, tau: float, config, written: list):
         """A skipped call: the forecast output(s), without running the module."""
         h = tau - self.last_tau
-        ys = [stream.forecast(h, config) for stream in self.streams]
+        inp = relational_input(self, self.streams[0].state.method, args, kwargs)  # rfc only, else None
+        ys = [stream.forecast(h, config, inp) for stream in self.streams]
         self.last_tau = tau
         return self._output(ys, args, kwargs, written)
 

@@ -7,9 +7,10 @@ from .foca import ANCHORS, FoCa
 from .foca_closed import FoCaClosed
 from .history import RawHistory
 from .reuse import Reuse
+from .rfc import RFC
 from .taylorseer import TaylorSeer
 
-METHOD_NAMES = ("foca", "taylorseer", "reuse")
+METHOD_NAMES = ("foca", "taylorseer", "reuse", "rfc")
 FOCA_READINGS = ("r0", "r3", "r4", "r6")
 DEFAULT_FOCA_READING = "r3"
 R4_CONTRACTION = 0.5
@@ -53,6 +54,12 @@ def make_method(method="foca", **options) -> Method:
         return make_foca(**options)
     if name == "taylorseer":
         return TaylorSeer(**options)
+    if name == "rfc":  # RFE over a closed-form temporal method (methods/rfc.py)
+        rfe = {k: options.pop(k) for k in ("norm", "estimate", "clip") if k in options}
+        base = options.pop("base", "foca")
+        if str(base).lower() == "rfc":
+            raise ValueError("rfc cannot wrap itself")
+        return RFC(make_method(base, **options), **rfe)
     if name in ("reuse", "fora"):
         if options:
             raise TypeError(f"reuse takes no options, got {sorted(options)}")
@@ -61,6 +68,6 @@ def make_method(method="foca", **options) -> Method:
 
 
 __all__ = [
-    "ANCHORS", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaClosed", "Keep", "RawHistory", "METHOD_NAMES", "Method", "Reuse", "Same",
+    "ANCHORS", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaClosed", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
     "StepContext", "TaylorSeer", "Transition", "make_foca", "make_method",
 ]
