@@ -130,11 +130,17 @@ def check_input(st: RFCState, x, what: str = "input") -> torch.Tensor:
     return x
 
 
-def _norm(t: torch.Tensor, mode: str) -> torch.Tensor:
+def _norm(t: torch.Tensor, mode: str, sharded: bool = False) -> torch.Tensor:
     """fp32 L2 norm per token (last dimension) or per sample (all dimensions but the first),
-    shaped to broadcast against the output."""
+    shaped to broadcast against the output. ``sharded``: the tokens of each sample are split
+    across the ranks of the default process group, so a per-sample norm sums the squares of
+    every rank's share (one all-reduce of B floats, on the device: no host sync)."""
     if mode == "token":
         return torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=torch.float32)
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        ss = t.reshape(t.shape[0] if t.dim() > 1 else 1, -1).to(torch.float32).square().sum(dim=1)
+        torch.distributed.all_reduce(ss)
+        return ss.sqrt().reshape((-1,) + (1,) * (t.dim() - 1)) if t.dim() > 1 else ss.sqrt().reshape(1)
     if t.dim() == 1:
         return torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1)
     return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32).reshape((-1,) + (1,) * (t.dim() - 1))
@@ -147,15 +153,15 @@ def scale(st: RFCState, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     u0 = st.inp.role(m.latest)
     with torch.no_grad():
         d = st.scratch()
-        n_x = _norm(torch.sub(x, u0), m.norm)
+        n_x = _norm(torch.sub(x, u0), m.norm, m.sharded)
         if m.estimate == "ratio":
             d.sub_(u0)  # X^ - U0 (scratch held X^)
-            s = n_x / _norm(d, m.norm).clamp_min(TINY)
+            s = n_x / _norm(d, m.norm, m.sharded).clamp_min(TINY)
         else:
             y0, y1 = st.out.role(m.latest), st.out.role(m.previous)
             u1 = st.inp.role(m.previous)
-            g = _norm(torch.sub(y0, y1), m.norm) / _norm(torch.sub(u0, u1), m.norm).clamp_min(TINY)
-            s = g * n_x / _norm(torch.sub(y_hat, y0), m.norm).clamp_min(TINY)
+            g = _norm(torch.sub(y0, y1), m.norm, m.sharded) / _norm(torch.sub(u0, u1), m.norm, m.sharded).clamp_min(TINY)
+            s = g * n_x / _norm(torch.sub(y_hat, y0), m.norm, m.sharded).clamp_min(TINY)
         return s.clamp_(max=m.clip)
 
 

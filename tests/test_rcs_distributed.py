@@ -103,6 +103,8 @@ def cached_run(net, x, **cfg):
 RUNS = {  # name -> CacheConfig fields
     "foca-fixed": dict(method="foca", interval=3),
     "rfc-fixed": dict(method="rfc", method_options={"norm": "token"}, interval=4),  # token norms: shard-local
+    # the default per-sample norms, all-reduced over the token shards
+    "rfc-sample-fixed": dict(method="rfc", method_options={"sharded": True}, interval=4),
     "foca-rcs": dict(method="foca", schedule="rcs", rcs_threshold=0.05, rcs_max_gap=6, rcs_reduce="sum"),
     "rfc-rcs": dict(method="rfc", method_options={"norm": "token"}, schedule="rcs", rcs_threshold=0.05, rcs_max_gap=6,
                     rcs_reduce="sum"),

@@ -55,7 +55,7 @@ def make_method(method="foca", **options) -> Method:
     if name == "taylorseer":
         return TaylorSeer(**options)
     if name == "rfc":  # RFE over a closed-form temporal method (methods/rfc.py)
-        rfe = {k: options.pop(k) for k in ("norm", "estimate", "clip") if k in options}
+        rfe = {k: options.pop(k) for k in ("norm", "estimate", "clip", "sharded") if k in options}
         base = options.pop("base", "foca")
         if str(base).lower() == "rfc":
             raise ValueError("rfc cannot wrap itself")

@@ -33,6 +33,9 @@ class RFC(Method):
     ``estimate``: "ratio" (scale = |X - U0| / |X^ - U0|: the input's actual change over the
     change the base method forecasts for the input) or "gain" (scale = g |X - U0| / |Y^ - Y0|
     with g = |Y0 - Y1| / |U0 - U1|, the output/input change ratio of the last two computes).
+    ``sharded``: the tokens of each sample are split across the ranks of the default process
+    group (sequence parallelism): per-sample norms are all-reduced so every rank scales by the
+    unsharded run's factor (per-token norms are shard-local and need nothing).
     ``clip``: upper bound of the scale (default 1: the input can only shrink the temporal
     forecast's change, which measured best on both shipped models; also bounds a vanishing
     denominator).
@@ -41,7 +44,7 @@ class RFC(Method):
     name = "rfc"
 
     def __init__(self, base: Method, norm: str = DEFAULT_RFE_NORM, estimate: str = DEFAULT_RFE_ESTIMATE,
-                 clip: float = DEFAULT_RFE_CLIP):
+                 clip: float = DEFAULT_RFE_CLIP, sharded: bool = False):
         if not isinstance(base, (RawHistory, Reuse)):
             raise ValueError(
                 f"rfc needs a temporal method in closed form (foca r3/r6, taylorseer, reuse) as its base, got "
@@ -60,6 +63,9 @@ class RFC(Method):
         self.norm = norm
         self.estimate = estimate
         self.clip = float(clip)
+        if not isinstance(sharded, bool):
+            raise TypeError(f"rfc sharded must be a bool, got {type(sharded).__name__}")
+        self.sharded = sharded
         self.roles = base.roles
         self.n_slots = base.n_slots
         self.min_full = max(base.min_full, 2 if estimate == "gain" else 1)
