@@ -97,6 +97,16 @@ def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
         )
 
 
+def _run_into(buf: CacheState, launch: Launch, out: torch.Tensor, backend: str) -> None:
+    """A skipped step's launch into ``out``, whatever its strides."""
+    if out.is_contiguous():
+        _run(buf, launch, None, out.view(-1), backend)
+    else:  # write contiguously, then scatter into the caller's strides
+        tmp = torch.empty(buf.shape, dtype=out.dtype, device=out.device)
+        _run(buf, launch, None, tmp.view(-1), backend)
+        out.copy_(tmp)
+
+
 def update_(
     buf: CacheState, feature: torch.Tensor, h=1.0, *, backend: Optional[str] = None, check_finite: bool = False,
     input: Optional[torch.Tensor] = None,
@@ -169,12 +179,7 @@ def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[st
     t_new = next_time(buf, h)
     launch = _plan(buf, False, t_new, h)
     backend = get_backend(buf.device, backend)
-    if out.is_contiguous():
-        _run(buf, launch, None, out.view(-1), backend)
-    else:  # write contiguously, then scatter into the caller's strides
-        tmp = torch.empty(buf.shape, dtype=out.dtype, device=out.device)
-        _run(buf, launch, None, tmp.view(-1), backend)
-        out.copy_(tmp)
+    _run_into(buf, launch, out, backend)
     buf.commit(launch, t_new, full=False)
     return out
 

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .api import _plan, _run
+from .api import _plan, _run_into
 from .backend import get_backend
 from .ops.pattern import row_pattern
 from .ops.aliasing import _extent, overlaps
@@ -30,8 +30,6 @@ from .validation import (
     check_no_alias, check_no_overlap, check_out_grad_free, check_ready, check_state, check_step, check_tensor,
     check_writable, next_time,
 )
-
-TABLE_COLS = 6
 
 
 class _Member:
@@ -212,12 +210,7 @@ class StateGroup:
         return calls
 
     def _run_single(self, launch: Launch, m: _Member, backend: str) -> None:
-        if m.flat is not None:
-            _run(m.state, launch, None, m.flat, backend)
-        else:
-            tmp = torch.empty(m.state.shape, dtype=m.out.dtype, device=m.out.device)
-            _run(m.state, launch, None, tmp.view(-1), backend)
-            m.out.copy_(tmp)
+        _run_into(m.state, launch, m.out, backend)
 
     def _prepare_triton(self, launch: Launch, members: list, pattern) -> "_Call":
         from .ops import triton_group as tg

@@ -43,7 +43,7 @@ from triton.compiler.compiler import ASTSource  # noqa: E402
 # compilable clone of a jitted kernel, PTX/ptxas readers).
 from test_ptx import (  # noqa: E402
     TARGET, VECTOR_BYTES, _DIV16, _SASS_GLOBAL, _TRITON_DTYPE, _Recorder, _compilable, _int_type,
-    _ptx_global_accesses, _ptxas_report, pytestmark,  # noqa: F401  (pytestmark: skip without the CUDA backend)
+    _ptx_global_accesses, _ptxas_report, assert_no_local_memory, pytestmark,  # noqa: F401  (pytestmark: skip without the CUDA backend)
 )
 
 import foca_kernels as fk  # noqa: E402
@@ -245,12 +245,7 @@ def test_data_accesses_are_16_byte_vectors(rule, dtypes, size):
 @pytest.mark.parametrize("rule,dtypes,size", CASES, ids=IDS)
 def test_no_local_memory_or_spills(rule, dtypes, size):
     ck, _ = _compiled(rule, dtypes, size)
-    ptx = ck.asm["ptx"]
-    local = [line.strip() for line in ptx.splitlines() if ".local" in line or "__local_depot" in line]
-    assert not local, "local memory in the PTX:\n" + "\n".join(local)
-    report = _ptxas_report(ptx)
-    assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\b", report), report
-    assert not re.search(r"\b(LDL|STL)\b", ck.asm["sass"]), "local loads/stores in the SASS"
+    assert_no_local_memory(ck)
 
 
 _LAYOUT_CONVERSION = pytest.mark.xfail(

@@ -320,6 +320,11 @@ def test_odd_sized_feature_is_vectorised(dtypes):
 @pytest.mark.parametrize("rule,size,dtypes", CASES, ids=[_case_id(*c) for c in CASES])
 def test_no_local_memory_or_spills(rule, size, dtypes):
     ck, _, _ = _compiled(rule, size, dtypes)
+    assert_no_local_memory(ck)
+
+
+def assert_no_local_memory(ck) -> None:
+    """No local memory in the PTX, a 0-byte stack frame and no spills (ptxas), no LDL/STL."""
     ptx = ck.asm["ptx"]
     local = [line.strip() for line in ptx.splitlines() if ".local" in line or "__local_depot" in line]
     assert not local, "local memory in the PTX:\n" + "\n".join(local)

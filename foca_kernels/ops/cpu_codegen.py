@@ -509,6 +509,14 @@ def status() -> str:
     return f"in use ({_reason}{t})"
 
 
+def _flat_code(t, n: int):
+    """The loop's dtype code of a contiguous CPU tensor of n elements, else None."""
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None or t.numel() != n or not t.is_contiguous() or t.device.type != "cpu":
+        return None
+    return code
+
+
 def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     """``lincomb_torch``'s update with the compiled loop, straight from data pointers (no
     tensor views: on small tensors the per-call cost is the Python around the loop). Returns
@@ -533,8 +541,8 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     ptrs = [base + r * row for r in reads]
     in_dt = [code] * len(ptrs)
     if feature is not None:
-        fcode = DTYPE_CODES.get(feature.dtype)
-        if fcode is None or feature.numel() != n or not feature.is_contiguous() or feature.device.type != "cpu":
+        fcode = _flat_code(feature, n)
+        if fcode is None:
             return False
         ptrs.append(feature.data_ptr())
         in_dt.append(fcode)
@@ -542,8 +550,8 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     dst_ptrs = [base + w * row for w in writes]
     dst_codes = [code] * len(dst_ptrs)
     if out is not None:
-        ocode = DTYPE_CODES.get(out.dtype)
-        if ocode is None or out.numel() != n or not out.is_contiguous() or out.device.type != "cpu":
+        ocode = _flat_code(out, n)
+        if ocode is None:
             return False
         dst_ptrs.append(out.data_ptr())
         dst_codes.append(ocode)
