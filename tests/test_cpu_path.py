@@ -257,3 +257,58 @@ def test_version_counters_move_as_with_in_place_ops():
     v_slots, v_out = slots._version, out._version
     lincomb_torch(slots, None, out, 8, [0], [1], [1.0, 2.0])
     assert slots._version > v_slots and out._version > v_out
+
+
+@pytest.mark.parametrize("sdt,fdt", DTYPE_PAIRS)
+def test_pure_copy_launches_are_plain_copies(sdt, fdt, monkeypatch):
+    """A closed form's full step (feature -> one slot) and reuse's skip (slot -> out) are one
+    copy_ per destination, never the loop; narrowing rounds once to nearest even."""
+    def refuse(*a, **k):
+        raise AssertionError("a pure copy reached the compiled loop")
+
+    monkeypatch.setattr(cpu_codegen, "lincomb_cpu", refuse)
+    n = 2 * 2048 + 3
+    g = torch.Generator().manual_seed(5)
+    slots = torch.randn(3, n + 61, generator=g).to(sdt)
+    before = slots.clone()
+    feature = torch.randn(n, generator=g).to(fdt)
+    lincomb_torch(slots, feature, None, n, [], [1], [1.0])
+    assert torch.equal(slots[1, :n], feature.to(sdt))
+    assert torch.equal(slots[0], before[0]) and torch.equal(slots[2], before[2])
+    assert torch.equal(slots[1, n:], before[1, n:])  # the row's padding is not touched
+    out = torch.empty(n, dtype=fdt)
+    lincomb_torch(slots, None, out, n, [2], [0], [1.0, 1.0])  # one input into a slot and out
+    assert torch.equal(out, slots[2, :n].to(fdt)) and torch.equal(slots[0, :n], slots[2, :n])
+
+
+def test_a_slot_copied_onto_itself_takes_the_general_path(monkeypatch):
+    called = []
+    monkeypatch.setattr(cpu_codegen, "lincomb_cpu", lambda *a: called.append(1) or False)
+    slots = torch.randn(2, 64)
+    before = slots.clone()
+    lincomb_torch(slots, None, None, 64, [1], [1], [1.0])
+    assert called and torch.equal(slots, before)
+
+
+@needs_cc
+def test_call_layouts_are_cached_by_structure_not_by_pointers():
+    """The per-call Python is cut by caching everything but the pointers: a second call of the
+    same structure on other tensors reuses the layout and is still right; a feature inside the
+    slots (possible in a direct call) is never cached, since its pointer decides the hazards."""
+    n = 3000
+    coef = [1.5, -0.5, 0.25, 1.0, 0.0, 2.0]  # reads 0, 1 + feature -> slot 2, out
+    cpu_codegen._layouts.clear()
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        slots, feature, out = torch.randn(3, n, generator=g), torch.randn(n, generator=g), torch.empty(n)
+        x0, x1 = slots[0].double(), slots[1].double()
+        assert cpu_codegen.lincomb_cpu(slots, feature, out, n, [0, 1], [2], coef)
+        exp2 = 1.5 * x0 - 0.5 * x1 + 0.25 * feature.double()
+        exp_out = 1.0 * x0 + 2.0 * feature.double()
+        assert torch.allclose(slots[2].double(), exp2, atol=1e-5) and torch.allclose(out.double(), exp_out, atol=1e-5)
+    assert len(cpu_codegen._layouts) == 1
+    slots = torch.randn(3, n)
+    x0 = slots[0].clone()
+    assert cpu_codegen.lincomb_cpu(slots, slots[0], None, n, [1], [0], [0.5, 2.0])  # feature = slot 0, written
+    assert torch.allclose(slots[0], 0.5 * slots[1] + 2.0 * x0, atol=1e-5)
+    assert len(cpu_codegen._layouts) == 1

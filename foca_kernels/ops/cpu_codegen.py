@@ -517,6 +517,40 @@ def _flat_code(t, n: int):
     return code
 
 
+_LAYOUT_CACHE = 256  # call structures kept (a model has a handful: one per method and step kind)
+_layouts: dict = {}
+
+
+def _layout(ptrs, in_dt, dst_ptrs, dst_codes, coef):
+    """The pointer-independent part of a call: the order in which ``ptrs + dst_ptrs`` are
+    handed to the loop (destinations grouped by distinct row), the meta and coefficient
+    arrays, and the bytes moved per element."""
+    n_in = len(ptrs)
+    targets: dict = {}  # distinct row -> indices of its destinations
+    for j in range(len(dst_ptrs)):
+        targets.setdefault(tuple(coef[j * n_in : (j + 1) * n_in]), []).append(j)
+    order, flat_coef, row_start, dsts_dt, row_copy, row_hazard = list(range(n_in)), [], [0], [], [], []
+    written, read = set(dst_ptrs), set(ptrs)
+    for r, ds in targets.items():
+        row_hazard.append(1 if any(dst_ptrs[j] in read for j in ds) else 0)
+        flat_coef.extend(r)
+        row_start.append(row_start[-1] + len(ds))
+        for j in ds:
+            order.append(n_in + j)
+            dsts_dt.append(dst_codes[j])
+        nz = [j for j, c in enumerate(r) if c != 0.0]
+        copy = -1
+        if len(nz) == 1 and r[nz[0]] == 1.0:
+            j = nz[0]
+            if ptrs[j] not in written and all(dst_codes[d] == in_dt[j] for d in ds):
+                copy = j
+        row_copy.append(copy)
+    meta = in_dt + row_start + dsts_dt + row_copy + row_hazard
+    bytes_per_elem = sum(2 if c else 4 for c in in_dt) + sum(2 if c else 4 for c in dsts_dt)
+    return (order, (ctypes.c_int * len(meta))(*meta), (ctypes.c_float * len(flat_coef))(*flat_coef),
+            len(targets), len(dsts_dt), bytes_per_elem)
+
+
 def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     """``lincomb_torch``'s update with the compiled loop, straight from data pointers (no
     tensor views: on small tensors the per-call cost is the Python around the loop). Returns
@@ -540,50 +574,44 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     base, row = slots.data_ptr(), slots.stride(0) * size
     ptrs = [base + r * row for r in reads]
     in_dt = [code] * len(ptrs)
+    fcode = ocode = fptr = optr = None
     if feature is not None:
         fcode = _flat_code(feature, n)
         if fcode is None:
             return False
-        ptrs.append(feature.data_ptr())
+        fptr = feature.data_ptr()
+        ptrs.append(fptr)
         in_dt.append(fcode)
-    n_in = len(ptrs)
     dst_ptrs = [base + w * row for w in writes]
     dst_codes = [code] * len(dst_ptrs)
     if out is not None:
         ocode = _flat_code(out, n)
         if ocode is None:
             return False
-        dst_ptrs.append(out.data_ptr())
+        optr = out.data_ptr()
+        dst_ptrs.append(optr)
         dst_codes.append(ocode)
     if n <= 0 or not dst_ptrs:
         return True
-    # distinct rows, each with its destinations (pointer, dtype)
-    targets: dict = {}
-    for j, (p, c) in enumerate(zip(dst_ptrs, dst_codes)):
-        targets.setdefault(tuple(coef[j * n_in : (j + 1) * n_in]), []).append((p, c))
-    flat_ptrs, flat_coef, row_start, dsts_dt, row_copy, row_hazard = list(ptrs), [], [0], [], [], []
-    written, read = set(dst_ptrs), set(ptrs)
-    for r, ds in targets.items():
-        row_hazard.append(1 if any(p in read for p, _ in ds) else 0)
-        flat_coef.extend(r)
-        row_start.append(row_start[-1] + len(ds))
-        for p, c in ds:
-            flat_ptrs.append(p)
-            dsts_dt.append(c)
-        nz = [j for j, c in enumerate(r) if c != 0.0]
-        copy = -1
-        if len(nz) == 1 and r[nz[0]] == 1.0:
-            j = nz[0]
-            if ptrs[j] not in written and all(c == in_dt[j] for _, c in ds):
-                copy = j
-        row_copy.append(copy)
-    meta = in_dt + row_start + dsts_dt + row_copy + row_hazard
-    in_bytes = sum(2 if c else 4 for c in in_dt)
-    out_bytes = sum(2 if c else 4 for c in dsts_dt)
+    # The layout repeats every step; it depends on the pointers only through which of them
+    # coincide, and with the feature and out outside the slots (and apart) slot indices decide
+    # that: then it is cached under the call's structure.
+    end = base + rows * row
+    structural = not ((fptr is not None and base <= fptr < end) or (optr is not None and base <= optr < end)
+                      or (fptr is not None and fptr == optr))
+    key = (code, tuple(reads), tuple(writes), tuple(coef), fcode, ocode) if structural else None
+    lay = _layouts.get(key) if structural else None
+    if lay is None:
+        lay = _layout(ptrs, in_dt, dst_ptrs, dst_codes, coef)
+        if structural:
+            if len(_layouts) >= _LAYOUT_CACHE:
+                _layouts.clear()
+            _layouts[key] = lay
+    order, meta, flat_coef, n_rows, n_dst, bytes_per_elem = lay
+    every = ptrs + dst_ptrs
     args = (
-        n_in, len(targets), len(dsts_dt), (ctypes.c_void_p * len(flat_ptrs))(*flat_ptrs),
-        (ctypes.c_int * len(meta))(*meta), (ctypes.c_float * len(flat_coef))(*flat_coef),
-        1 if n * (in_bytes + out_bytes) > STREAM_BYTES else 0,
+        len(ptrs), n_rows, n_dst, (ctypes.c_void_p * len(order))(*[every[i] for i in order]),
+        meta, flat_coef, 1 if n * bytes_per_elem > STREAM_BYTES else 0,
     )
     threads = min(torch.get_num_threads(), n // PARALLEL_GRAIN)
     if threads <= 1:

@@ -20,7 +20,30 @@ from . import cpu_codegen
 CPU_CHUNK = 1 << 16  # elements: a chunk of every input and accumulator stays in L2
 
 
+def _pure_copy(slots, feature, out, n, reads, writes, coef) -> bool:
+    """Every row is the one input times 1.0 (a closed form's full step, reuse's steps): one
+    ``copy_`` per destination is the memory floor, with nothing to plan. Also across dtypes:
+    widening is exact and narrowing rounds once, to nearest even, as the loop does."""
+    if isinstance(coef, torch.Tensor) or len(reads) + (feature is not None) != 1:
+        return False
+    if len(coef) != len(writes) + (out is not None) or any(c != 1.0 for c in coef):
+        return False
+    if feature is None:
+        if reads[0] in writes:
+            return False  # a slot copied onto itself: the general path handles it
+        src = slots[reads[0], :n]
+    else:
+        src = feature
+    for w in writes:
+        slots[w, :n].copy_(src)
+    if out is not None:
+        out.copy_(src)
+    return True
+
+
 def lincomb_torch(slots, feature, out, n, reads, writes, coef) -> None:
+    if _pure_copy(slots, feature, out, n, reads, writes, coef):
+        return
     if slots.device.type == "cpu" and cpu_codegen.lincomb_cpu(slots, feature, out, n, reads, writes, coef):
         return
     xs = [slots[r, :n] for r in reads]
