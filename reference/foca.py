@@ -93,11 +93,12 @@ class FoCaRef:
 
 
 class FoCaRestartRef:
-    """Reference FoCa, readings r3 and r6: every window restarts from computed values.
+    """Reference FoCa, readings r3, r6 and r7: every window restarts from computed values.
 
     After a full step (x at time t; the previous computed values x_p, x_pp):
       anchor   A = (x - x_p) / (t - t_p)                       (secant of the last two full)
       r3: F_k = x, F_{k-1} = x_p, D = eq. (6) over (x, x_p, x_pp) (secant while only two)
+      r7: as r3
       r6: F_k = x, F_{k-1} = the quadratic through (x, x_p, x_pp) at the step before t
     Skipped step at t + h:
       D'  = (F_k - F_{k-1}) / h_prev              (r6: carried derivative, the secant)
@@ -105,12 +106,13 @@ class FoCaRestartRef:
       (6) F'_{k+1} = derivative at F^             (equals D: see docs/method.md)
       (8) F_c = F_k + h/2 (A + F'_{k+1})
       r3: D <- eq. (6) at (F_c, F_k, F_{k-1})     (the derivative update after the corrector)
+      r7: D is kept                                (no derivative update inside a window)
     """
 
     min_full = 2
 
     def __init__(self, reading: str = "r3"):
-        assert reading in ("r3", "r6")
+        assert reading in ("r3", "r6", "r7")
         self.reading = reading
         self.t = None
         self.computed = []  # [(x, t)] of the last three full computes, newest first
@@ -126,7 +128,7 @@ class FoCaRestartRef:
         self.f, self.t_f = xs[0], t
         if len(xs) >= 2:
             self.anchor_d = (xs[0] - xs[1]) / (ts[0] - ts[1])
-            if self.reading == "r3":
+            if self.reading in ("r3", "r7"):
                 self.f_prev, self.t_prev = xs[1], ts[1]
                 if len(xs) == 3:
                     self.d = bdf2_derivative(xs[0], xs[1], xs[2], ts[0] - ts[1], ts[1] - ts[2])
@@ -143,7 +145,7 @@ class FoCaRestartRef:
         t = self.t + h
         h = t - self.t_f
         h_prev = self.t_f - self.t_prev
-        d_k = self.d if self.reading == "r3" else (self.f - self.f_prev) / h_prev
+        d_k = self.d if self.reading in ("r3", "r7") else (self.f - self.f_prev) / h_prev
         pred = bdf2_predictor(self.f, self.f_prev, d_k, h, h_prev)  # (7)
         d_next = bdf2_derivative(pred, self.f, self.f_prev, h, h_prev)  # (6) at the prediction
         calibrated = heun_corrector(self.f, self.anchor_d, d_next, h)  # (8)

@@ -16,7 +16,7 @@ def make_ref(method: str = "foca", **options):
     if method == "foca":
         reading = options.pop("reading", None)
         reading = reading or ("r0" if "anchor" in options else DEFAULT_READING)
-        if reading in ("r3", "r6"):
+        if reading in ("r3", "r6", "r7"):
             return FoCaRestartRef(reading)
         if reading == "r4":
             return FoCaRef("secant", contraction=options.get("contraction", 0.5))

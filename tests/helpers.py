@@ -49,10 +49,11 @@ METHODS = [
     ("taylorseer", {"order": 2}),
     ("taylorseer", {"order": 3}),
     ("reuse", {}),
-    # readings r3, r4, r6 (docs/method.md); appended so the indices above stay valid
+    # readings r3, r4, r6, r7 (docs/method.md); appended so the indices above stay valid
     ("foca", {"reading": "r3"}),
     ("foca", {"reading": "r4"}),
     ("foca", {"reading": "r6"}),
+    ("foca", {"reading": "r7"}),
 ]
 
 

@@ -67,7 +67,8 @@ def test_method_names():
     assert canonical_method("FORA") == "reuse"
     assert canonical_method("foca_bdf2") == "foca-bdf2"
     assert canonical_method("foca-secant") == "foca-r0"
-    assert [canonical_method(f"foca-{r}") for r in ("r0", "r3", "r4", "r6")] == ["foca-r0", "foca-r3", "foca-r4", "foca-r6"]
+    assert [canonical_method(f"foca-{r}") for r in ("r0", "r3", "r4", "r6", "r7")] == [
+        "foca-r0", "foca-r3", "foca-r4", "foca-r6", "foca-r7"]
     assert canonical_method("taylorseer3") == "taylorseer3"
     for bad in ("foca-cubic", "taylorseer7", "magic"):
         with pytest.raises(ValueError):

@@ -25,10 +25,10 @@ from reference import make_ref
 
 EXACT_METHODS = [
     ("foca", {"anchor": "secant"}), ("foca", {"anchor": "bdf2"}),
-    ("foca", {"reading": "r3"}), ("foca", {"reading": "r4"}), ("foca", {"reading": "r6"}),
+    ("foca", {"reading": "r3"}), ("foca", {"reading": "r4"}), ("foca", {"reading": "r6"}), ("foca", {"reading": "r7"}),
     ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2}), ("taylorseer", {"order": 3}),
 ]
-EXACT_IDS = ["foca-secant", "foca-bdf2", "foca-r3", "foca-r4", "foca-r6", "taylorseer-1", "taylorseer-2", "taylorseer-3"]
+EXACT_IDS = ["foca-secant", "foca-bdf2", "foca-r3", "foca-r4", "foca-r6", "foca-r7", "taylorseer-1", "taylorseer-2", "taylorseer-3"]
 
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
@@ -279,6 +279,8 @@ ORDER_CASES = [
     ("foca-r3", lambda: Shadow64("foca", (2,), reading="r3"), 3, 2),
     ("foca-r4", lambda: Shadow64("foca", (2,), reading="r4"), 2, 2),
     ("foca-r6", lambda: Shadow64("foca", (2,), reading="r6"), 3, 2),
+    ("foca-r7", lambda: Shadow64("foca", (2,), reading="r7"), 2, 2),  # a line per window: TaylorSeer-1's order
+    ("ref-foca-r7", lambda: make_ref("foca", reading="r7"), 2, 2),
     ("ref-foca-secant", lambda: make_ref("foca", anchor="secant"), 2, 2),
     ("ref-foca-r3", lambda: make_ref("foca", reading="r3"), 3, 2),
     ("ref-taylorseer-2", lambda: make_ref("taylorseer", order=2), 3, 2),
@@ -407,7 +409,7 @@ def test_stability_on_decay(lam, h, k_star):
     np.testing.assert_allclose(_decay_errors("foca", R0, lam, h, N_FULL, K, engine="ref"), foca, rtol=1e-9, atol=1e-14)
 
 
-@pytest.mark.parametrize("reading", ["r3", "r4", "r6"])
+@pytest.mark.parametrize("reading", ["r3", "r4", "r6", "r7"])
 @pytest.mark.parametrize("lam,h", [(-2.0, 0.1), (-1.0, 0.25)], ids=["lam-2-h0.1", "lam-1-h0.25"])
 def test_readings_grow_linearly_on_decay(reading, lam, h):
     """docs/method.md: every FoCa reading here is exact on lines, so none stays bounded on

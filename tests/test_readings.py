@@ -38,9 +38,10 @@ def _curvature_weights(method, opts, g=5, n_after=4):
 @pytest.mark.parametrize("method,opts,expected", [
     ("foca", {"reading": "r3"}, [2.5, 3.96, 4.43, 4.41]),
     ("foca", {"reading": "r6"}, [2.0, 3.0, 3.5, 3.75]),
+    ("foca", {"reading": "r7"}, [2.5, 5.0, 7.5, 10.0]),
     ("taylorseer", {"order": 1}, [0.0, 0.0, 0.0, 0.0]),
     ("taylorseer", {"order": 2}, [1.0, 4.0, 9.0, 16.0]),
-], ids=["r3", "r6", "ts1", "ts2"])
+], ids=["r3", "r6", "r7", "ts1", "ts2"])
 def test_curvature_weights_quoted_in_the_docs(method, opts, expected):
     assert _curvature_weights(method, opts) == pytest.approx(expected, abs=0.006)
 
@@ -83,8 +84,9 @@ def test_r0_inherits_the_previous_windows_last_forecast():
 
 
 @pytest.mark.parametrize("method,opts,m", [
-    ("foca", {"reading": "r3"}, 3), ("foca", {"reading": "r6"}, 3), ("taylorseer", {"order": 2}, 3),
-], ids=["r3", "r6", "ts2"])
+    ("foca", {"reading": "r3"}, 3), ("foca", {"reading": "r6"}, 3), ("foca", {"reading": "r7"}, 3),
+    ("taylorseer", {"order": 2}, 3),
+], ids=["r3", "r6", "r7", "ts2"])
 def test_closed_forms_ignore_older_history(method, opts, m):
     """What justifies storing only the last m computed values: in the recursive reference,
     perturbing any older computed value (or older forecast) changes no later forecast."""
@@ -117,7 +119,7 @@ def test_closed_forms_ignore_older_history(method, opts, m):
         assert changed, "control: the perturbed value is used while it is among the last m"
 
 
-@pytest.mark.parametrize("reading", ["r3", "r6"])
+@pytest.mark.parametrize("reading", ["r3", "r6", "r7"])
 def test_refused_forecast_leaves_the_memo_alone(reading):
     """The window's coefficient vectors live on the host (Transition.memo); a refused call
     mid-window must not advance them: the next forecasts equal an undisturbed twin's."""
@@ -139,7 +141,7 @@ def test_refused_forecast_leaves_the_memo_alone(reading):
 
 
 def test_readings_and_defaults():
-    assert set(FOCA_READINGS) == {"r0", "r3", "r4", "r6"}
+    assert set(FOCA_READINGS) == {"r0", "r3", "r4", "r6", "r7"}
     assert DEFAULT_READING == DEFAULT_FOCA_READING, "reference and package must share the default reading"
     assert fk.allocate(torch.zeros(3), "foca").method.reading == DEFAULT_FOCA_READING
     assert fk.allocate(torch.zeros(3), "foca", anchor="bdf2").method.reading == "r0"

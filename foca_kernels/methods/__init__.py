@@ -11,7 +11,7 @@ from .rfc import RFC
 from .taylorseer import TaylorSeer
 
 METHOD_NAMES = ("foca", "taylorseer", "reuse", "rfc")
-FOCA_READINGS = ("r0", "r3", "r4", "r6")
+FOCA_READINGS = ("r0", "r3", "r4", "r6", "r7")
 DEFAULT_FOCA_READING = "r3"
 R4_CONTRACTION = 0.5
 
@@ -23,7 +23,7 @@ def make_foca(reading=None, **options) -> Method:
     reading = DEFAULT_FOCA_READING if reading is None else reading
     if reading not in FOCA_READINGS:
         raise ValueError(f"FoCa reading must be one of {FOCA_READINGS}, got {reading!r}")
-    if reading in ("r3", "r6"):
+    if reading in ("r3", "r6", "r7"):
         if options:
             raise TypeError(f"FoCa reading {reading} takes no options, got {sorted(options)}")
         return FoCaClosed(reading)

@@ -1,6 +1,6 @@
 """FoCa readings that restart every window from computed values, stored in closed form.
 
-Both keep the last three computed values X0, X1, X2 (times T0 > T1 > T2; see history.py)
+All keep the last three computed values X0, X1, X2 (times T0 > T1 > T2; see history.py)
 and the anchor of eq. (8) is the secant between the last two full computes,
 A = (X0 - X1) / (T0 - T1). Inside a window each skipped step at t = t_k + h applies the
 paper's predictor (7), derivative (6) and corrector (8) to the two most recent values
@@ -14,6 +14,9 @@ r3  D after a full step = (6) over X0, X1, X2 (the secant while only two exist);
 r6  D = the secant of the two most recent values (as r0); F_{k-1} after a full step =
     the quadratic through X0, X1, X2 evaluated at the step before the full one (instead
     of r0's previous-window forecast, which carries that window's error in).
+r7  D = (6) over X0, X1, X2 at the full step, as r3, but kept through the window: (6) sees
+    computed values only, never the window's own forecasts. The forecasts then lie on the
+    line X0 + x (A + D) / 2 (the mean of the two slope estimates).
 
 The recursion runs on coefficient vectors over X0..X2 (memo); the tensors are read once
 per skipped step.
@@ -24,7 +27,7 @@ from __future__ import annotations
 from .base import Combo, StepContext, added, scaled
 from .history import RawHistory, bdf2_derivative, lagrange, secant
 
-READINGS_CLOSED = ("r3", "r6")
+READINGS_CLOSED = ("r3", "r6", "r7")
 
 
 class FoCaClosed(RawHistory):
@@ -49,7 +52,7 @@ class FoCaClosed(RawHistory):
         """The recursion's variables right after the last full step."""
         vals, times = self.history(ctx)
         a = secant(vals[0], times[0], vals[1], times[1])
-        if self.reading == "r3":
+        if self.reading in ("r3", "r7"):
             fkm1, tkm1 = vals[1], times[1]
             if len(vals) == 3:
                 d = bdf2_derivative(vals[0], vals[1], vals[2], times[0] - times[1], times[1] - times[2])
@@ -64,7 +67,7 @@ class FoCaClosed(RawHistory):
     def forecast(self, ctx: StepContext):
         v = ctx.memo if ctx.memo and "fk" in ctx.memo else self._start(ctx)
         h, h_prev = ctx.t - v["tk"], v["tk"] - v["tkm1"]
-        d = v["d"] if self.reading == "r3" else secant(v["fk"], v["tk"], v["fkm1"], v["tkm1"])
+        d = v["d"] if self.reading in ("r3", "r7") else secant(v["fk"], v["tk"], v["fkm1"], v["tkm1"])
         fc: Combo = added(v["fk"], scaled(added(v["a"], d), 0.5 * h))  # (8) with (6) o (7) = D
         nxt = dict(v, fk=fc, tk=ctx.t, fkm1=v["fk"], tkm1=v["tk"])
         if self.reading == "r3":
