@@ -22,6 +22,7 @@ import hooks_tiny as T  # noqa: E402  (skips the module when diffusers is missin
 
 STEPS = 20
 CONVERSIONS = ("__float__", "__int__", "__bool__", "__index__", "item", "tolist")
+HOST_RESULTS = ("equal", "allclose", "is_nonzero")  # torch functions that hand a tensor's value to Python
 
 model_for = T.model_cache()
 
@@ -33,6 +34,8 @@ class _Recorder:
         self.calls = []
         for name in CONVERSIONS:
             monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        for name in HOST_RESULTS:
+            monkeypatch.setattr(torch, name, self._wrap(name, getattr(torch, name)))
 
     def _wrap(self, name, fn):
         calls = self.calls
@@ -46,7 +49,7 @@ class _Recorder:
         return wrapped
 
 
-@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse", "rfc"])
+@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse", "rfc", "duca"])
 @pytest.mark.parametrize("cfg", ["batched", "separate"])
 def test_no_tensor_is_read_on_the_host_during_a_generation(method, cfg, monkeypatch):
     case, m = T.CASES["dit"], model_for("dit")

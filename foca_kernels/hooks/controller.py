@@ -65,7 +65,7 @@ class StepInfo:
     batched: Optional[set] = None  # groups forecast together at this (skipped) step's first cached call
     plans: dict = field(default_factory=dict)  # full-step plans shared by states with one history
     phase: str = ""  # duca: "full" / "conservative" / "aggressive"
-    cfg_batched: bool = False  # duca: this call holds two CFG halves (conservative steps only)
+    cfg_batched: object = False  # duca: this call holds two CFG halves (conservative steps only): a bool or a 0-d device bool tensor
 
 
 class CacheController:

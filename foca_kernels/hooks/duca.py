@@ -110,15 +110,17 @@ class DucaRuntime:
     def phase(self, schedule, step: int, num_steps) -> str:
         return phase(schedule, step, num_steps, self.opts.phase_order)
 
-    def cfg_batched(self, args, kwargs) -> bool:
-        """Whether this model call holds two CFG halves of the same latents."""
+    def cfg_batched(self, args, kwargs):
+        """Whether this model call holds two CFG halves of the same latents: a bool when the
+        options or the batch size decide it, else a 0-d bool tensor left on the device (reading
+        it would sync every conservative step; :meth:`select` chooses with ``torch.where``)."""
         if self.opts.cfg_batched is not None:
             return self.opts.cfg_batched
         x, _ = _hidden(args, kwargs)
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % 2:
             return False
         h = x.shape[0] // 2
-        return bool(torch.equal(x[:h], x[h:]))  # one host sync per conservative step on GPU
+        return (x[:h] == x[h:]).all()
 
     def on_full(self, group) -> None:
         age = self.ages.get(group)
@@ -167,12 +169,15 @@ class DucaRuntime:
             add_spatial_bonus_(score, grid, o.spatial_bonus, o.spatial_size)
         elif o.spatial_bonus:
             self._warn_once(("grid", site.name), f"{n} tokens of {site.name!r} form no known grid: no spatial bonus (pass grid=(h, w))")
-        if step.cfg_batched:
+        cfg = step.cfg_batched
+        if cfg is False:
+            index = top_k(score, ratio)
+        else:  # one half scored, its choice applied to both halves
             h = b // 2
             half = top_k(score[o.cfg_half * h:(o.cfg_half + 1) * h], ratio)
             index = torch.cat([half, half])
-        else:
-            index = top_k(score, ratio)
+            if cfg is not True:  # detected on the device: both choices formed, one kept there
+                index = torch.where(cfg, index, top_k(score, ratio))
         self.shared[key] = (ctx.generations, step.step, index, n)
         return index
 
