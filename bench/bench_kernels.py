@@ -37,7 +37,7 @@ from reference import make_ref
 OPS = {
     "foca_skip": ("foca", {"anchor": "secant"}, "skip"),  # reading r0
     "foca_full": ("foca", {"anchor": "secant"}, "full"),
-    "foca_r3_skip": ("foca", {"reading": "r3"}, "skip"),  # closed form (r6 moves the same tensors)
+    "foca_r3_skip": ("foca", {"reading": "r3"}, "skip"),  # closed form (r6 and r7, the default, move the same tensors)
     "foca_r3_full": ("foca", {"reading": "r3"}, "full"),
     "foca_r4_skip": ("foca", {"reading": "r4"}, "skip"),
     "taylorseer2_skip": ("taylorseer", {"order": 2}, "skip"),

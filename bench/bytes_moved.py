@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import foca_kernels as fk  # noqa: E402
 
 METHODS = [
+    ("foca r7 (closed form, default)", "foca", {"reading": "r7"}),
     ("foca r3 (closed form)", "foca", {"reading": "r3"}),
     ("foca r6 (closed form)", "foca", {"reading": "r6"}),
     ("foca r4", "foca", {"reading": "r4"}),

@@ -20,6 +20,8 @@ import torch
 
 from .trajectories import make_ref
 
+RFC_FOCA_READING = "r3"  # RFE's default FoCa base (must match foca_kernels.methods.RFC_FOCA_READING)
+
 
 def norm(t: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "token":
@@ -32,6 +34,8 @@ def norm(t: torch.Tensor, mode: str) -> torch.Tensor:
 class RFCRef:
     def __init__(self, base: str = "foca", norm: str = "sample", estimate: str = "ratio", clip: float = 1.0,
                  **base_options):
+        if base == "foca" and "reading" not in base_options and "anchor" not in base_options:
+            base_options = dict(base_options, reading=RFC_FOCA_READING)
         self.out = make_ref(base, **dict(base_options))
         self.inp = make_ref(base, **dict(base_options))
         self.norm, self.estimate, self.clip = norm, estimate, clip

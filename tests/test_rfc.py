@@ -10,7 +10,7 @@ import foca_kernels as fk
 from foca_kernels.rfc import RFCState
 from reference import RFCRef
 
-BASES = [("foca", {}), ("foca", {"reading": "r6"}), ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2})]
+BASES = [("foca", {"reading": "r3"}), ("foca", {"reading": "r6"}), ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2})]
 
 
 def _traj(shape, seed=0):
@@ -197,3 +197,17 @@ def test_no_host_sync_in_a_skipped_step(monkeypatch):
     fk.forecast(st, input=u + 2)
     monkeypatch.undo()
     assert calls == []
+
+
+def test_rfc_default_base_is_the_measured_foca_reading():
+    """RFC was measured over FoCa r3 (docs/fidelity.md); its default base stays r3 whatever the
+    package's default reading, in the package and in the reference alike."""
+    from foca_kernels.methods import DEFAULT_FOCA_READING, RFC_FOCA_READING
+    from reference import rfc as rfc_ref
+
+    assert RFC_FOCA_READING == rfc_ref.RFC_FOCA_READING == "r3"
+    assert rfc_ref.RFCRef("foca").out.reading == "r3" and rfc_ref.RFCRef("foca", reading="r7").out.reading == "r7"
+    y, u = torch.zeros(4, 3), torch.zeros(4, 2)
+    assert fk.allocate(y, "rfc", input=u).method.base.reading == "r3"
+    assert fk.allocate(y, "rfc", input=u, reading="r6").method.base.reading == "r6"
+    assert fk.allocate(y, "foca").method.reading == DEFAULT_FOCA_READING

@@ -37,7 +37,7 @@ def step(buf, full, x, h=1.0):
 #   FoCa full, secant: D_anchor = (X - F_full)/g needs X and F_full; X and D_anchor are new:
 #                    2 reads + 2 writes (F_prev is the old F re-pointed, F_full = F one slot).
 #   FoCa full, bdf2: D_anchor = BDF2(X, F, F_prev): 3 reads + 2 writes.
-#   Closed forms (TaylorSeer, FoCa r3/r6): full writes X into the oldest slot and reads
+#   Closed forms (TaylorSeer, FoCa r3/r6/r7): full writes X into the oldest slot and reads
 #   nothing; a skip reads the computed values its coefficients use; the state does not move.
 #   Reuse skip: only out is written.
 # Warm-up steps have less history and so fewer terms.
@@ -50,6 +50,10 @@ EXPECTED = {
     # oldest slot and reads nothing; a skip reads the values its coefficients need (r6 after
     # adjacent full steps restarts from the previous computed value: X2's coefficient is 0).
     "foca-r3": [
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (3, False, 0, True),
+    ],
+    "foca-r7": [
         (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
         (0, True, 1, False), (0, True, 1, False), (3, False, 0, True),
     ],
@@ -235,7 +239,7 @@ def test_nbytes(method, opts, n_slots, shape, dtype):
 
 
 def test_state_nbytes_default_dtype_for_shapes():
-    assert fk.state_nbytes((10,), "foca") == 3 * 64 * 4  # fp32 unless told; default FoCa r3 keeps 3 values
+    assert fk.state_nbytes((10,), "foca") == 3 * 64 * 4  # fp32 unless told; default FoCa r7 keeps 3 values
     assert fk.state_nbytes((10,), "foca", reading="r0") == 4 * 64 * 4
 
 
@@ -276,7 +280,7 @@ def test_counters_and_clock(method, opts):
 def test_update_leaves_feature_untouched_and_returns_state():
     x = torch.randn(4, 4)
     keep = x.clone()
-    buf = fk.allocate(x)  # the default method (FoCa r3: closed form, X0 the newest value)
+    buf = fk.allocate(x)  # the default method (FoCa r7: closed form, X0 the newest value)
     assert fk.update_(buf, x, backend=BACKEND) is buf
     fk.update_(buf, x, backend=BACKEND)
     fk.forecast(buf, backend=BACKEND)

@@ -45,7 +45,7 @@ LOG_LENGTH = 4096
 
 def probe_method(config):
     """The temporal method the probe forecasts the input with: the cached method's when it is
-    in closed form (rfc: its base), else FoCa r3 (the package's default)."""
+    in closed form (rfc: its base), else the package's default FoCa reading (closed form)."""
     m = config.make_method()
     if isinstance(m, RFC):
         return m.base
