@@ -9,7 +9,7 @@ import torch
 from .backend import get_backend
 import contextlib
 
-from .methods import RFC, Method, make_method
+from .methods import RFC, Method, RawHistory, make_method
 from .ops import lincomb_, run_lincomb
 from .ops.dispatch import run_lincomb_checked
 from .rfc import RFCState, forecast_rfc_, update_rfc_
@@ -67,6 +67,8 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
 def _plan(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
     """The launch of one step, refused (ValueError naming h) if its coefficients do not fit
     float32: nothing has been written yet."""
+    if full and isinstance(buf.method, RawHistory):
+        return buf.plan_rotation(t_new)  # a copy into one slot: no coefficient to check
     rule = buf.method.full if full else buf.method.skip
     try:
         launch = buf.plan(rule(buf.context(t_new)), t_new)
@@ -76,12 +78,22 @@ def _plan(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
     return launch
 
 
+def copy_row(buf: CacheState, slot: int, feature: torch.Tensor) -> None:
+    """One launch that copies ``feature`` into a slot (rounding once to the state's dtype)."""
+    buf.row(slot).copy_(feature.detach())
+
+
 def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
     # The custom op is what torch.compile sees; eager calls skip its dispatcher. No autograd
     # history is ever recorded: the cache is for inference, and a graph kept in the slots
     # would grow with every step (and out= ops refuse inputs that require grad).
     if torch.compiler.is_compiling():
         op = lincomb_
+    elif backend == "torch" and launch.coef == (1.0,) and launch.has_feature and not launch.has_out:
+        # a closed form's full step: the feature copied into one slot (what lincomb_torch would
+        # do, minus its layers of Python: this runs for every stream at every full step)
+        copy_row(buf, launch.writes[0], feature)
+        return
     else:  # eager: the caller has checked aliasing already (check_no_alias / StateGroup)
         op = run_lincomb_checked
     with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:

@@ -40,6 +40,8 @@ _auto_cache: dict = {}  # (device type, FOCA_KERNELS_BACKEND, TRITON_INTERPRET) 
 
 def get_backend(device="cpu", backend: Optional[str] = None) -> str:
     """The backend a call on tensors of ``device`` uses."""
+    if backend == "torch":
+        return backend  # runs on every device, nothing to check
     if backend is None and _override is None and isinstance(device, torch.device):
         # Hot path (every update): the answer depends only on these, and find_spec is slow.
         key = (device.type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))

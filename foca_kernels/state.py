@@ -71,6 +71,7 @@ class CacheState:
             raise ValueError(f"slots must be a ({method.n_slots}, {stride}) {dtype} view on {device} with unit "
                              f"column stride and a row stride that is a multiple of {SLOT_ALIGN}")
         self.slots = slots
+        self._rows = None  # (slots, flat views of its rows): see row()
         self.reset()
 
     def move_to_(self, slots: torch.Tensor) -> None:
@@ -111,6 +112,13 @@ class CacheState:
     def ready(self) -> bool:
         """Whether enough full steps were seen for a forecast."""
         return self.n_full >= self.method.min_full
+
+    def row(self, slot: int) -> torch.Tensor:
+        """Flat view of one slot's ``numel`` elements (cached: made once per allocation)."""
+        rows = self._rows
+        if rows is None or rows[0] is not self.slots:
+            rows = self._rows = (self.slots, [self.slots[s, : self.numel] for s in range(self.slots.shape[0])])
+        return rows[1][slot]
 
     def role(self, name: str) -> Optional[torch.Tensor]:
         """View of the tensor a role holds now (None while undefined)."""
@@ -176,6 +184,26 @@ class CacheState:
             coef = tuple(float(row.get(k, 0.0)) for row in rows for k in cols)
         return Launch(reads, has_feature, tuple(s for s, _ in written), tr.out is not None, coef, slot_of, time_of,
                       tr.memo)
+
+    def plan_rotation(self, t_new: float) -> Launch:
+        """The full step of a closed form (:class:`~foca_kernels.methods.RawHistory`) without
+        building its transition: the feature goes into the first slot no kept role holds, every
+        other role is re-pointed one place older. The same launch as
+        ``plan(method.full(context(t_new)), t_new)`` (tests/test_state.py checks it); it exists
+        because this is the one plan a single stream makes at every full step."""
+        roles = self.method.roles
+        old_slot, old_time = self._slot_of, self._time_of
+        kept = {old_slot[r] for r in roles[:-1] if old_time[r] is not None}
+        slot = next(s for s in range(self.method.n_slots) if s not in kept)
+        slot_of: Dict[str, Optional[int]] = {roles[0]: slot}
+        time_of: Dict[str, Optional[float]] = {roles[0]: t_new}
+        for prev, role in zip(roles, roles[1:]):
+            if old_time[prev] is None:
+                slot_of[role] = time_of[role] = None
+            else:
+                slot_of[role], time_of[role] = old_slot[prev], old_time[prev]
+        memo = self.method.full_memo(self.context(t_new))
+        return Launch((), True, (slot,), False, (1.0,), slot_of, time_of, memo)
 
     def _in_slots(self, combo) -> dict:
         """A role-level combination as a slot-level one (aliased roles add up)."""

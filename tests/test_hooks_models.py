@@ -126,7 +126,7 @@ def test_skipped_steps_do_not_run_cached_modules_and_use_the_fused_ops(family, m
 
     for name in ("update_", "forecast_"):
         monkeypatch.setattr(foca_kernels.api, name, counting(name, getattr(foca_kernels.api, name)))
-    for name in ("lincomb_", "run_lincomb", "run_lincomb_checked"):  # the custom op, and its eager entry points
+    for name in ("lincomb_", "run_lincomb", "run_lincomb_checked", "copy_row"):  # the custom op, its eager entry points, a closed form's full-step copy
         if hasattr(foca_kernels.api, name):
             monkeypatch.setattr(foca_kernels.api, name, counting("lincomb_", getattr(foca_kernels.api, name)))
     # A skipped step: one grouped forecast of every stream, one launch (the states are packed

@@ -287,3 +287,33 @@ def test_update_leaves_feature_untouched_and_returns_state():
     fk.update_(buf, x, backend=BACKEND)
     assert torch.equal(x, keep)
     assert buf.role(buf.method.roles[0]).data_ptr() != x.data_ptr(), "the state keeps its own copy of the feature"
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("foca", {"reading": "r7"}), ("foca", {"reading": "r3"}), ("foca", {"reading": "r6"}),
+    ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2}), ("taylorseer", {"order": 3}),
+])
+def test_rotation_plan_is_the_generic_plan(method, opts):
+    """update_ plans a closed form's full step directly (CacheState.plan_rotation); it must be
+    the launch the generic planner makes from the method's transition, bookkeeping included
+    (slot order, times, memo), from the first full step on, over random schedules and steps."""
+    import random
+
+    rng = random.Random(0)
+    buf = fk.allocate(torch.zeros(5), method, **opts)
+    compared = 0
+    for i in range(60):
+        h = rng.choice([1.0, 0.5, 2.0, 0.3, 7.0])
+        full = i < 2 or rng.random() < 0.4
+        t = 0.0 if buf.t is None else buf.t + h
+        if full:
+            fast = buf.plan_rotation(t)
+            slow = buf.plan(buf.method.full(buf.context(t)), t)
+            assert fast == slow and list(fast.slot_of.items()) == list(slow.slot_of.items())
+            assert list(fast.time_of.items()) == list(slow.time_of.items())
+            compared += 1
+            fk.update_(buf, torch.randn(5), h)
+            assert buf._launch == slow
+        else:
+            fk.forecast(buf, h)
+    assert compared >= 20
