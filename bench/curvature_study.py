@@ -9,7 +9,7 @@ full compute with paired 95% intervals against TaylorSeer-2:
     sat:K     c(x) = (g x / 2) / (1 + x / (K g))   (r7's weight, saturating)
     mix:M     M * r7 + (1 - M) * TaylorSeer-2  (mix:0 is TaylorSeer-2 exactly: a check)
     theta:T   X0 + x (A + T (D - A))           (D = eq. (6) at the full step; T = 1/2 is r7)
-    r3, r7, ts2, reuse                         the package's own methods
+    r3, r7, ts2, reuse, rfc:R                  the package's own methods (rfc:R: RFE over reading R)
 
 and, through plain PyTorch module hooks (no kernels, float32), two window-aware variants of
 the theta family:
@@ -104,6 +104,8 @@ def closed_method(name: str):
     kind, _, p = name.partition(":")
     if kind == "reuse":
         return make_method("reuse")
+    if kind == "rfc":  # RFE over a FoCa reading, e.g. rfc:r7 (its default base is r3)
+        return make_method("rfc", reading=p or "r3")
     if kind in ("r3", "r7"):
         return make_method("foca", reading=kind)
     if kind == "ts2":

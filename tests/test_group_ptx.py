@@ -37,13 +37,12 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.compiler.compiler import ASTSource  # noqa: E402
-
 # The compile helpers of the single kernel's PTX test (toolchain detection, skip marker,
 # compilable clone of a jitted kernel, PTX/ptxas readers).
 from test_ptx import (  # noqa: E402
-    TARGET, VECTOR_BYTES, _DIV16, _SASS_GLOBAL, _TRITON_DTYPE, _Recorder, _compilable, _int_type,
-    _ptx_global_accesses, _ptxas_report, assert_no_local_memory, pytestmark,  # noqa: F401  (pytestmark: skip without the CUDA backend)
+    TARGET, VECTOR_BYTES, _SASS_GLOBAL, _TRITON_DTYPE, _Recorder, _compilable, _ptx_global_accesses, _ptxas_report,
+    _specialisation, assert_no_local_memory, compile_launch,
+    pytestmark,  # noqa: F401  (skip without the CUDA backend)
 )
 
 import foca_kernels as fk  # noqa: E402
@@ -111,33 +110,10 @@ def _skip_launch(rule: str, dtypes: str, size: str):
     return rec.calls[0]
 
 
-def _specialisation(args, kwargs):
-    """(signature, constexprs, attrs, options) as triton's runtime JIT derives them for CUDA
-    tensors from PyTorch's allocator (16-byte aligned pointers); see tests/test_ptx.py."""
-    names = KERNEL.arg_names
-    values = list(args) + [kwargs[k] for k in names[len(args):]]
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (name, v) in enumerate(zip(names, values)):
-        if KERNEL.params[i].is_constexpr:
-            signature[name], constexprs[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[name] = "*" + _DTYPE_NAME[v.dtype]
-            attrs[(i,)] = list(_DIV16) if v.data_ptr() % 16 == 0 else []
-        elif isinstance(v, int) and not isinstance(v, bool):
-            signature[name] = _int_type(v)
-            attrs[(i,)] = list(_DIV16) if v % 16 == 0 else []
-        else:  # pragma: no cover - the grouped kernel takes tensors and constexprs only
-            raise TypeError(f"no rule for {name}={type(v).__name__}")
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    return signature, constexprs, attrs, options
-
-
 @functools.lru_cache(maxsize=None)
 def _compiled(rule: str, dtypes: str, size: str):
     grid, args, kwargs = _skip_launch(rule, dtypes, size)
-    signature, constexprs, attrs, options = _specialisation(args, kwargs)
-    src = ASTSource(fn=KERNEL, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=options), kwargs
+    return compile_launch(KERNEL, args, kwargs, _DTYPE_NAME), kwargs
 
 
 # ---- data flow in the PTX: which parameter does each global access's address come from ----------
@@ -291,7 +267,7 @@ def test_specialisation_matches_triton_runtime():
         _, args, kwargs = _skip_launch(rule, dtypes, size)  # meta tensors: data_ptr() == 0, aligned
         bound, spec, options = binder(*args, **kwargs)
         opts, signature, constexprs, attrs = KERNEL._pack_args(backend, dict(kwargs), bound, spec, options)
-        mine_sig, mine_cx, mine_attrs, mine_opts = _specialisation(args, kwargs)
+        mine_sig, mine_cx, mine_attrs, mine_opts = _specialisation(args, kwargs, KERNEL, _DTYPE_NAME)
         assert signature == mine_sig
         assert {(KERNEL.arg_names.index(k),): v for k, v in mine_cx.items()} == constexprs
         assert {k: v for k, v in attrs.items() if v} == {k: v for k, v in mine_attrs.items() if v}

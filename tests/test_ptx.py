@@ -171,9 +171,11 @@ def _int_type(v: int) -> str:
     return "u64"
 
 
-def _specialisation(args, kwargs):
+def _specialisation(args, kwargs, kernel=None, dtype_names=None):
     """(signature, constexprs, attrs, options) for ``triton.compile``, built the way
     triton/runtime/jit.py does for a launch on CUDA tensors from PyTorch's allocator.
+    ``kernel``: the compilable kernel (default: the fused one); ``dtype_names``: tensor dtype ->
+    triton type name (default: the float dtypes; the grouped kernel adds int64).
 
     * tensors -> "*<dtype>" with tt.divisibility=16 (data_ptr % 16 == 0: CUDA allocations
       are 256-byte aligned; the feature, out and the slot allocation are whole tensors);
@@ -183,14 +185,16 @@ def _specialisation(args, kwargs):
       by the path (argument index, element index), e.g. (4, 0) for read_offs[0];
     * constexprs keyed by parameter name (ASTSource maps them to (index,)).
     """
-    names = KERNEL.arg_names
+    kernel = KERNEL if kernel is None else kernel
+    dtype_names = _TRITON_DTYPE if dtype_names is None else dtype_names
+    names = kernel.arg_names
     values = list(args) + [kwargs[k] for k in names[len(args):]]
     signature, constexprs, attrs = {}, {}, {}
 
     def one(path, v):
         if isinstance(v, torch.Tensor):
             attrs[path] = list(_DIV16) if v.data_ptr() % 16 == 0 else []
-            return "*" + _TRITON_DTYPE[v.dtype]
+            return "*" + dtype_names[v.dtype]
         if isinstance(v, bool):
             return "u1"
         if isinstance(v, int):
@@ -203,7 +207,7 @@ def _specialisation(args, kwargs):
         raise TypeError(f"no rule for {type(v).__name__}")
 
     for i, (name, v) in enumerate(zip(names, values)):
-        if KERNEL.params[i].is_constexpr:
+        if kernel.params[i].is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = v
         else:
@@ -212,12 +216,17 @@ def _specialisation(args, kwargs):
     return signature, constexprs, attrs, options
 
 
+def compile_launch(kernel, args, kwargs, dtype_names=None):
+    """The sm_90 binary triton's runtime would build for ``kernel[grid](*args, **kwargs)``."""
+    signature, constexprs, attrs, options = _specialisation(args, kwargs, kernel, dtype_names)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=options)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(rule: str, size: str, dtypes: str):
     grid, args, kwargs = _steady_state_launch(rule, size, dtypes)
-    signature, constexprs, attrs, options = _specialisation(args, kwargs)
-    src = ASTSource(fn=KERNEL, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=options), args, kwargs
+    return compile_launch(KERNEL, args, kwargs), args, kwargs
 
 
 # ---- reading the generated code --------------------------------------------------------------
