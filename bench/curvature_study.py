@@ -10,6 +10,7 @@ full compute with paired 95% intervals against TaylorSeer-2:
     mix:M     M * r7 + (1 - M) * TaylorSeer-2  (mix:0 is TaylorSeer-2 exactly: a check)
     theta:T   X0 + x (A + T (D - A))           (D = eq. (6) at the full step; T = 1/2 is r7)
     r3, r7, ts2, reuse, rfc:R                  the package's own methods (rfc:R: RFE over reading R)
+    duca, duca:foca, duca:ts2                  DuCa reusing, or forecasting with FoCa / TaylorSeer-2
 
 and, through plain PyTorch module hooks (no kernels, float32), two window-aware variants of
 the theta family:
@@ -19,6 +20,9 @@ the theta family:
     calib[:T]     theta fitted at every full step by least squares on the previous window's
                   extrapolation to the new computed value (per batch row, clipped to [0, 1]);
                   T (default 1/2) until four computed values exist
+    calib2        X0 + x (phi A + theta (D - A)): phi (the slope's weight, clipped to [0, 1.5])
+                  and theta fitted together the same way; r7 (phi 1, theta 1/2) until then
+    calib2t       calib2 fitted over the whole output tensor (one phi, theta per stream)
 
     python bench/curvature_study.py --model digits --samples 50 \\
         --methods ts2 r7 blend:0.5 blend:0.75 sat:2 theta:0.25 first:0.25 calib calib:0.25
@@ -124,8 +128,9 @@ class _ThetaStream:
 
     def __init__(self, module, clock, first, calibrate):
         self.module, self.forward0 = module, module.forward
-        self.clock, self.first, self.calibrate = clock, first, calibrate
-        self.vals, self.theta = [], None  # [(t, X)] newest first
+        self.clock, self.first, self.calibrate = clock, first, calibrate  # calibrate: None | "theta" | "both"
+        self.vals, self.theta, self.phi = [], None, 1.0  # vals: [(t, X)] newest first
+        self.pooled = False  # fit over the whole tensor instead of per batch row
         module.forward = self.forward
 
     def forward(self, *args, **kwargs):
@@ -135,23 +140,30 @@ class _ThetaStream:
             out = self.forward0(*args, **kwargs)
             self.vals = [(float(k), out.detach().float())] + self.vals[:3]
             if self.calibrate and len(self.vals) == 4:
-                self.theta = self._fit()
+                self.theta, self.phi = self._fit()
             return out
         (t0, x0), (t1, x1) = self.vals[:2]
         a = (x0 - x1) / (t0 - t1)
         d = a if len(self.vals) < 3 else _bdf2(x0, x1, self.vals[2][1], t0 - t1, t1 - self.vals[2][0])
         theta = self.first if len(self.vals) < 4 else (self.theta if self.theta is not None else 0.5)
-        return (x0 + (k - t0) * (a + theta * (d - a))).to(x0.dtype)
+        return (x0 + (k - t0) * (self.phi * a + theta * (d - a))).to(x0.dtype)
 
     def _fit(self):
-        """Least-squares theta of the previous window's extrapolation to the newest value."""
+        """Least-squares (theta, phi) of the previous window's extrapolation to the newest value:
+        X0 - X1 ~ phi u + theta q, u = g A_1 (the secant part), q = g (D_1 - A_1) (the curvature
+        part), per batch row; phi stays 1 unless both are fitted."""
         (t0, x0), (t1, x1), (t2, x2), (t3, x3) = self.vals
         a = (x1 - x2) / (t1 - t2)
-        q = (t0 - t1) * (_bdf2(x1, x2, x3, t1 - t2, t2 - t3) - a)
-        r = x0 - (x1 + (t0 - t1) * a)
-        dims = tuple(range(1, r.dim()))
-        theta = (r * q).sum(dims, keepdim=True) / (q * q).sum(dims, keepdim=True).clamp_min(1e-30)
-        return theta.clamp(0.0, 1.0)
+        u, q, r = (t0 - t1) * a, (t0 - t1) * (_bdf2(x1, x2, x3, t1 - t2, t2 - t3) - a), x0 - x1
+        dims = tuple(range(0 if self.pooled else 1, r.dim()))
+        dot = lambda y, z: (y * z).sum(dims, keepdim=True)  # noqa: E731
+        if self.calibrate == "theta":
+            theta = dot(r - u, q) / dot(q, q).clamp_min(1e-30)
+            return theta.clamp(0.0, 1.0), 1.0
+        uu, uq, qq, ru, rq = dot(u, u), dot(u, q), dot(q, q), dot(r, u), dot(r, q)
+        det = (uu * qq - uq * uq).clamp_min(1e-30)
+        phi, theta = (ru * qq - rq * uq) / det, (rq * uu - ru * uq) / det
+        return theta.clamp(0.0, 1.0), phi.clamp(0.0, 1.5)
 
     def remove(self):
         self.module.forward = self.forward0
@@ -161,8 +173,11 @@ def run_hooked(model, labels, name, warmup, interval, seed):
     kind, _, p = name.partition(":")
     clock = {"step": 0, "warmup": warmup, "interval": interval}
     first = float(p) if p else 0.5
-    streams = [_ThetaStream(getattr(b, m), clock, first, kind == "calib")
+    calibrate = {"calib": "theta", "calib2": "both", "calib2t": "both"}.get(kind)
+    streams = [_ThetaStream(getattr(b, m), clock, first, calibrate)
                for b in model.transformer_blocks for m in ("attn1", "ff")]
+    for s in streams:
+        s.pooled = kind == "calib2t"
     try:
         return sample(model, labels, seed=seed, callback=lambda info: clock.__setitem__("step", clock["step"] + 1))
     finally:
@@ -202,10 +217,15 @@ def main(argv=None):
     for name in methods:
         for n in args.intervals:
             t0 = time.perf_counter()
-            if name.split(":")[0] in ("first", "calib"):
+            if name.split(":")[0] in ("first", "calib", "calib2", "calib2t"):
                 x = run_hooked(model, labels, name, args.warmup, n, args.seed)
             else:
-                cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method=closed_method(name))
+                if name.startswith("duca"):  # duca, duca:foca, duca:ts2 (DuCa's forecast option)
+                    fc = {"": {}, "foca": {"forecast": "foca"},
+                          "ts2": {"forecast": "taylorseer", "forecast_order": 2}}[name.partition(":")[2]]
+                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method="duca", method_options=fc)
+                else:
+                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method=closed_method(name))
                 with cached(model, cfg):
                     x = sample(model, labels, seed=args.seed)
             per[name, n] = [float(v) for v in psnr(x, full, reduction="none", max_db=120.0)]

@@ -271,7 +271,33 @@ def test_forecast_variant_refreshes_on_top_of_taylorseer():
     disable_cache(m)
     assert torch.isfinite(got).all() and not torch.equal(got, ts)
     with pytest.raises(ValueError, match="forecast must be one of"):
-        enable_cache(m, method="duca", method_options={"forecast": "foca"})
+        enable_cache(m, method="duca", method_options={"forecast": "rfc"})
+    with pytest.raises(ValueError, match="forecast_order is TaylorSeer's order"):
+        enable_cache(m, method="duca", method_options={"forecast": "foca", "forecast_order": 2})
+
+
+def test_forecast_foca_is_plain_foca_without_fresh_tokens():
+    """forecast="foca": FoCa's default reading (closed form: 3 slots per output) forecasts every
+    skipped module. With no fresh token a conservative step adds nothing, so the samples equal
+    plain FoCa's at the same schedule; with fresh tokens they differ by the recomputed rows."""
+    case, m = T.CASES["dit"], model_for("dit")
+    enable_cache(m, method="foca", interval=4, num_inference_steps=STEPS)
+    foca = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    disable_cache(m)
+    none = {"forecast": "foca", "fresh_ratio": 0.0, "ratio_schedule": "constant"}
+    enable_cache(m, method="duca", method_options=none, interval=4, num_inference_steps=STEPS)
+    same = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    info = cache_info(m)
+    assert info.method == "duca+foca(reading=r7)"
+    assert all(st.slots.shape[0] == 3 for st in cache_states(m))
+    assert hd.duca_info(m)["tokens_computed"] == 0
+    disable_cache(m)
+    assert torch.equal(same, foca)
+    enable_cache(m, method="duca", method_options={**CONST, "forecast": "foca"}, interval=4, num_inference_steps=STEPS)
+    got = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
+    assert hd.duca_info(m)["tokens_computed"] == pattern(Schedule(4, 2), STEPS).count("c") * 2 * 4 * 4
+    disable_cache(m)
+    assert torch.isfinite(got).all() and (got - foca).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("family", ["dit", "flux"])

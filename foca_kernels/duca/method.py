@@ -3,6 +3,8 @@ reuse, one slot); conservative steps rewrite rows of that same slot (tokens.py).
 
 from __future__ import annotations
 
+from ..methods import DEFAULT_FOCA_READING
+from ..methods.foca_closed import FoCaClosed
 from ..methods.reuse import Reuse
 from ..methods.taylorseer import TaylorSeer
 
@@ -18,6 +20,20 @@ class DucaTaylorSeer(TaylorSeer):
         return f"duca+taylorseer(order={self.order})"
 
 
+class DucaFoCa(FoCaClosed):
+    """``forecast="foca"``: skipped steps forecast with FoCa's default reading. Closed forms
+    only: their state holds computed values, which is what lets a conservative step put its
+    fresh rows into the output alone."""
+
+    def __init__(self):
+        super().__init__(DEFAULT_FOCA_READING)
+
+    def describe(self) -> str:
+        return f"duca+foca(reading={self.reading})"
+
+
 def duca_method(options):
     """The state method of every cached stream under these DuCa options."""
+    if options.forecast == "foca":
+        return DucaFoCa()
     return DucaReuse() if options.forecast is None else DucaTaylorSeer(options.forecast_order)

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 SCORES = ("v-norm", "random")
 RATIO_SCHEDULES = ("constant", "linear", "exp")
 PHASE_ORDERS = ("code", "alternate")
-FORECASTS = (None, "taylorseer")
+FORECASTS = (None, "taylorseer", "foca")
 DEFAULT_PARTIAL = (r"(?:.*\.)?(ff|ffn|mlp)",)
 
 
@@ -39,9 +39,10 @@ class DucaOptions:
         is conservative) or "alternate" (conservative right after a full step).
     seed: seed of the "random" score.
     forecast / forecast_order (beyond the paper): None reuses on skipped steps (DuCa);
-        "taylorseer" forecasts every cached module with TaylorSeer of that order instead, and a
-        conservative step writes the fresh rows into its output only (the forecast state keeps
-        values of full steps, so no per-token time is needed).
+        "taylorseer" forecasts every cached module with TaylorSeer of that order instead, and
+        "foca" with FoCa's default reading (closed form); a conservative step writes the fresh
+        rows into its output only (the forecast state keeps values of full steps, so no
+        per-token time is needed). forecast_order is TaylorSeer's order.
     """
 
     fresh_ratio: float = 0.175
@@ -94,6 +95,9 @@ class DucaOptions:
             raise ValueError(f"duca option forecast must be one of {FORECASTS}, got {self.forecast!r}")
         if self.forecast_order not in (1, 2, 3):
             raise ValueError(f"duca option forecast_order must be 1, 2 or 3, got {self.forecast_order!r}")
+        if self.forecast != "taylorseer" and self.forecast_order != 1:
+            raise ValueError(f"duca option forecast_order is TaylorSeer's order: give forecast='taylorseer' with it, "
+                             f"got forecast={self.forecast!r}")
         if self.phase_order not in PHASE_ORDERS:
             raise ValueError(f"duca option phase_order must be one of {PHASE_ORDERS}, got {self.phase_order!r}")
 
