@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from foca_kernels.demo.metrics import psnr  # noqa: E402
 from foca_kernels.demo.model import load_demo_dit  # noqa: E402
-from foca_kernels.demo.sampler import sample  # noqa: E402
+from foca_kernels.demo.sampler import DEFAULT_NUM_STEPS as STEPS, sample  # noqa: E402
 from foca_kernels.hooks import CacheConfig, cached  # noqa: E402
 from foca_kernels.methods import FoCaClosed, make_method  # noqa: E402
 from foca_kernels.methods.base import added, scaled  # noqa: E402
@@ -161,8 +161,12 @@ class _ThetaStream:
             theta = dot(r - u, q) / dot(q, q).clamp_min(1e-30)
             return theta.clamp(0.0, 1.0), 1.0
         uu, uq, qq, ru, rq = dot(u, u), dot(u, q), dot(q, q), dot(r, u), dot(r, q)
-        det = (uu * qq - uq * uq).clamp_min(1e-30)
-        phi, theta = (ru * qq - rq * uq) / det, (rq * uu - ru * uq) / det
+        det = uu * qq - uq * uq
+        # no curvature seen (q = 0, e.g. a straight line) or q parallel to u: fit the slope alone
+        ok = det > 1e-9 * uu * qq
+        det = torch.where(ok, det, torch.ones_like(det))
+        phi = torch.where(ok, (ru * qq - rq * uq) / det, ru / uu.clamp_min(1e-30))
+        theta = torch.where(ok, (rq * uu - ru * uq) / det, torch.full_like(det, 0.5))
         return theta.clamp(0.0, 1.0), phi.clamp(0.0, 1.5)
 
     def remove(self):
@@ -223,9 +227,11 @@ def main(argv=None):
                 if name.startswith("duca"):  # duca, duca:foca, duca:ts2 (DuCa's forecast option)
                     fc = {"": {}, "foca": {"forecast": "foca"},
                           "ts2": {"forecast": "taylorseer", "forecast_order": 2}}[name.partition(":")[2]]
-                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method="duca", method_options=fc)
+                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method="duca", method_options=fc,
+                                      num_inference_steps=STEPS)
                 else:
-                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method=closed_method(name))
+                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method=closed_method(name),
+                                      num_inference_steps=STEPS)
                 with cached(model, cfg):
                     x = sample(model, labels, seed=args.seed)
             per[name, n] = [float(v) for v in psnr(x, full, reduction="none", max_db=120.0)]
