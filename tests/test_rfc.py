@@ -200,14 +200,15 @@ def test_no_host_sync_in_a_skipped_step(monkeypatch):
 
 
 def test_rfc_default_base_is_the_measured_foca_reading():
-    """RFC was measured over FoCa r3 (docs/fidelity.md); its default base stays r3 whatever the
-    package's default reading, in the package and in the reference alike."""
+    """RFC's default FoCa base is the reading chosen for it by measurement (r7: docs/fidelity.md,
+    "RFC"), pinned on its own (not whatever the package's default reading is), in the package and
+    in the reference alike; an explicit reading still wins."""
     from foca_kernels.methods import DEFAULT_FOCA_READING, RFC_FOCA_READING
     from reference import rfc as rfc_ref
 
-    assert RFC_FOCA_READING == rfc_ref.RFC_FOCA_READING == "r3"
-    assert rfc_ref.RFCRef("foca").out.reading == "r3" and rfc_ref.RFCRef("foca", reading="r7").out.reading == "r7"
+    assert RFC_FOCA_READING == rfc_ref.RFC_FOCA_READING == "r7"
+    assert rfc_ref.RFCRef("foca").out.reading == "r7" and rfc_ref.RFCRef("foca", reading="r3").out.reading == "r3"
     y, u = torch.zeros(4, 3), torch.zeros(4, 2)
-    assert fk.allocate(y, "rfc", input=u).method.base.reading == "r3"
+    assert fk.allocate(y, "rfc", input=u).method.base.reading == "r7"
     assert fk.allocate(y, "rfc", input=u, reading="r6").method.base.reading == "r6"
     assert fk.allocate(y, "foca").method.reading == DEFAULT_FOCA_READING
