@@ -1,7 +1,7 @@
 """RFC (relational feature caching, arXiv 2602.19506): the method-level half of RFE.
 
 Relational feature estimation forecasts a module's output with a temporal method in closed
-form (FoCa r3 by default, TaylorSeer or reuse as options) and rescales the forecast's change
+form (FoCa r7 by default, TaylorSeer or reuse as options) and rescales the forecast's change
 from the last computed output by how far the module's *input* moved (docs/method.md, "RFC").
 The input is known at a skipped step, so the rescaling needs reductions over tensors: that
 part lives in ``foca_kernels/rfc.py`` (:class:`~foca_kernels.rfc.RFCState`), never here.
@@ -47,7 +47,7 @@ class RFC(Method):
                  clip: float = DEFAULT_RFE_CLIP, sharded: bool = False):
         if not isinstance(base, (RawHistory, Reuse)):
             raise ValueError(
-                f"rfc needs a temporal method in closed form (foca r3/r6, taylorseer, reuse) as its base, got "
+                f"rfc needs a temporal method in closed form (foca r3/r6/r7, taylorseer, reuse) as its base, got "
                 f"{base.describe()}: its input history must be forecast with the same coefficients as its output"
             )
         if norm not in RFE_NORMS:
