@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", metavar="M",
                    help="runs: full, steps (fewer steps, same cost), reuse, taylorseer1, taylorseer2, taylorseer3, "
                         "foca (package default reading, r7), foca-r0 (= foca-secant), foca-r3, foca-r4, foca-r6, foca-r7, "
-                        "foca-bdf2, duca, rfc (RFE over FoCa r3), foca-rcs, rfc-rcs (adaptive RCS schedule, threshold "
+                        "foca-bdf2, duca, rfc (RFE over FoCa r7), foca-rcs, rfc-rcs (adaptive RCS schedule, threshold "
                         "calibrated per N to the fixed schedule's compute) ('full' is always run)")
     d.add_argument("--samples", type=int, help="images per run (labels i %% 10)")
     d.add_argument("--steps", type=int, default=None, help="sampling steps of the full run (default 50)")
