@@ -12,6 +12,7 @@ import contextlib
 from .methods import RFC, Method, RawHistory, make_method
 from .ops import lincomb_, run_lincomb
 from .ops.dispatch import run_lincomb_checked
+from .ops.fit import fit_
 from .rfc import RFCState, forecast_rfc_, update_rfc_
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -75,6 +76,8 @@ def _plan(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
     except (ZeroDivisionError, OverflowError) as e:
         raise ValueError(f"step size h={h!r} gives a forecast coefficient that cannot be computed ({e})") from None
     check_coefficients(launch.coef, h)
+    if launch.fit is not None:
+        check_coefficients(launch.fit.coef, h)
     return launch
 
 
@@ -107,6 +110,15 @@ def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
             list(launch.coef),
             backend,
         )
+
+
+def _run_full(buf: CacheState, launch: Launch, feature: torch.Tensor, backend: str) -> None:
+    """A full step's launch; a refitted role first, while the slots still hold what it reads."""
+    flat = feature.contiguous().view(-1)
+    if launch.fit is not None:
+        fit_(buf.slots, buf.numel, flat.detach(), launch.fit)
+    if launch.writes or launch.has_out:
+        _run(buf, launch, flat, None, backend)
 
 
 def _run_into(buf: CacheState, launch: Launch, out: torch.Tensor, backend: str) -> None:
@@ -146,8 +158,7 @@ def update_(
     t_new = next_time(buf, h)
     launch = _plan(buf, True, t_new, h)
     backend = get_backend(buf.device, backend)
-    if launch.writes or launch.has_out:
-        _run(buf, launch, feature.contiguous().view(-1), None, backend)
+    _run_full(buf, launch, feature, backend)
     buf.commit(launch, t_new, full=True)
     return buf
 
@@ -165,10 +176,8 @@ def update_shared_(buf: CacheState, feature: torch.Tensor, h: float, plans: dict
         if prev is not None:
             plans[(id(prev), h)] = (prev, t_before, buf._launch)
         return
-    launch = hit[2]
-    if launch.writes or launch.has_out:
-        _run(buf, launch, feature.contiguous().view(-1), None, get_backend(buf.device, backend))
-    buf.commit(launch, t_before + h, full=True)
+    _run_full(buf, hit[2], feature, get_backend(buf.device, backend))
+    buf.commit(hit[2], t_before + h, full=True)
 
 
 def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[str] = None,

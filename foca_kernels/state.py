@@ -15,6 +15,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .methods import FEATURE, Keep, Method, Same, StepContext, Transition
+from .methods.base import Fit
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLOT_ALIGN = 64  # slot stride in elements: keeps every slot 128-byte aligned for vector loads
@@ -23,6 +24,24 @@ SLOT_ALIGN = 64  # slot stride in elements: keeps every slot 128-byte aligned fo
 def slot_stride(numel: int) -> int:
     """Elements between consecutive slots: numel rounded up to SLOT_ALIGN."""
     return -(-numel // SLOT_ALIGN) * SLOT_ALIGN
+
+
+class SlotFit(NamedTuple):
+    """A :class:`~foca_kernels.methods.base.Fit` in physical slots: each combination maps a
+    slot (or FEATURE) to its coefficient; ``slot`` is overwritten before the launch runs."""
+
+    slot: int
+    r: dict
+    u: dict
+    q: dict
+    U: dict
+    V: dict
+    phi_range: tuple
+    theta_range: tuple
+
+    @property
+    def coef(self) -> Tuple[float, ...]:
+        return tuple(c for combo in (self.r, self.u, self.q, self.U, self.V) for c in combo.values())
 
 
 class Launch(NamedTuple):
@@ -37,6 +56,7 @@ class Launch(NamedTuple):
     slot_of: Dict[str, Optional[int]]  # role -> slot after the step
     time_of: Dict[str, Optional[float]]  # role -> time after the step
     memo: Any = None  # the method's host-side scalars after the step
+    fit: Optional[SlotFit] = None  # a role refitted on the device before the launch (ops/fit.py)
 
     @property
     def tensors_moved(self) -> int:
@@ -182,8 +202,18 @@ class CacheState:
             has_feature = any(FEATURE in row for row in rows)
             cols = list(reads) + ([FEATURE] if has_feature else [])
             coef = tuple(float(row.get(k, 0.0)) for row in rows for k in cols)
+        fit = None if tr.fit is None else self._plan_fit(tr.fit, slot_of, reads)
         return Launch(reads, has_feature, tuple(s for s, _ in written), tr.out is not None, coef, slot_of, time_of,
-                      tr.memo)
+                      tr.memo, fit)
+
+    def _plan_fit(self, fit: Fit, slot_of: dict, reads: tuple) -> SlotFit:
+        slot = self._slot_of[fit.role]
+        if type(fit.role) is not str or slot is None or slot_of[fit.role] != slot:
+            raise AssertionError(f"{self.method.describe()}: a fitted role must hold a value and keep its slot")
+        combos = [self._in_slots(c) for c in (fit.r, fit.u, fit.q, fit.U, fit.V)]
+        if slot in reads or any(slot in c for c in combos):
+            raise AssertionError(f"{self.method.describe()}: the fitted role is read in the same step")
+        return SlotFit(slot, *combos, tuple(fit.phi_range), tuple(fit.theta_range))
 
     def plan_rotation(self, t_new: float) -> Launch:
         """The full step of a closed form (:class:`~foca_kernels.methods.RawHistory`) without

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from .foca import FoCaRef, FoCaRestartRef
+from .foca_calibrated import FoCaCalibratedRef
 from .reuse import ReuseRef
 from .taylorseer import TaylorSeerRef
 
@@ -18,6 +19,8 @@ def make_ref(method: str = "foca", **options):
         reading = reading or ("r0" if "anchor" in options else DEFAULT_READING)
         if reading in ("r3", "r6", "r7"):
             return FoCaRestartRef(reading)
+        if reading == "calibrated":
+            return FoCaCalibratedRef()
         if reading == "r4":
             return FoCaRef("secant", contraction=options.get("contraction", 0.5))
         return FoCaRef(**options)

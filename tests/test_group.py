@@ -332,11 +332,11 @@ def test_unaddressable_members_fall_back(mi, dtype, backend, device, monkeypatch
 
 # ---- against the float64 reference ---------------------------------------------------------------
 REF_METHODS = [("foca", {"reading": "r3"}), ("foca", {"anchor": "secant"}), ("taylorseer", {"order": 2}),
-               ("reuse", {})]
+               ("reuse", {}), ("foca", {"reading": "calibrated"})]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
-@pytest.mark.parametrize("method,opts", REF_METHODS, ids=["foca-r3", "foca-r0-secant", "taylorseer-2", "reuse"])
+@pytest.mark.parametrize("method,opts", REF_METHODS, ids=["foca-r3", "foca-r0-secant", "taylorseer-2", "reuse", "foca-calibrated"])
 def test_group_matches_float64_reference(method, opts, packed, backend, device, gen):
     """fp32 features, three states of different shapes on one schedule (full every 3rd step,
     unequal steps): every grouped forecast within the fp32 tolerance of an independent float64

@@ -49,11 +49,14 @@ class _Recorder:
         return wrapped
 
 
-@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse", "rfc", "duca"])
+@pytest.mark.parametrize("method", ["foca", "taylorseer", "reuse", "rfc", "duca", "foca-calibrated"])
 @pytest.mark.parametrize("cfg", ["batched", "separate"])
 def test_no_tensor_is_read_on_the_host_during_a_generation(method, cfg, monkeypatch):
+    """(foca-calibrated: its weights are fitted from the data at every full step, on the device.)"""
     case, m = T.CASES["dit"], model_for("dit")
-    config = CacheConfig(interval=3, method=method, num_inference_steps=STEPS)
+    name, _, reading = method.partition("-")
+    config = CacheConfig(interval=3, method=name, method_options={"reading": reading} if reading else {},
+                         num_inference_steps=STEPS)
     enable_cache(m, config)
     expected = T.sample(case, m, steps=STEPS, cfg=cfg)  # CPU tensors: reading them is free
     disable_cache(m)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import FEATURE, Keep, Method, Same, StepContext, Transition
 from .foca import ANCHORS, FoCa
+from .foca_calibrated import FoCaCalibrated
 from .foca_closed import FoCaClosed
 from .history import RawHistory
 from .reuse import Reuse
@@ -11,7 +12,7 @@ from .rfc import RFC
 from .taylorseer import TaylorSeer
 
 METHOD_NAMES = ("foca", "taylorseer", "reuse", "rfc")
-FOCA_READINGS = ("r0", "r3", "r4", "r6", "r7")
+FOCA_READINGS = ("r0", "r3", "r4", "r6", "r7", "calibrated")
 DEFAULT_FOCA_READING = "r7"  # chosen by numbers on both shipped models: docs/fidelity.md
 R4_CONTRACTION = 0.5
 RFC_FOCA_READING = "r7"  # RFE's default base, by RFE over r3 vs r7 on three trained DiTs (docs/fidelity.md, "RFC")
@@ -24,6 +25,10 @@ def make_foca(reading=None, **options) -> Method:
     reading = DEFAULT_FOCA_READING if reading is None else reading
     if reading not in FOCA_READINGS:
         raise ValueError(f"FoCa reading must be one of {FOCA_READINGS}, got {reading!r}")
+    if reading == "calibrated":
+        if options:
+            raise TypeError(f"FoCa reading calibrated takes no options, got {sorted(options)}")
+        return FoCaCalibrated()
     if reading in ("r3", "r6", "r7"):
         if options:
             raise TypeError(f"FoCa reading {reading} takes no options, got {sorted(options)}")
@@ -71,6 +76,6 @@ def make_method(method="foca", **options) -> Method:
 
 
 __all__ = [
-    "ANCHORS", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaClosed", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
+    "ANCHORS", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated", "FoCaClosed", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
     "StepContext", "TaylorSeer", "Transition", "make_foca", "make_method",
 ]

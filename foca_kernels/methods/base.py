@@ -35,6 +35,25 @@ class Same:
     role: str
 
 
+@dataclass(frozen=True)
+class Fit:
+    """Role ``role`` (kept in its slot) is overwritten with ``phi * U + theta * V``, where
+    (phi, theta) is the least-squares fit of ``r ~ phi u + theta q`` over the whole tensor,
+    solved on the device (no host sync) and clipped to ``phi_range`` / ``theta_range``; when u
+    and q are (nearly) parallel only phi is fitted and theta = 1/2. All five are combinations
+    of the roles *before* the step (and :data:`FEATURE`). The one data-dependent update in the
+    package: FoCa's reading "calibrated" (methods/foca_calibrated.py)."""
+
+    role: str
+    r: Combo
+    u: Combo
+    q: Combo
+    U: Combo
+    V: Combo
+    phi_range: tuple = (0.0, 1.5)
+    theta_range: tuple = (0.0, 1.0)
+
+
 RoleValue = Union[Combo, Keep, Same, None]
 """What a role holds after a transition; ``None`` marks it undefined (not enough history)."""
 
@@ -52,6 +71,8 @@ class Transition:
     # a recursion over stored raw values); adopted with the rest of the step, so a refused
     # call leaves it untouched. Never a tensor.
     memo: Any = None
+    # A role refitted from the data at this step (full steps only; the role must be Keep'd).
+    fit: Optional[Fit] = None
 
 
 class StepContext:
