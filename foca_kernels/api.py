@@ -12,7 +12,8 @@ import contextlib
 from .methods import RFC, Method, RawHistory, make_method
 from .ops import lincomb_, run_lincomb
 from .ops.dispatch import run_lincomb_checked
-from .ops.fit import fit_
+from .ops.custom_op import fit_ as fit_op
+from .ops.fit import flatten as flatten_fit, run_fit
 from .rfc import RFCState, forecast_rfc_, update_rfc_
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -116,7 +117,8 @@ def _run_full(buf: CacheState, launch: Launch, feature: torch.Tensor, backend: s
     """A full step's launch; a refitted role first, while the slots still hold what it reads."""
     flat = feature.contiguous().view(-1)
     if launch.fit is not None:
-        fit_(buf.slots, buf.numel, flat.detach(), launch.fit)
+        run = fit_op if torch.compiler.is_compiling() else run_fit
+        run(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit(launch.fit))
     if launch.writes or launch.has_out:
         _run(buf, launch, flat, None, backend)
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 
 from .dispatch import run_lincomb
+from .fit import run_fit
 
 
 @torch.library.custom_op("foca_kernels::lincomb_", mutates_args=("slots", "out"))
@@ -30,4 +31,25 @@ def lincomb_(
 
 @lincomb_.register_fake
 def _(slots, feature, out, n, reads, writes, coef, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("foca_kernels::fit_", mutates_args=("slots",))
+def fit_(
+    slots: torch.Tensor,
+    numel: int,
+    feature: Optional[torch.Tensor],
+    slot: int,
+    keys: List[int],
+    coefs: List[float],
+    counts: List[int],
+    bounds: List[float],
+) -> None:
+    """A refitted slope (ops/fit.py) as one opaque op: Dynamo would otherwise fold the step
+    times into the traced arithmetic and guard on them."""
+    run_fit(slots, numel, feature, slot, keys, coefs, counts, bounds)
+
+
+@fit_.register_fake
+def _(slots, numel, feature, slot, keys, coefs, counts, bounds) -> None:
     return None

@@ -6,35 +6,52 @@ clipped to the method's ranges; if u and q cannot be told apart (det <= 1e-9 uu 
 on a straight line) phi = ru / uu and theta = 1/2 (reference/foca_calibrated.py: fit_weights).
 
 Everything stays a tensor: the weights are never read on the host, so a full step does not
-sync with the GPU. Arithmetic is fp32 with the five dot products summed in fp64 (the normal
-system is solved in fp64: its determinant cancels). It runs once per stream per full step, as
+sync with the GPU. r, u, q and their five dot products are formed in fp64 from the stored values
+(exact in fp64): the determinant cancels, and with fp32 products the parallel test would see
+fp32 noise (~1e-7 relative) instead of the threshold (1e-9), so a one-element or exactly
+parallel case would take the other branch than the reference. The slope itself is fp32. It runs once per stream per full step, as
 plain PyTorch ops (a few passes over the stream; a fused two-pass kernel is a follow-up:
 docs/notes.md).
 """
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
 PARALLEL = 1e-9  # same threshold as reference/foca_calibrated.py
 
 
-def _combo(slots: torch.Tensor, numel: int, feature, combo: dict) -> torch.Tensor:
+FEATURE_KEY = -1  # in the flat form below: the feature instead of a slot
+
+
+def flatten(fit):
+    """A state.SlotFit as flat lists (the custom op's arguments): keys (slot, or FEATURE_KEY),
+    coefficients, the five combinations' lengths, and the four clip bounds."""
+    combos = (fit.r, fit.u, fit.q, fit.U, fit.V)
+    keys = [FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k in c]
+    coefs = [float(v) for c in combos for v in c.values()]
+    return keys, coefs, [len(c) for c in combos], [*map(float, fit.phi_range), *map(float, fit.theta_range)]
+
+
+def _combo(slots, numel, feature, keys, coefs, dtype=torch.float32) -> torch.Tensor:
     total = None
-    for k, c in combo.items():
-        v = (feature if isinstance(k, str) else slots[k, :numel]).float()
+    for k, c in zip(keys, coefs):
+        v = (feature if k == FEATURE_KEY else slots[k, :numel]).to(dtype)
         total = v * c if total is None else total.add_(v, alpha=c)
     if total is None:
-        return torch.zeros(numel, dtype=torch.float32, device=slots.device)
+        return torch.zeros(numel, dtype=dtype, device=slots.device)
     return total
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(dtype=torch.float64)
+    return torch.dot(a, b)
 
 
 def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range):
-    """(phi, theta) as 0-dim float64 tensors on r's device."""
+    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64)."""
+    r, u, q = r.double(), u.double(), q.double()
     uu, uq, qq, ru, rq = _dot(u, u), _dot(u, q), _dot(q, q), _dot(r, u), _dot(r, q)
     det = uu * qq - uq * uq
     ok = det > PARALLEL * uu * qq
@@ -46,11 +63,16 @@ def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, th
 
 
 @torch.no_grad()
-def fit_(slots: torch.Tensor, numel: int, feature, fit) -> None:
-    """Overwrite ``slots[fit.slot, :numel]`` with the fitted slope (``fit``: a state.SlotFit)."""
-    r, u, q = (_combo(slots, numel, feature, c) for c in (fit.r, fit.u, fit.q))
-    phi, theta = fit_weights(r, u, q, fit.phi_range, fit.theta_range)
+def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, keys: List[int], coefs: List[float],
+            counts: List[int], bounds: List[float]) -> None:
+    """Overwrite ``slots[slot, :numel]`` with the fitted slope (arguments: :func:`flatten`)."""
+    parts, at = [], 0
+    for n in counts:
+        parts.append((keys[at:at + n], coefs[at:at + n]))
+        at += n
+    r, u, q = (_combo(slots, numel, feature, k, c, torch.float64) for k, c in parts[:3])
+    phi, theta = fit_weights(r, u, q, bounds[:2], bounds[2:])
     del r, u, q
-    y = _combo(slots, numel, feature, fit.U).mul_(phi.float())
-    y.add_(_combo(slots, numel, feature, fit.V).mul_(theta.float()))
-    slots[fit.slot, :numel].copy_(y)
+    y = _combo(slots, numel, feature, *parts[3]).mul_(phi.float())
+    y.add_(_combo(slots, numel, feature, *parts[4]).mul_(theta.float()))
+    slots[slot, :numel].copy_(y)
