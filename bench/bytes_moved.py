@@ -5,6 +5,11 @@ launch the planner emits, so it is what the kernel moves), and bytes at two real
 
 Steady state: the periodic pattern F F s F s F s, then the call counted (a skip after a skip,
 or a full step after a skip), with unequal step sizes so no coefficient vanishes by symmetry.
+
+A full step with a fit (FoCa "calibrated") adds the fit's traffic in its two-pass fused form:
+pass 1 reads the distinct tensors of r, u, q (five dot products), pass 2 reads those of U, V
+and writes the slope. ops/fit.py runs it as plain PyTorch ops, which move more (each
+combination and product is a pass of its own): the column is the floor, not what runs today.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import foca_kernels as fk  # noqa: E402
 
 METHODS = [
     ("foca r7 (closed form, default)", "foca", {"reading": "r7"}),
+    ("foca calibrated (fitted weights)", "foca", {"reading": "calibrated"}),
     ("foca r3 (closed form)", "foca", {"reading": "r3"}),
     ("foca r6 (closed form)", "foca", {"reading": "r6"}),
     ("foca r4", "foca", {"reading": "r4"}),
@@ -46,9 +52,18 @@ def moved(method, opts):
     return skip, full, buf.method.n_slots
 
 
+def fit_moved(full) -> int:
+    """Tensors a two-pass fused fit moves (0 without a fit)."""
+    f = full.fit
+    if f is None:
+        return 0
+    return len({k for c in (f.r, f.u, f.q) for k in c}) + len({k for c in (f.U, f.V) for k in c}) + 1
+
+
 def table(dtype=torch.bfloat16) -> str:
     size = torch.empty((), dtype=dtype).element_size()
-    head = ("| method | state tensors | skip: read / write | full: read / write | tensors per skip | per full | "
+    head = ("| method | state tensors | skip: read / write | full: read / write | tensors per skip | per full "
+            "(+ fit) | "
             + " | ".join(f"MB per skip, {k} {str(dtype)[6:]}" for k in SIZES) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, method, opts in METHODS:
@@ -56,8 +71,9 @@ def table(dtype=torch.bfloat16) -> str:
         sr, sw = len(skip.reads), len(skip.writes) + int(skip.has_out)
         fr, fw = len(full.reads) + int(full.has_feature), len(full.writes) + int(full.has_out)
         mb = " | ".join(f"{skip.tensors_moved * n * size / 1e6:.1f}" for n in SIZES.values())
+        fit = fit_moved(full)
         lines.append(f"| {label} | {slots} | {sr} / {sw} | {fr} / {fw} | {skip.tensors_moved} | "
-                     f"{full.tensors_moved} | {mb} |")
+                     f"{full.tensors_moved}{f' + {fit}' if fit else ''} | {mb} |")
     return "\n".join(lines)
 
 

@@ -27,21 +27,22 @@ def slot_stride(numel: int) -> int:
 
 
 class SlotFit(NamedTuple):
-    """A :class:`~foca_kernels.methods.base.Fit` in physical slots: each combination maps a
-    slot (or FEATURE) to its coefficient; ``slot`` is overwritten before the launch runs."""
+    """A :class:`~foca_kernels.methods.base.Fit` in physical slots: each combination is a tuple
+    of (slot or FEATURE, coefficient) pairs (hashable: what runs it caches per structure);
+    ``slot`` is overwritten before the launch runs."""
 
     slot: int
-    r: dict
-    u: dict
-    q: dict
-    U: dict
-    V: dict
+    r: tuple
+    u: tuple
+    q: tuple
+    U: tuple
+    V: tuple
     phi_range: tuple
     theta_range: tuple
 
     @property
     def coef(self) -> Tuple[float, ...]:
-        return tuple(c for combo in (self.r, self.u, self.q, self.U, self.V) for c in combo.values())
+        return tuple(c for combo in (self.r, self.u, self.q, self.U, self.V) for _, c in combo)
 
 
 class Launch(NamedTuple):
@@ -210,8 +211,8 @@ class CacheState:
         slot = self._slot_of[fit.role]
         if type(fit.role) is not str or slot is None or slot_of[fit.role] != slot:
             raise AssertionError(f"{self.method.describe()}: a fitted role must hold a value and keep its slot")
-        combos = [self._in_slots(c) for c in (fit.r, fit.u, fit.q, fit.U, fit.V)]
-        if slot in reads or any(slot in c for c in combos):
+        combos = [tuple(self._in_slots(c).items()) for c in (fit.r, fit.u, fit.q, fit.U, fit.V)]
+        if slot in reads or any(k == slot for c in combos for k, _ in c):
             raise AssertionError(f"{self.method.describe()}: the fitted role is read in the same step")
         return SlotFit(slot, *combos, tuple(fit.phi_range), tuple(fit.theta_range))
 

@@ -285,3 +285,31 @@ def test_compiled_sequence_matches_eager(gen):
     torch._dynamo.reset()
     for i in outs[0]:
         assert_close(outs[1][i], outs[0][i], torch.float32, name=f"step {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_compiled_cpu_fit_agrees_with_pytorch_ops(dtype, monkeypatch):
+    """On CPU the fit runs as one compiled two-pass loop (ops/cpu_codegen.py: foca_fit) when a C
+    compiler is there; the PyTorch ops (the GPU path) must give the same slope: r, u, q in fp32
+    there against fp64 here, so within the dtype's tolerance, and the same clipped weights."""
+    from foca_kernels.ops import cpu_codegen
+    from foca_kernels.ops.fit import run_fit
+    if cpu_codegen.load() is None:
+        pytest.skip(f"compiled CPU code unavailable: {cpu_codegen.status()}")
+    gen = torch.Generator().manual_seed(5)
+    xs = [x.to(dtype) for x in smooth_features((5, 301), [0.0, 1.0, 2.5, 4.0, 6.0], gen)]
+    buf = fk.allocate(xs[0], "foca", **OPTS)
+    for x, h in zip(xs[:4], [1.0, 1.0, 1.5, 1.5]):
+        fk.update_(buf, x, h)
+    from foca_kernels.api import _plan
+    from foca_kernels.ops.fit import flatten
+    launch = _plan(buf, True, buf.t + 2.0, 2.0)
+    args = (buf.numel, xs[4].reshape(-1), launch.fit.slot, *flatten(launch.fit))
+    slots_c, slots_t = buf.slots.clone(), buf.slots.clone()
+    assert cpu_codegen.fit_cpu(slots_c, *args, 1e-9)
+    monkeypatch.setenv(cpu_codegen.ENV, "0")
+    run_fit(slots_t, *args)
+    assert_close(slots_c[launch.fit.slot, :buf.numel], slots_t[launch.fit.slot, :buf.numel].double(), dtype,
+                 name="slope, compiled vs PyTorch ops")
+    others = [s for s in range(buf.slots.shape[0]) if s != launch.fit.slot]
+    assert torch.equal(slots_c[others], buf.slots[others]) and torch.equal(slots_t[others], buf.slots[others])

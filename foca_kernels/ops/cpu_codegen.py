@@ -309,6 +309,94 @@ static void store_direct(char *p, int dt, const void **xs, const float *cs, int 
     store_stream(p, scratch, dt, m);
 }
 
+/* acc[0..m) <- sum_j cr[j] * in[j][s ..] over the nonzero coefficients, in fp32, left to right,
+   in groups of up to 4 terms of one dtype (zero when every coefficient is 0) */
+static void form_row(float *acc, const float *cr, int n_in, void *const *in, const int *in_dt, int64_t s,
+                     int64_t m) {
+    static const int size_of[3] = {4, 2, 2};
+    const void *xs[4];
+    float cs[4];
+    int first = 1, j = 0;
+    while (j < n_in) {
+        /* the next group: up to 4 nonzero terms of one dtype */
+        int dt = -1, nt = 0;
+        for (; j < n_in && nt < 4; j++) {
+            if (cr[j] == 0.0f) continue;
+            if (dt >= 0 && in_dt[j] != dt) break;
+            dt = in_dt[j];
+            xs[nt] = (const char *)in[j] + s * size_of[dt];
+            cs[nt++] = cr[j];
+        }
+        if (nt == 0) continue;
+        if (dt == 0) terms0(acc, xs, cs, nt, m, first);
+        else if (dt == 1) terms1(acc, xs, cs, nt, m, first);
+        else terms2(acc, xs, cs, nt, m, first);
+        first = 0;
+    }
+    if (first) memset(acc, 0, (size_t)m * sizeof(float));
+}
+
+/* The refitted slope of FoCa "calibrated" (ops/fit.py), in two passes over n elements.
+   coef: five rows of n_in coefficients over the inputs: r, u, q, U, V. Pass 1 forms r, u, q in
+   fp32 block by block and sums the five products u.u, u.q, q.q, r.u, r.q in double; the 2x2
+   normal system is solved as reference/foca_calibrated.py does (parallel test det <= par uu qq:
+   phi = r.u / u.u alone, theta = 1/2) and clipped to bounds (phi lo, hi, theta lo, hi); pass 2
+   writes phi U + theta V, rounded once to dst's dtype. weights[0..1] <- (phi, theta).
+   Returns 0, or -1 when the block buffers cannot be allocated. */
+int foca_fit(int64_t n, int n_in, void *const *in, const int *in_dt, const float *coef, const double *bounds,
+             double par, void *dst, int dst_dt, double *weights) {
+    static const int size_of[3] = {4, 2, 2};
+    float *buf = (float *)aligned_alloc(64, (size_t)3 * BLOCK * sizeof(float));
+    if (!buf) return -1;
+    float *r = buf, *u = buf + BLOCK, *q = buf + 2 * BLOCK;
+    double uu = 0, uq = 0, qq = 0, ru = 0, rq = 0;
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        form_row(r, coef, n_in, in, in_dt, s, m);
+        form_row(u, coef + n_in, n_in, in, in_dt, s, m);
+        form_row(q, coef + 2 * n_in, n_in, in, in_dt, s, m);
+        /* per block, four lanes per sum (independent chains the compiler can vectorise without
+           reassociating), then added: less latency, less rounding drift */
+        double a[4] = {0}, b[4] = {0}, c[4] = {0}, d[4] = {0}, e[4] = {0};
+        int64_t k = 0;
+        for (; k + 4 <= m; k += 4) {
+            for (int l = 0; l < 4; l++) {
+                double rk = r[k + l], uk = u[k + l], qk = q[k + l];
+                a[l] += uk * uk; b[l] += uk * qk; c[l] += qk * qk; d[l] += rk * uk; e[l] += rk * qk;
+            }
+        }
+        for (; k < m; k++) {
+            double rk = r[k], uk = u[k], qk = q[k];
+            a[0] += uk * uk; b[0] += uk * qk; c[0] += qk * qk; d[0] += rk * uk; e[0] += rk * qk;
+        }
+        uu += (a[0] + a[1]) + (a[2] + a[3]); uq += (b[0] + b[1]) + (b[2] + b[3]);
+        qq += (c[0] + c[1]) + (c[2] + c[3]); ru += (d[0] + d[1]) + (d[2] + d[3]);
+        rq += (e[0] + e[1]) + (e[2] + e[3]);
+    }
+    double det = uu * qq - uq * uq, phi, theta;
+    if (det > par * uu * qq) {
+        phi = (ru * qq - rq * uq) / det;
+        theta = (rq * uu - ru * uq) / det;
+    } else {
+        phi = uu > 0 ? ru / uu : 0.0;
+        theta = 0.5;
+    }
+    phi = phi < bounds[0] ? bounds[0] : (phi > bounds[1] ? bounds[1] : phi);
+    theta = theta < bounds[2] ? bounds[2] : (theta > bounds[3] ? bounds[3] : theta);
+    weights[0] = phi;
+    weights[1] = theta;
+    const float fphi = (float)phi, ftheta = (float)theta;
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        form_row(u, coef + 3 * n_in, n_in, in, in_dt, s, m);
+        form_row(q, coef + 4 * n_in, n_in, in, in_dt, s, m);
+        for (int64_t k = 0; k < m; k++) r[k] = u[k] * fphi + q[k] * ftheta;
+        store_plain((char *)dst + s * size_of[dst_dt], r, dst_dt, m);
+    }
+    free(buf);
+    return 0;
+}
+
 /* One update over elements [begin, end).
    ptrs: the n_in inputs, then the n_dst destinations.
    meta: in_dt[n_in], row_start[n_rows + 1], dst_dt[n_dst], row_copy[n_rows], row_hazard[n_rows]:
@@ -352,26 +440,7 @@ int foca_lincomb(int64_t begin, int64_t end, int n_in, int n_rows, int n_dst, vo
                 continue;
             }
             float *acc = buf + (size_t)r * BLOCK;
-            int first = 1;
-            int j = 0;
-            while (j < n_in) {
-                /* the next group: up to 4 nonzero terms of one dtype */
-                int dt = -1;
-                nt = 0;
-                for (; j < n_in && nt < 4; j++) {
-                    if (cr[j] == 0.0f) continue;
-                    if (dt >= 0 && in_dt[j] != dt) break;
-                    dt = in_dt[j];
-                    xs[nt] = (const char *)in[j] + s * size_of[dt];
-                    cs[nt++] = cr[j];
-                }
-                if (nt == 0) continue;
-                if (dt == 0) terms0(acc, xs, cs, nt, m, first);
-                else if (dt == 1) terms1(acc, xs, cs, nt, m, first);
-                else terms2(acc, xs, cs, nt, m, first);
-                first = 0;
-            }
-            if (first) memset(acc, 0, (size_t)m * sizeof(float));
+            form_row(acc, cr, n_in, in, in_dt, s, m);
             if (row_hazard[r]) continue; /* stored below */
             for (int d = d0; d < d0 + nd; d++) {
                 char *p = (char *)dst[d] + s * size_of[dst_dt[d]];
@@ -474,6 +543,12 @@ def _build():
                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                 ]
+                fit = lib.foca_fit
+                fit.restype = ctypes.c_int
+                fit.argtypes = [
+                    ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                ]
                 return lib, f"compiled with {' '.join(cmd[:-4])}"
         return None, "compiling failed: " + " | ".join(errors)
     finally:
@@ -519,6 +594,7 @@ def _flat_code(t, n: int):
 
 _LAYOUT_CACHE = 256  # call structures kept (a model has a handful: one per method and step kind)
 _layouts: dict = {}
+_fit_layouts: dict = {}  # the same for fit_cpu
 
 
 def _layout(ptrs, in_dt, dst_ptrs, dst_codes, coef):
@@ -638,4 +714,53 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
         increment_version(slots)
     if out is not None:
         increment_version(out)
+    return True
+
+
+def fit_cpu(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, parallel: float) -> bool:
+    """ops/fit.py's refit with the compiled two-pass loop (``foca_fit``); False, having written
+    nothing, when the compiled code cannot take the call (the caller runs the PyTorch ops)."""
+    if not _enabled():
+        return False
+    lib = _lib if _tried else load()
+    if lib is None:
+        return False
+    code = DTYPE_CODES.get(slots.dtype)
+    if code is None or slots.dim() != 2 or slots.stride(1) != 1 or slots.device.type != "cpu":
+        return False
+    rows, width = slots.shape
+    if numel > width or not 0 <= slot < rows or any(not -1 <= k < rows for k in keys) or slot in keys:
+        return False
+    fcode = None
+    if -1 in keys:
+        fcode = _flat_code(feature, numel) if feature is not None else None
+        if fcode is None:
+            return False
+    key = (tuple(keys), tuple(coefs), tuple(counts), tuple(bounds), code, fcode)
+    lay = _fit_layouts.get(key)
+    if lay is None:
+        inputs = sorted(set(keys))  # distinct sources: -1 (the feature) first, then slots
+        col = {k: j for j, k in enumerate(inputs)}
+        n_in = len(inputs)
+        flat = [0.0] * (5 * n_in)
+        at = 0
+        for row, n in enumerate(counts):
+            for k, c in zip(keys[at:at + n], coefs[at:at + n]):
+                flat[row * n_in + col[k]] += c
+            at += n
+        codes = [fcode if k == -1 else code for k in inputs]
+        lay = (inputs, (ctypes.c_int * n_in)(*codes), (ctypes.c_float * len(flat))(*flat),
+               (ctypes.c_double * 4)(*bounds))
+        if len(_fit_layouts) >= _LAYOUT_CACHE:
+            _fit_layouts.clear()
+        _fit_layouts[key] = lay
+    inputs, codes, flat, bounds_c = lay
+    base, stride = slots.data_ptr(), slots.stride(0) * slots.element_size()
+    ptrs = [feature.data_ptr() if k == -1 else base + k * stride for k in inputs]
+    weights = (ctypes.c_double * 2)()
+    rc = lib.foca_fit(numel, len(inputs), (ctypes.c_void_p * len(inputs))(*ptrs), codes, flat, bounds_c, parallel,
+                      base + slot * stride, code, weights)
+    if rc:
+        raise MemoryError("foca_kernels: the compiled CPU fit could not allocate its block buffers")
+    increment_version(slots)
     return True

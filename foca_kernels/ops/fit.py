@@ -16,9 +16,12 @@ docs/notes.md).
 
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
+
+from .cpu_codegen import fit_cpu
 
 PARALLEL = 1e-9  # same threshold as reference/foca_calibrated.py
 
@@ -26,12 +29,14 @@ PARALLEL = 1e-9  # same threshold as reference/foca_calibrated.py
 FEATURE_KEY = -1  # in the flat form below: the feature instead of a slot
 
 
+@functools.lru_cache(maxsize=256)
 def flatten(fit):
     """A state.SlotFit as flat lists (the custom op's arguments): keys (slot, or FEATURE_KEY),
-    coefficients, the five combinations' lengths, and the four clip bounds."""
+    coefficients, the five combinations' lengths, and the four clip bounds. Cached: the streams
+    of a model share one fit per step (hooks: api.update_shared_)."""
     combos = (fit.r, fit.u, fit.q, fit.U, fit.V)
-    keys = [FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k in c]
-    coefs = [float(v) for c in combos for v in c.values()]
+    keys = [FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k, _ in c]
+    coefs = [float(v) for c in combos for _, v in c]
     return keys, coefs, [len(c) for c in combos], [*map(float, fit.phi_range), *map(float, fit.theta_range)]
 
 
@@ -65,7 +70,10 @@ def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, th
 @torch.no_grad()
 def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, keys: List[int], coefs: List[float],
             counts: List[int], bounds: List[float]) -> None:
-    """Overwrite ``slots[slot, :numel]`` with the fitted slope (arguments: :func:`flatten`)."""
+    """Overwrite ``slots[slot, :numel]`` with the fitted slope (arguments: :func:`flatten`).
+    On CPU the compiled loop of cpu_codegen.py does it in two passes when it can."""
+    if slots.device.type == "cpu" and fit_cpu(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL):
+        return
     parts, at = [], 0
     for n in counts:
         parts.append((keys[at:at + n], coefs[at:at + n]))
