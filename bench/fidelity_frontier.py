@@ -3,6 +3,7 @@
     python bench/fidelity_frontier.py --model digits --out frontier-digits.json
     python bench/fidelity_frontier.py --model mnist --samples 50 --out frontier-mnist.json
     python bench/fidelity_frontier.py --report frontier-digits.json frontier-mnist.json
+    python bench/fidelity_frontier.py --compact frontier-digits.json more-digits.json  # best per compute
 
 Each cached run samples the same seeds as the full-compute run (50 Euler steps, batched CFG,
 module granularity) through ``foca_kernels.hooks.cached``; per-image PSNR against full
@@ -168,6 +169,54 @@ def report(paths, candidates, rivals=("taylorseer2", "reuse")) -> str:
     return "\n".join(out) + "\n"
 
 
+def compact(paths, rival="taylorseer2") -> str:
+    """Markdown, per model: each method's best PSNR at every number of full steps (over every
+    warm-up/final/N measured, with the (warm-up, final, N) of the best), then each method's
+    worst margin to ``rival`` at the compute levels both have. Sweep files of one model are
+    merged (a later file's row replaces an earlier one's for the same run)."""
+    models: dict = {}
+    for p in paths:
+        doc = json.load(open(p))
+        m = models.setdefault(doc["model"], {"samples": doc["samples"], "rows": {}})
+        for r in doc["rows"]:
+            m["rows"][(r["method"], r["warmup"], r["final"], r["N"], r["compute"] if r["N"] is None else None)] = r
+    out = []
+    for model, m in models.items():
+        best: dict = {}  # method -> {compute: row}
+        for r in m["rows"].values():
+            c = r["compute"]
+            if c != int(c):
+                continue  # DuCa's fractional compute has no equal-compute rival
+            b = best.setdefault(r["method"], {})
+            if int(c) not in b or r["psnr"] > b[int(c)]["psnr"]:
+                b[int(c)] = r
+        levels = sorted({c for b in best.values() for c in b})
+        out.append(f"**{model}** ({m['samples']} samples): best PSNR (dB) over every warm-up/final/N with exactly "
+                   "this many full steps; (warm-up, final, N) of the best\n")
+        out.append("| method | " + " | ".join(map(str, levels)) + " |")
+        out.append("|---|" + "---|" * len(levels))
+        for meth, b in best.items():
+            cells = []
+            for c in levels:
+                r = b.get(c)
+                cells.append("-" if r is None else f"{r['psnr']:.1f}" + ("" if r["N"] is None else
+                                                                             f" ({r['warmup']},{r['final']},{r['N']})"))
+            out.append(f"| {meth} | " + " | ".join(cells) + " |")
+        out.append("")
+        if rival in best:
+            out.append(f"worst margin to {rival}'s best at equal compute (dB, at full steps):")
+            for meth, b in best.items():
+                if meth in (rival, "steps"):
+                    continue
+                d = [(b[c]["psnr"] - best[rival][c]["psnr"], c) for c in b if c in best[rival]]
+                if d:
+                    worst = min(d)
+                    above = sum(1 for v, _ in d if v >= 0)
+                    out.append(f"- {meth}: {worst[0]:+.2f} ({worst[1]}); at or above at {above} of {len(d)} levels")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits")
@@ -182,9 +231,14 @@ def main(argv=None):
     ap.add_argument("--no-fewer-steps", dest="fewer_steps", action="store_false")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of these sweep files instead")
+    ap.add_argument("--compact", nargs="+", metavar="JSON",
+                    help="print each method's best PSNR per number of full steps (sweep files merged per model)")
     ap.add_argument("--candidates", nargs="+", metavar="METHOD:W:F", default=None,
                     help="defaults to judge in --report (e.g. foca-r3:3:1); default: every FoCa reading x schedule")
     args = ap.parse_args(argv)
+    if args.compact:
+        print(compact(args.compact))
+        return 0
     if args.report:
         if args.candidates:
             cands = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.candidates]

@@ -117,8 +117,10 @@ def _run_full(buf: CacheState, launch: Launch, feature: torch.Tensor, backend: s
     """A full step's launch; a refitted role first, while the slots still hold what it reads."""
     flat = feature.contiguous().view(-1)
     if launch.fit is not None:
-        run = fit_op if torch.compiler.is_compiling() else run_fit
-        run(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit(launch.fit))
+        if torch.compiler.is_compiling():  # traced: the cache wrapper is not (Dynamo warns)
+            fit_op(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit.__wrapped__(launch.fit))
+        else:
+            run_fit(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit(launch.fit))
     if launch.writes or launch.has_out:
         _run(buf, launch, flat, None, backend)
 

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="cache intervals N (every N-th step computed)")
     d.add_argument("--methods", nargs="+", metavar="M",
                    help="runs: full, steps (fewer steps, same cost), reuse, taylorseer1, taylorseer2, taylorseer3, "
-                        "foca (package default reading, r7), foca-r0 (= foca-secant), foca-r3, foca-r4, foca-r6, foca-r7, "
+                        "foca (package default reading, calibrated), foca-calibrated, foca-r0 (= foca-secant), foca-r3, foca-r4, "
+                        "foca-r6, foca-r7, "
                         "foca-bdf2, duca, rfc (RFE over FoCa r7), foca-rcs, rfc-rcs (adaptive RCS schedule, threshold "
                         "calibrated per N to the fixed schedule's compute) ('full' is always run)")
     d.add_argument("--samples", type=int, help="images per run (labels i %% 10)")

@@ -10,7 +10,7 @@ from .reuse import ReuseRef
 from .taylorseer import TaylorSeerRef
 
 
-DEFAULT_READING = "r7"  # must match foca_kernels.methods.DEFAULT_FOCA_READING (a test checks it)
+DEFAULT_READING = "calibrated"  # must match foca_kernels.methods.DEFAULT_FOCA_READING (a test checks it)
 
 
 def make_ref(method: str = "foca", **options):

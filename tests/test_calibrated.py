@@ -304,7 +304,8 @@ def test_compiled_cpu_fit_agrees_with_pytorch_ops(dtype, monkeypatch):
     from foca_kernels.api import _plan
     from foca_kernels.ops.fit import flatten
     launch = _plan(buf, True, buf.t + 2.0, 2.0)
-    args = (buf.numel, xs[4].reshape(-1), launch.fit.slot, *flatten(launch.fit))
+    *args, sharded = (buf.numel, xs[4].reshape(-1), launch.fit.slot, *flatten(launch.fit))
+    assert sharded is False
     slots_c, slots_t = buf.slots.clone(), buf.slots.clone()
     assert cpu_codegen.fit_cpu(slots_c, *args, 1e-9)
     monkeypatch.setenv(cpu_codegen.ENV, "0")
@@ -313,3 +314,20 @@ def test_compiled_cpu_fit_agrees_with_pytorch_ops(dtype, monkeypatch):
                  name="slope, compiled vs PyTorch ops")
     others = [s for s in range(buf.slots.shape[0]) if s != launch.fit.slot]
     assert torch.equal(slots_c[others], buf.slots[others]) and torch.equal(slots_t[others], buf.slots[others])
+
+
+def test_options_and_refusals():
+    """The default reading is calibrated and takes ``sharded=`` (a bool) only; the closed forms
+    take no options; RFC and DuCa keep a closed form (r7) and refuse calibrated as a base."""
+    assert isinstance(fk.make_method("foca"), FoCaCalibrated)
+    m = fk.make_method("foca", sharded=True)
+    assert isinstance(m, FoCaCalibrated) and m.sharded and "sharded" in m.describe()
+    with pytest.raises(TypeError, match="sharded must be a bool"):
+        fk.make_method("foca", sharded=1)
+    with pytest.raises(TypeError, match="takes only sharded="):
+        fk.make_method("foca", reading="calibrated", anchor="secant")
+    with pytest.raises(TypeError, match="takes no options"):
+        fk.make_method("foca", reading="r7", sharded=True)
+    assert fk.make_method("rfc").base.reading == "r7"
+    with pytest.raises(ValueError, match="closed form"):
+        fk.make_method("rfc", base="foca", reading="calibrated")

@@ -277,11 +277,11 @@ def test_forecast_variant_refreshes_on_top_of_taylorseer():
 
 
 def test_forecast_foca_is_plain_foca_without_fresh_tokens():
-    """forecast="foca": FoCa's default reading (closed form: 3 slots per output) forecasts every
+    """forecast="foca": FoCa's default closed form (r7: 3 slots per output) forecasts every
     skipped module. With no fresh token a conservative step adds nothing, so the samples equal
-    plain FoCa's at the same schedule; with fresh tokens they differ by the recomputed rows."""
+    plain FoCa r7's at the same schedule; with fresh tokens they differ by the recomputed rows."""
     case, m = T.CASES["dit"], model_for("dit")
-    enable_cache(m, method="foca", interval=4, num_inference_steps=STEPS)
+    enable_cache(m, method="foca", method_options={"reading": "r7"}, interval=4, num_inference_steps=STEPS)
     foca = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
     disable_cache(m)
     none = {"forecast": "foca", "fresh_ratio": 0.0, "ratio_schedule": "constant"}

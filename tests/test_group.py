@@ -641,14 +641,14 @@ def test_merged_span_does_not_write_another_out(backend, device):
 def _kinds(device):
     f32, bf = torch.float32, torch.bfloat16
     return [  # shape, method, opts, io dtype, state dtype, kind
-        ((3, 5), "foca", {}, f32, f32, "fp32-3"),
+        ((3, 5), "foca", {}, f32, f32, "fp32-4"),  # the default reading, calibrated: 4 slots
         ((70,), "foca", {"reading": "r6"}, f32, f32, "fp32-3"),
         ((7,), "taylorseer", {"order": 2}, f32, f32, "fp32-3"),
         ((9,), "reuse", {}, f32, f32, "fp32-1"),
         ((17,), "foca", {"anchor": "secant"}, f32, f32, "fp32-4"),
-        ((2, 2), "foca", {}, bf, bf, "bf16-3"),
-        ((5,), "foca", {}, f32, bf, "bf16state-3"),
-        ((65,), "foca", {}, f32, bf, "bf16state-3"),
+        ((2, 2), "foca", {}, bf, bf, "bf16-4"),
+        ((5,), "foca", {}, f32, bf, "bf16state-4"),
+        ((65,), "foca", {}, f32, bf, "bf16state-4"),
         ((4,), "reuse", {}, f32, f32, "fp32-1"),
     ]
 

@@ -5,7 +5,9 @@
 (b) sequence parallel: a run with the tokens split across the two ranks (a manual split: the
     cached attention gathers every rank's keys/values with a collective, so ranks that skipped
     different steps would hang) gives the same samples and decisions as the unsharded run, for
-    fixed schedules (foca, rfc) and for RCS (rcs_reduce="sum": each row's sums over the shards).
+    fixed schedules (foca, rfc) and for RCS (rcs_reduce="sum": each row's sums over the shards);
+    FoCa's default reading fits its weights on the whole tensor, so it takes ``sharded=True``
+    (its dot products summed over the ranks), and differs without it (the control).
 Skipped only where torch.distributed is unavailable."""
 
 from __future__ import annotations
@@ -100,15 +102,20 @@ def cached_run(net, x, **cfg):
     return y, info.pattern or config.pattern(STEPS)
 
 
+SHARDED_FOCA = {"sharded": True}  # the default reading fits its weights over the whole tensor: sum over shards
 RUNS = {  # name -> CacheConfig fields
-    "foca-fixed": dict(method="foca", interval=3),
+    "foca-fixed": dict(method="foca", method_options=SHARDED_FOCA, interval=3),
+    "foca-r7-fixed": dict(method="foca", method_options={"reading": "r7"}, interval=3),  # closed form: shard-local
     "rfc-fixed": dict(method="rfc", method_options={"norm": "token"}, interval=4),  # token norms: shard-local
     # the default per-sample norms, all-reduced over the token shards
     "rfc-sample-fixed": dict(method="rfc", method_options={"sharded": True}, interval=4),
-    "foca-rcs": dict(method="foca", schedule="rcs", rcs_threshold=0.05, rcs_max_gap=6, rcs_reduce="sum"),
+    "foca-rcs": dict(method="foca", method_options=SHARDED_FOCA, schedule="rcs", rcs_threshold=0.05, rcs_max_gap=6,
+                     rcs_reduce="sum"),
     "rfc-rcs": dict(method="rfc", method_options={"norm": "token"}, schedule="rcs", rcs_threshold=0.05, rcs_max_gap=6,
                     rcs_reduce="sum"),
 }
+# the control: without sharded=True each shard fits its own weights, so the sharded run differs
+CONTROLS = {"foca-fit-per-shard": dict(method="foca", interval=3)}
 DP = dict(method="foca", schedule="rcs", rcs_threshold=0.05, rcs_max_gap=6, rcs_reduce="max")
 
 
@@ -118,7 +125,7 @@ def worker(rank, port, out_dir):
     res = {"unsharded": {}, "sharded": {}}
     # unsharded references and data-parallel decisions alone, before any process group exists
     x = latents(0)
-    for name, cfg in RUNS.items():
+    for name, cfg in {**RUNS, **CONTROLS}.items():
         res["unsharded"][name] = cached_run(net, x, **cfg)
     res["dp_alone"] = cached_run(net, latents(100 + rank), **DP)[1]
 
@@ -128,7 +135,7 @@ def worker(rank, port, out_dir):
         res["dp"] = cached_run(net, latents(100 + rank), **DP)[1]
         shard = slice(rank * T // WORLD, (rank + 1) * T // WORLD)
         net.shard(True)
-        for name, cfg in RUNS.items():
+        for name, cfg in {**RUNS, **CONTROLS}.items():
             y, pattern = cached_run(net, x[:, shard].contiguous(), **cfg)
             ys = [torch.empty_like(y) for _ in range(WORLD)]
             dist.all_gather(ys, y)
@@ -174,3 +181,12 @@ def test_sequence_sharded_run_equals_unsharded(results, name):
         assert p == p_ref
         assert "s" in p
         assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5), (name, (y - y_ref).abs().max())
+
+
+def test_calibrated_fit_per_shard_differs_without_sharded(results):
+    """The control for foca-fixed above: the same run without ``sharded=True`` fits (phi, theta)
+    on each rank's tokens alone, and its samples differ from the unsharded run's."""
+    y_ref, p_ref = results[0]["unsharded"]["foca-fit-per-shard"]
+    y, p = results[0]["sharded"]["foca-fit-per-shard"]
+    assert p == p_ref
+    assert (y - y_ref).abs().max() > 1e-4

@@ -141,7 +141,7 @@ def test_refused_forecast_leaves_the_memo_alone(reading):
 
 
 def test_readings_and_defaults():
-    assert set(FOCA_READINGS) == {"r0", "r3", "r4", "r6", "r7"}
+    assert set(FOCA_READINGS) == {"r0", "r3", "r4", "r6", "r7", "calibrated"}
     assert DEFAULT_READING == DEFAULT_FOCA_READING, "reference and package must share the default reading"
     assert fk.allocate(torch.zeros(3), "foca").method.reading == DEFAULT_FOCA_READING
     assert fk.allocate(torch.zeros(3), "foca", anchor="bdf2").method.reading == "r0"

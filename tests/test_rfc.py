@@ -127,7 +127,8 @@ def test_state_is_one_allocation_and_counted():
     assert isinstance(st, RFCState)
     assert st.out.slots.untyped_storage().data_ptr() == st.inp.slots.untyped_storage().data_ptr() == \
         st.storage.untyped_storage().data_ptr()
-    assert st.nbytes == fk.state_nbytes(y, "rfc", input=u) == fk.state_nbytes(y, "foca") + fk.state_nbytes(u, "foca")
+    r7 = {"reading": "r7"}  # RFE's default base
+    assert st.nbytes == fk.state_nbytes(y, "rfc", input=u) == fk.state_nbytes(y, "foca", **r7) + fk.state_nbytes(u, "foca", **r7)
     fk.update_(st, y, input=u)
     assert st.n_full == st.inp.n_full == 1
 

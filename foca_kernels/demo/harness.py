@@ -12,7 +12,7 @@ Runs (each from the same seeds, one batch of ``samples`` images, labels ``i % 10
   runs at interval N compute fully (e.g. 11 for N = 5: the warm-up plus one full step per
   window), so it does the same number of full transformer evaluations.
 * ``reuse`` (FORA), ``taylorseer1``/``taylorseer2``/``taylorseer3``, FoCa in each reading
-  ``foca-r0``/``foca-r3``/``foca-r4``/``foca-r6`` (``foca-secant`` = ``foca-r0``, ``foca-bdf2`` =
+  ``foca-calibrated``/``foca-r7``/``foca-r0``/``foca-r3``/``foca-r4``/``foca-r6`` (``foca-secant`` = ``foca-r0``, ``foca-bdf2`` =
   r0 with the bdf2 anchor; ``foca`` alone is the package default): :func:`foca_kernels.hooks.cached`
   on the model with ``CacheConfig(interval=N, method=..., method_options=...)``, module
   granularity by default (attention and feed-forward of every block), so skipped modules do
@@ -86,7 +86,7 @@ def default_reading() -> str:
 
 def canonical_method(name: str) -> str:
     """Harness method name: ``full``, ``steps``, ``reuse`` (alias ``fora``), ``taylorseerK``
-    (K = 1..3), ``foca-<reading>`` (r0, r3, r4, r6) or ``foca-bdf2`` (r0 with the bdf2 anchor);
+    (K = 1..3), ``foca-<reading>`` (calibrated, r7, r0, r3, r4, r6) or ``foca-bdf2`` (r0 with the bdf2 anchor);
     ``foca`` alone is the package default reading, ``foca-secant`` is ``foca-r0``."""
     n = str(name).strip().lower().replace("_", "-")
     if n == "fora":

@@ -3,7 +3,7 @@ reuse, one slot); conservative steps rewrite rows of that same slot (tokens.py).
 
 from __future__ import annotations
 
-from ..methods import DEFAULT_FOCA_READING
+from ..methods import CLOSED_FOCA_READING
 from ..methods.foca_closed import FoCaClosed
 from ..methods.reuse import Reuse
 from ..methods.taylorseer import TaylorSeer
@@ -21,12 +21,13 @@ class DucaTaylorSeer(TaylorSeer):
 
 
 class DucaFoCa(FoCaClosed):
-    """``forecast="foca"``: skipped steps forecast with FoCa's default reading. Closed forms
-    only: their state holds computed values, which is what lets a conservative step put its
-    fresh rows into the output alone."""
+    """``forecast="foca"``: skipped steps forecast with FoCa's default closed form (r7). Closed
+    forms only: their state holds computed values, which is what lets a conservative step put
+    its fresh rows into the output alone (the default reading, "calibrated", stores a fitted
+    slope over the whole tensor, which fresh rows would make stale)."""
 
     def __init__(self):
-        super().__init__(DEFAULT_FOCA_READING)
+        super().__init__(CLOSED_FOCA_READING)
 
     def describe(self) -> str:
         return f"duca+foca(reading={self.reading})"

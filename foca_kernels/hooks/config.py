@@ -46,7 +46,7 @@ class CacheConfig:
       skipped step, so the first forecasts of a generation may come one step later.
 
     Method: ``method`` "foca" | "taylorseer" | "reuse" | "duca" (or a :class:`foca_kernels.Method`),
-      ``method_options`` e.g. ``{"reading": "r3"}`` (FoCa: "r7" (default) | "r3" | "r6" | "r4" | "r0", see
+      ``method_options`` e.g. ``{"reading": "r7"}`` (FoCa: "calibrated" (default) | "r7" | "r3" | "r6" | "r4" | "r0", see
       docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``) or ``{"order": 2}`` (TaylorSeer).
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
       for an fp32 model); None keeps the features' dtype.

@@ -36,7 +36,7 @@ from typing import Deque, Dict, Optional, Tuple
 import torch
 
 from .. import api as _api
-from ..methods import RFC, RawHistory, Reuse, make_method
+from ..methods import CLOSED_FOCA_READING, RFC, RawHistory, Reuse, make_method
 from .rfe import module_input
 
 RCS_REDUCE = ("max", "sum")
@@ -45,13 +45,13 @@ LOG_LENGTH = 4096
 
 def probe_method(config):
     """The temporal method the probe forecasts the input with: the cached method's when it is
-    in closed form (rfc: its base), else the package's default FoCa reading (closed form)."""
+    in closed form (rfc: its base), else FoCa's default closed form (r7)."""
     m = config.make_method()
     if isinstance(m, RFC):
         return m.base
     if isinstance(m, (RawHistory, Reuse)):
         return m
-    return make_method("foca")
+    return make_method("foca", reading=CLOSED_FOCA_READING)
 
 
 class RelationalSchedule:

@@ -44,8 +44,13 @@ class FoCaCalibrated(Method):
     n_slots = 4
     min_full = 2
 
+    def __init__(self, sharded: bool = False):
+        if not isinstance(sharded, bool):
+            raise TypeError(f"foca reading calibrated: sharded must be a bool, got {type(sharded).__name__}")
+        self.sharded = sharded  # tokens split over the default process group: fit on the whole
+
     def describe(self) -> str:
-        return "foca(reading=calibrated)"
+        return "foca(reading=calibrated" + (", sharded)" if self.sharded else ")")
 
     def full(self, ctx: StepContext) -> Transition:
         roles = {
@@ -69,7 +74,7 @@ class FoCaCalibrated(Method):
         a1, d1 = _slopes(vals[1:], times[1:])  # the slopes the window that just ended used
         g = times[0] - times[1]
         fit = Fit("Y", r=_minus(vals[0], vals[1]), u=scaled(a1, g), q=scaled(_minus(d1, a1), g),
-                  U=a, V=_minus(d, a), phi_range=PHI_RANGE, theta_range=THETA_RANGE)
+                  U=a, V=_minus(d, a), phi_range=PHI_RANGE, theta_range=THETA_RANGE, sharded=self.sharded)
         roles["Y"] = Keep("Y")
         return Transition(roles, fit=fit)
 

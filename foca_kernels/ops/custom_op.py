@@ -44,12 +44,13 @@ def fit_(
     coefs: List[float],
     counts: List[int],
     bounds: List[float],
+    sharded: bool,
 ) -> None:
     """A refitted slope (ops/fit.py) as one opaque op: Dynamo would otherwise fold the step
     times into the traced arithmetic and guard on them."""
-    run_fit(slots, numel, feature, slot, keys, coefs, counts, bounds)
+    run_fit(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded)
 
 
 @fit_.register_fake
-def _(slots, numel, feature, slot, keys, coefs, counts, bounds) -> None:
+def _(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded) -> None:
     return None

@@ -37,7 +37,8 @@ def flatten(fit):
     combos = (fit.r, fit.u, fit.q, fit.U, fit.V)
     keys = [FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k, _ in c]
     coefs = [float(v) for c in combos for _, v in c]
-    return keys, coefs, [len(c) for c in combos], [*map(float, fit.phi_range), *map(float, fit.theta_range)]
+    return (keys, coefs, [len(c) for c in combos], [*map(float, fit.phi_range), *map(float, fit.theta_range)],
+            bool(fit.sharded))
 
 
 def _combo(slots, numel, feature, keys, coefs, dtype=torch.float32) -> torch.Tensor:
@@ -54,10 +55,14 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a, b)
 
 
-def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range):
-    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64)."""
+def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range, sharded: bool = False):
+    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64).
+    ``sharded``: the five dot products are summed over the default process group first."""
     r, u, q = r.double(), u.double(), q.double()
-    uu, uq, qq, ru, rq = _dot(u, u), _dot(u, q), _dot(q, q), _dot(r, u), _dot(r, q)
+    sums = torch.stack((_dot(u, u), _dot(u, q), _dot(q, q), _dot(r, u), _dot(r, q)))
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    uu, uq, qq, ru, rq = sums.unbind()
     det = uu * qq - uq * uq
     ok = det > PARALLEL * uu * qq
     safe = torch.where(ok, det, torch.ones_like(det))
@@ -69,17 +74,18 @@ def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, th
 
 @torch.no_grad()
 def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, keys: List[int], coefs: List[float],
-            counts: List[int], bounds: List[float]) -> None:
+            counts: List[int], bounds: List[float], sharded: bool = False) -> None:
     """Overwrite ``slots[slot, :numel]`` with the fitted slope (arguments: :func:`flatten`).
     On CPU the compiled loop of cpu_codegen.py does it in two passes when it can."""
-    if slots.device.type == "cpu" and fit_cpu(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL):
+    if (slots.device.type == "cpu" and not sharded
+            and fit_cpu(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL)):
         return
     parts, at = [], 0
     for n in counts:
         parts.append((keys[at:at + n], coefs[at:at + n]))
         at += n
     r, u, q = (_combo(slots, numel, feature, k, c, torch.float64) for k, c in parts[:3])
-    phi, theta = fit_weights(r, u, q, bounds[:2], bounds[2:])
+    phi, theta = fit_weights(r, u, q, bounds[:2], bounds[2:], sharded)
     del r, u, q
     y = _combo(slots, numel, feature, *parts[3]).mul_(phi.float())
     y.add_(_combo(slots, numel, feature, *parts[4]).mul_(theta.float()))
