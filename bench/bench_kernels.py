@@ -40,6 +40,8 @@ OPS = {
     "foca_r3_skip": ("foca", {"reading": "r3"}, "skip"),  # closed form (r6 and r7, the default, move the same tensors)
     "foca_r3_full": ("foca", {"reading": "r3"}, "full"),
     "foca_r4_skip": ("foca", {"reading": "r4"}, "skip"),
+    "foca_calibrated_skip": ("foca", {"reading": "calibrated"}, "skip"),  # the default: X0 + x Y
+    "foca_calibrated_full": ("foca", {"reading": "calibrated"}, "full"),  # the copy plus the fit (two passes)
     "taylorseer2_skip": ("taylorseer", {"order": 2}, "skip"),
     "taylorseer2_full": ("taylorseer", {"order": 2}, "full"),
     "reuse_skip": ("reuse", {}, "skip"),
@@ -191,6 +193,8 @@ def _cache_dit(op, warm, x):
         "cache_dit.caching.cache_contexts.calibrators", reason="cache-dit (optional extra 'peers') not installed"
     )
     method, options, step = OPS[op]
+    if options.get("reading") == "calibrated":
+        pytest.skip("cache-dit has no calibrated FoCa")
     if method == "foca":
         cal = calibrators.FoCaCalibrator()
     elif method == "taylorseer":

@@ -20,7 +20,8 @@ seconds are spent):
      device-to-device copy of the same bytes, and against one ``forecast_`` per stream, at
      DiT-XL/2 (56 streams of [2, 256, 1152]), FLUX (114 streams of [1, 4608, 3072]; fewer if
      memory is short, and the report says so) and 100k-token video (4 streams of
-     [1, 100000, 3072]) sizes, bf16 and fp32, FoCa (default reading r3), TaylorSeer-2, reuse
+     [1, 100000, 3072]) sizes, bf16 and fp32, FoCa (default reading calibrated, and r7),
+     TaylorSeer-2, reuse
   b  host time per skipped step through the hooks against diffusers' TaylorSeer hook:
      ``bench/bench_host.py`` (pytest -k host) on CUDA, its table
   c  CUDA-graph replay of a skipped step (``group.cuda_graph()``) against the eager grouped
@@ -221,7 +222,8 @@ NO_GROUP = "n/a: foca_kernels.StateGroup does not exist in this checkout (foca_k
 
 
 # ---- a. grouped kernel vs copy ---------------------------------------------------------------
-A_METHODS = [("foca r3", "foca", {}), ("taylorseer-2", "taylorseer", {"order": 2}), ("reuse", "reuse", {})]
+A_METHODS = [("foca (default: calibrated)", "foca", {}), ("foca r7", "foca", {"reading": "r7"}),
+             ("taylorseer-2", "taylorseer", {"order": 2}), ("reuse", "reuse", {})]
 
 
 def _a_sizes(ctx: Ctx):

@@ -45,6 +45,14 @@ class SlotFit(NamedTuple):
     def coef(self) -> Tuple[float, ...]:
         return tuple(c for combo in (self.r, self.u, self.q, self.U, self.V) for _, c in combo)
 
+    @property
+    def tensors_moved(self) -> int:
+        """The fit's traffic in its two-pass form: pass 1 reads what r, u, q are made of (the
+        dot products), pass 2 what U, V are made of, and writes the slot."""
+        first = {k for c in (self.r, self.u, self.q) for k, _ in c}
+        second = {k for c in (self.U, self.V) for k, _ in c}
+        return len(first) + len(second) + 1
+
 
 class Launch(NamedTuple):
     """One fused update, in physical slots. (A named tuple: planned on every step, and
@@ -62,8 +70,10 @@ class Launch(NamedTuple):
 
     @property
     def tensors_moved(self) -> int:
-        """Full-size tensors read plus written: the memory traffic of this launch."""
-        return len(self.reads) + int(self.has_feature) + len(self.writes) + int(self.has_out)
+        """Full-size tensors read plus written: the memory traffic of this launch (and of its
+        fit, if any, counted at its two-pass floor: ops/fit.py)."""
+        fit = 0 if self.fit is None else self.fit.tensors_moved
+        return len(self.reads) + int(self.has_feature) + len(self.writes) + int(self.has_out) + fit
 
 
 class CacheState:
