@@ -1,17 +1,23 @@
-"""The one data-dependent update: a slope refitted by least squares on the device.
+"""The one data-dependent update: a slope refitted by least squares, on the device.
 
-``fit_(slots, numel, feature, fit)`` overwrites slot ``fit.slot`` with phi U + theta V, where
-(phi, theta) minimise |r - phi u - theta q|^2 over the whole tensor (a 2x2 normal system),
-clipped to the method's ranges; if u and q cannot be told apart (det <= 1e-9 uu qq, e.g. q = 0
-on a straight line) phi = ru / uu and theta = 1/2 (reference/foca_calibrated.py: fit_weights).
+:func:`run_fit` overwrites slot ``slot`` with phi U + theta V, where (phi, theta) minimise
+|r - phi u - theta q|^2 over the whole tensor (a 2x2 normal system), clipped to the method's
+ranges; if u and q cannot be told apart (det <= 1e-9 uu qq, e.g. q = 0 on a straight line)
+phi = r.u / u.u alone and theta = 1/2 (the rule: reference/foca_calibrated.py, fit_weights).
+r, u, q, U, V are combinations of the feature and stored slots (methods.base.Fit).
 
-Everything stays a tensor: the weights are never read on the host, so a full step does not
-sync with the GPU. r, u, q and their five dot products are formed in fp64 from the stored values
-(exact in fp64): the determinant cancels, and with fp32 products the parallel test would see
-fp32 noise (~1e-7 relative) instead of the threshold (1e-9), so a one-element or exactly
-parallel case would take the other branch than the reference. The slope itself is fp32. It runs once per stream per full step, as
-plain PyTorch ops (a few passes over the stream; a fused two-pass kernel is a follow-up:
-docs/notes.md).
+Nothing is read on the host, so a full step does not sync with the GPU. The five dot products
+are summed in fp64: the determinant cancels, and fp32 products would put fp32 noise (~1e-7
+relative) into the parallel test instead of its 1e-9 threshold, so an exactly parallel case
+(a one-element tensor, say) would take the other branch than the reference. Two paths:
+
+* CPU with the compiled loop available (cpu_codegen.py ``foca_fit``): two passes, r, u, q in
+  fp32 per block with fp64 products and sums, the solve in C;
+* otherwise (CUDA, or no C compiler) plain PyTorch ops: r, u, q in fp64, ``torch.where`` for
+  the branches, a few dozen small ops per stream (a fused Triton fit is a follow-up,
+  docs/notes.md).
+
+The slope itself is formed in fp32 and rounded once to the state's dtype.
 """
 
 from __future__ import annotations
@@ -24,8 +30,6 @@ import torch
 from .cpu_codegen import fit_cpu
 
 PARALLEL = 1e-9  # same threshold as reference/foca_calibrated.py
-
-
 FEATURE_KEY = -1  # in the flat form below: the feature instead of a slot
 
 
