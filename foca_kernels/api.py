@@ -118,9 +118,9 @@ def _run_full(buf: CacheState, launch: Launch, feature: torch.Tensor, backend: s
     flat = feature.contiguous().view(-1)
     if launch.fit is not None:
         if torch.compiler.is_compiling():  # traced: the cache wrapper is not (Dynamo warns)
-            fit_op(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit.__wrapped__(launch.fit))
+            fit_op(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit.__wrapped__(launch.fit), backend)
         else:
-            run_fit(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit(launch.fit))
+            run_fit(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit(launch.fit), backend)
     if launch.writes or launch.has_out:
         _run(buf, launch, flat, None, backend)
 

@@ -290,10 +290,11 @@ def test_compiled_sequence_matches_eager(gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_compiled_cpu_fit_agrees_with_pytorch_ops(dtype, monkeypatch):
-    """On CPU the fit runs as one compiled two-pass loop (ops/cpu_codegen.py: foca_fit) when a C
-    compiler is there; the PyTorch ops (the GPU path) must give the same slope: r, u, q in fp32
-    there against fp64 here, so within the dtype's tolerance, and the same clipped weights."""
+def test_three_fit_paths_agree(dtype, monkeypatch):
+    """The fit has three implementations: the compiled two-pass C loop (CPU, ops/cpu_codegen.py:
+    foca_fit), the two Triton kernels (ops/triton_fit.py; here through the interpreter) and plain
+    PyTorch ops (the fallback). The first two form r, u, q in fp32, the last in fp64, so they
+    agree within the dtype's tolerance; none touches another slot."""
     from foca_kernels.ops import cpu_codegen
     from foca_kernels.ops.fit import run_fit
     if cpu_codegen.load() is None:
@@ -310,12 +311,17 @@ def test_compiled_cpu_fit_agrees_with_pytorch_ops(dtype, monkeypatch):
     assert sharded is False
     slots_c, slots_t = buf.slots.clone(), buf.slots.clone()
     assert cpu_codegen.fit_cpu(slots_c, *args, 1e-9)
+    slots_g = buf.slots.clone()
+    run_fit(slots_g, *args, False, "triton")
     monkeypatch.setenv(cpu_codegen.ENV, "0")
     run_fit(slots_t, *args)
-    assert_close(slots_c[launch.fit.slot, :buf.numel], slots_t[launch.fit.slot, :buf.numel].double(), dtype,
-                 name="slope, compiled vs PyTorch ops")
+    for name, got in (("compiled C", slots_c), ("Triton", slots_g)):
+        assert_close(got[launch.fit.slot, :buf.numel], slots_t[launch.fit.slot, :buf.numel].double(), dtype,
+                     name=f"slope, {name} vs PyTorch ops")
     others = [s for s in range(buf.slots.shape[0]) if s != launch.fit.slot]
-    assert torch.equal(slots_c[others], buf.slots[others]) and torch.equal(slots_t[others], buf.slots[others])
+    for got in (slots_c, slots_g, slots_t):
+        assert torch.equal(got[others], buf.slots[others])
+    assert not torch.equal(slots_t[launch.fit.slot], buf.slots[launch.fit.slot])  # the fit did write
 
 
 def test_options_and_refusals():

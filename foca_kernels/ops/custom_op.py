@@ -45,12 +45,13 @@ def fit_(
     counts: List[int],
     bounds: List[float],
     sharded: bool,
+    backend: str,
 ) -> None:
     """A refitted slope (ops/fit.py) as one opaque op: Dynamo would otherwise fold the step
     times into the traced arithmetic and guard on them."""
-    run_fit(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded)
+    run_fit(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded, backend)
 
 
 @fit_.register_fake
-def _(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded) -> None:
+def _(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded, backend) -> None:
     return None

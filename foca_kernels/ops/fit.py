@@ -11,11 +11,12 @@ are summed in fp64: the determinant cancels, and fp32 products would put fp32 no
 relative) into the parallel test instead of its 1e-9 threshold, so an exactly parallel case
 (a one-element tensor, say) would take the other branch than the reference. Two paths:
 
-* CPU with the compiled loop available (cpu_codegen.py ``foca_fit``): two passes, r, u, q in
-  fp32 per block with fp64 products and sums, the solve in C;
-* otherwise (CUDA, or no C compiler) plain PyTorch ops: r, u, q in fp64, ``torch.where`` for
-  the branches, a few dozen small ops per stream (a fused Triton fit is a follow-up,
-  docs/notes.md).
+* backend "triton" (the default on CUDA): ops/triton_fit.py, two kernels and one small
+  reduction, r, u, q in fp32 with fp64 products and sums;
+* backend "torch" on CPU with the compiled loop available (cpu_codegen.py ``foca_fit``): the
+  same two passes in C;
+* otherwise plain PyTorch ops: r, u, q in fp64, ``torch.where`` for the branches, a few dozen
+  small ops per stream.
 
 The slope itself is formed in fp32 and rounded once to the state's dtype.
 """
@@ -78,9 +79,17 @@ def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, th
 
 @torch.no_grad()
 def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, keys: List[int], coefs: List[float],
-            counts: List[int], bounds: List[float], sharded: bool = False) -> None:
+            counts: List[int], bounds: List[float], sharded: bool = False, backend: str = "torch") -> None:
     """Overwrite ``slots[slot, :numel]`` with the fitted slope (arguments: :func:`flatten`).
-    On CPU the compiled loop of cpu_codegen.py does it in two passes when it can."""
+    backend "triton": ops/triton_fit.py; "torch": on CPU the compiled loop of cpu_codegen.py
+    when it can, else PyTorch ops."""
+    if backend == "triton":
+        from .triton_fit import fit_triton  # imported late: TRITON_INTERPRET must be settled
+
+        fit_triton(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL, sharded)
+        return
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}")
     if (slots.device.type == "cpu" and not sharded
             and fit_cpu(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL)):
         return
