@@ -339,3 +339,21 @@ def test_options_and_refusals():
     assert fk.make_method("rfc").base.reading == "r7"
     with pytest.raises(ValueError, match="closed form"):
         fk.make_method("rfc", base="foca", reading="calibrated")
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_bf16_state_with_fp32_features_fits_on_stored_values(backend_name):
+    """``dtype=torch.bfloat16`` with an fp32 model: the fit sees the feature as the state stores
+    it (rounded to bf16), so the slope is the float64 rule applied to the stored values alone,
+    within bf16's tolerance, on every path."""
+    gen = torch.Generator().manual_seed(11)
+    ts = [0.0, 1.0, 2.5, 4.0, 5.5, 7.0]
+    xs = [x.float() for x in smooth_features((3, 29), ts, gen)]
+    buf = fk.allocate(xs[0], "foca", dtype=torch.bfloat16, **OPTS)
+    held = []
+    for i, x in enumerate(xs):
+        fk.update_(buf, x, ts[i] - ts[i - 1] if i else 1.0, backend=backend_name)
+        held = [(buf.role("X0").double(), ts[i])] + held[:3]
+        if len(held) == 4:
+            exp = _expected_slope([v for v, _ in held], [t for _, t in held])
+            assert_close(buf.role("Y"), exp, torch.bfloat16, name=f"step {i} slope")

@@ -734,7 +734,7 @@ def fit_cpu(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, 
     fcode = None
     if -1 in keys:
         fcode = _flat_code(feature, numel) if feature is not None else None
-        if fcode is None:
+        if fcode != code:  # the fit sees the feature as stored: other dtypes take the PyTorch ops
             return False
     key = (tuple(keys), tuple(coefs), tuple(counts), tuple(bounds), code, fcode)
     lay = _fit_layouts.get(key)

@@ -18,7 +18,8 @@ relative) into the parallel test instead of its 1e-9 threshold, so an exactly pa
 * otherwise plain PyTorch ops: r, u, q in fp64, ``torch.where`` for the branches, a few dozen
   small ops per stream.
 
-The slope itself is formed in fp32 and rounded once to the state's dtype.
+The feature enters as the state will store it (rounded to the state's dtype), so the fit is a
+function of stored values only. The slope is formed in fp32 and rounded once to that dtype.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def flatten(fit):
 def _combo(slots, numel, feature, keys, coefs, dtype=torch.float32) -> torch.Tensor:
     total = None
     for k, c in zip(keys, coefs):
-        v = (feature if k == FEATURE_KEY else slots[k, :numel]).to(dtype)
+        # the feature as the state will hold it (rounded to its dtype): the fit is a function
+        # of the stored values only, whatever the model's dtype
+        v = (feature.to(slots.dtype) if k == FEATURE_KEY else slots[k, :numel]).to(dtype)
         total = v * c if total is None else total.add_(v, alpha=c)
     if total is None:
         return torch.zeros(numel, dtype=dtype, device=slots.device)

@@ -26,8 +26,9 @@ def _load_inputs(slots_ptr, feat_ptr, offs, mask, read_offs, NUM_READ: tl.conste
     xs = ()
     for i in tl.static_range(NUM_READ):
         xs = xs + (tl.load(slots_ptr + read_offs[i] + offs, mask=mask, other=0.0).to(tl.float32),)
-    if HAS_FEAT:
-        xs = xs + (tl.load(feat_ptr + offs, mask=mask, other=0.0).to(tl.float32),)
+    if HAS_FEAT:  # as the state will store it: rounded to the state's dtype first
+        f = tl.load(feat_ptr + offs, mask=mask, other=0.0)
+        xs = xs + (f.to(slots_ptr.dtype.element_ty).to(tl.float32),)
     return xs
 
 
@@ -37,6 +38,20 @@ def _row(xs, coef, ROW: tl.constexpr, NUM_IN: tl.constexpr):
     for i in tl.static_range(1, NUM_IN):
         y += coef[ROW * NUM_IN + i] * xs[i]
     return y
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _total(x):
+    # tl.reduce with this module's own combine function, not tl.sum: tl.sum is a jit function of
+    # triton.language.standard, and the interpreter leaves triton.language.core patched after
+    # interpreting a kernel that calls into another module's jit function (later compiles in the
+    # same process then fail; tests/test_fit_ptx.py compiles after interpreted runs)
+    return tl.reduce(x, 0, _add)
 
 
 @triton.jit
@@ -50,11 +65,11 @@ def _fit_dots_kernel(slots_ptr, feat_ptr, partial_ptr, n, read_offs, coef,
     u = _row(xs, coef, 1, NUM_IN).to(tl.float64)
     q = _row(xs, coef, 2, NUM_IN).to(tl.float64)
     base = partial_ptr + pid * 5
-    tl.store(base + 0, tl.sum(u * u, axis=0))
-    tl.store(base + 1, tl.sum(u * q, axis=0))
-    tl.store(base + 2, tl.sum(q * q, axis=0))
-    tl.store(base + 3, tl.sum(r * u, axis=0))
-    tl.store(base + 4, tl.sum(r * q, axis=0))
+    tl.store(base + 0, _total(u * u))
+    tl.store(base + 1, _total(u * q))
+    tl.store(base + 2, _total(q * q))
+    tl.store(base + 3, _total(r * u))
+    tl.store(base + 4, _total(r * q))
 
 
 @triton.jit
