@@ -40,6 +40,9 @@ seconds are spent):
   g  the repository's CUDA tests: ``pytest tests -m cuda`` (conftest skips items marked
      ``cuda`` without a GPU), then, with TRITON_INTERPRET=0, the kernel suites whose
      ``device`` fixture then puts them on the GPU
+  h  the default reading's full step (``update_``: the feature copy plus the calibrated fit, two
+     Triton kernels and a small sum) against r7's full step and a device copy of the fit's
+     floor, one stream at DiT-XL/2 and FLUX sizes, bf16 and fp32
 
 Sections that need CUDA report "skipped: no CUDA" on a machine without one; ``--smoke`` runs
 section a at tiny sizes with the PyTorch backend on the CPU. Nothing is downloaded: the
@@ -88,8 +91,9 @@ SECTIONS: Dict[str, Tuple[str, int, bool]] = {
     "e": ("e. End to end at DiT-XL/2 size (random weights)", 140, True),
     "f": ("f. bf16 rounding under torch.compile", 70, True),
     "g": ("g. The repository's CUDA tests", 90, True),
+    "h": ("h. The default's full step: the calibrated fit vs r7's full step", 25, False),
 }
-RUN_ORDER = "acdbefg"  # the report is printed in a..g order; this is the order they run in
+RUN_ORDER = "ahcdbefg"  # the report is printed in a..h order; this is the order they run in
 DEFAULT_BUDGET_S = 450  # the whole check; bench/gpu_check.sh adds a hard limit a little above it
 MIN_SECTION_S = 15  # no section starts with less than this left
 
@@ -842,7 +846,51 @@ def section_g(ctx: Ctx):
     return "\n".join(lines), {"failures": fails, "log": log}
 
 
-FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f, "g": section_g}
+# ---- h. the calibrated reading's full step ----------------------------------------------------
+def section_h(ctx: Ctx):
+    """update_ of the default reading (copy + the fit: two Triton kernels and a small sum on
+    CUDA) against r7's full step (one copy) and against a copy of the fit's floor (10 tensors
+    moved: 5 read + 5 written), one stream, per call."""
+    import torch
+
+    import foca_kernels as fk
+
+    sizes = ([("dit-xl2 [2,256,1152]", (2, 256, 1152)), ("flux [1,4608,3072]", (1, 4608, 3072))]
+             if ctx.cuda and not ctx.smoke else [("smoke [2,16,32]", (2, 16, 32))])
+    backend = "triton" if ctx.cuda else "torch"
+    rows, data = [], []
+    cases = [(n, s, d) for n, s in sizes for d in (torch.bfloat16, torch.float32)]
+    for i, (name, shape, dtype) in enumerate(cases):
+        budget = max(1.0, (ctx.left() - 3) / (len(cases) - i) / 3)
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        feats = [torch.randn(shape, generator=g, device=ctx.device).to(dtype) for _ in range(4)]
+        row = {"size": name, "dtype": str(dtype).replace("torch.", "")}
+        for label, opts in (("calibrated", {}), ("r7", {"reading": "r7"})):
+            buf = fk.allocate(feats[0], "foca", **opts)
+            for f in feats:
+                fk.update_(buf, f, 1.0, backend=backend)
+            row[label] = _time_rounds(ctx, lambda: fk.update_(buf, feats[0], 1.0, backend=backend), 10, 20,
+                                      budget_s=budget)
+        src = torch.empty(5 * feats[0].numel(), device=ctx.device, dtype=dtype)
+        dst = torch.empty_like(src)
+        row["floor"] = _time_rounds(ctx, lambda: dst.copy_(src), 10, 20, budget_s=budget)
+        data.append(row)
+        c, r, fl = row["calibrated"], row["r7"], row["floor"]
+        rows.append([name, row["dtype"], _fmt_t(c["min_s"]), _fmt_t(c["host_median_s"]), _fmt_t(r["min_s"]),
+                     _fmt_t(fl["min_s"]), f"{fl['min_s'] / c['min_s']:.2f}"])
+    lines = ["One stream; per call: `update_` (device min over rounds of 10 back-to-back calls; host = time for "
+             "the calls to return). Floor: a device copy of 5 tensors (10 tensors moved, the fit's two-pass "
+             "traffic plus the feature copy)."]
+    if not ctx.cuda:
+        lines.append("(CPU dry run: the compiled C fit, not a GPU figure)")
+    lines.append("")
+    lines.append(_table(["size", "dtype", "calibrated full", "its host / call", "r7 full", "floor (10 tensors)",
+                         "floor / calibrated"], rows))
+    return "\n".join(lines), {"rows": data}
+
+
+FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f, "g": section_g,
+         "h": section_h}
 
 
 # ---- child: one section ----------------------------------------------------------------------
@@ -929,7 +977,7 @@ def _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, re
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (torch backend): proves the script runs")
-    ap.add_argument("--sections", default="abcdefg", help="which sections, e.g. 'a,c' or 'ac' (default: all)")
+    ap.add_argument("--sections", default="abcdefgh", help="which sections, e.g. 'a,c' or 'ac' (default: all)")
     ap.add_argument("--budget", type=float, default=None, help=f"seconds for the whole check (default {DEFAULT_BUDGET_S}; smoke 100)")
     ap.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu-check-out)")
     ap.add_argument("--cpu-dry", action="store_true", help=argparse.SUPPRESS)  # developers: CUDA sections' code on CPU
@@ -944,7 +992,7 @@ def main(argv=None) -> int:
     budget = args.budget if args.budget is not None else (100.0 if args.smoke else DEFAULT_BUDGET_S)
     out_dir = args.out or os.environ.get("OUT") or os.path.join(os.getcwd(), "gpu-check-out")
     os.makedirs(out_dir, exist_ok=True)
-    wanted = [k for k in re.sub(r"[^a-g]", "", args.sections.lower())]
+    wanted = [k for k in re.sub(r"[^a-h]", "", args.sections.lower())]
     cuda, device_desc = (False, "CPU (smoke run: tiny sizes, PyTorch backend)") if args.smoke else _probe_cuda()
     if args.cpu_dry:
         cuda = False

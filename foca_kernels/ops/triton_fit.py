@@ -14,6 +14,8 @@ read on the host. Offsets are int64, loads masked. Import only after TRITON_INTE
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -99,31 +101,39 @@ def _fit_apply_kernel(slots_ptr, feat_ptr, sums_ptr, n, read_offs, coef, target_
     tl.store(slots_ptr + target_off + offs, y.to(slots_ptr.dtype.element_ty), mask=mask)
 
 
-def fit_triton(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, parallel: float,
-               sharded: bool = False) -> None:
-    """ops/fit.py's refit on the Triton kernels (arguments: fit.flatten, then the threshold)."""
+@functools.lru_cache(maxsize=256)
+def _columns(keys: tuple, coefs: tuple, counts: tuple):
+    """(slot rows read, whether the feature is read, pass 1's coefficients, pass 2's): the
+    combinations as dense rows over the inputs (slots first, the feature last). Cached: every
+    stream of a model has the same structure at a step."""
     inputs = sorted(set(keys))
-    slot_keys = [k for k in inputs if k >= 0]
+    slot_keys = tuple(k for k in inputs if k >= 0)
     has_feat = -1 in inputs
-    col = {k: j for j, k in enumerate(slot_keys + ([-1] if has_feat else []))}
-    n_in = len(col)
-    rows = [[0.0] * n_in for _ in counts]
+    col = {k: j for j, k in enumerate(slot_keys + ((-1,) if has_feat else ()))}
+    rows = [[0.0] * len(col) for _ in counts]
     at = 0
     for r, c in enumerate(counts):
         for k, v in zip(keys[at:at + c], coefs[at:at + c]):
             rows[r][col[k]] += v
         at += c
+    return slot_keys, has_feat, tuple(rows[0] + rows[1] + rows[2]), tuple(rows[3] + rows[4])
+
+
+def fit_triton(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, parallel: float,
+               sharded: bool = False) -> None:
+    """ops/fit.py's refit on the Triton kernels (arguments: fit.flatten, then the threshold)."""
+    slot_keys, has_feat, coef1, coef2 = _columns(tuple(keys), tuple(coefs), tuple(counts))
     stride = slots.stride(0)
     read_offs = tuple(int(k) * stride for k in slot_keys)
     feat = feature if has_feat else slots
     block, num_warps = launch_config(numel)
     grid = (max(1, triton.cdiv(numel, block)),)
     partial = torch.empty(grid[0], 5, dtype=torch.float64, device=slots.device)
-    _fit_dots_kernel[grid](slots, feat, partial, numel, read_offs, tuple(rows[0] + rows[1] + rows[2]),
+    _fit_dots_kernel[grid](slots, feat, partial, numel, read_offs, coef1,
                            NUM_READ=len(slot_keys), HAS_FEAT=int(has_feat), BLOCK=block, num_warps=num_warps)
     sums = partial.sum(0)
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
-    _fit_apply_kernel[grid](slots, feat, sums, numel, read_offs, tuple(rows[3] + rows[4]), int(slot) * stride,
+    _fit_apply_kernel[grid](slots, feat, sums, numel, read_offs, coef2, int(slot) * stride,
                             float(bounds[0]), float(bounds[1]), float(bounds[2]), float(bounds[3]), float(parallel),
                             NUM_READ=len(slot_keys), HAS_FEAT=int(has_feat), BLOCK=block, num_warps=num_warps)
