@@ -64,7 +64,7 @@ def _rel(got, exp):
 def test_reference_is_exact_on_lines():
     """On a line q = g (D1 - A1) is rounding noise and the fit gives phi = 1 (to rounding) or
     takes the slope-only branch; theta multiplies D - A = 0. Measured over 30 schedules of 24
-    steps: largest relative error 1.1e-14; asserted <= 1e-10 (test_properties.py's bar)."""
+    steps: largest relative error 3.4e-15; asserted <= 1e-10 (test_properties.py's bar)."""
     worst = 0.0
     for seed in range(30):
         full, steps, xs = _line_case(seed, 24)
@@ -75,7 +75,7 @@ def test_reference_is_exact_on_lines():
 
 def test_package_is_exact_on_lines_fp32(backend, device):
     """fp32 kernels on lines: exact up to fp32 rounding of the stored values and the slope
-    (measured: largest relative error 3.6e-7 over these schedules, both backends). The bound
+    (measured: largest relative error 5.0e-7 over these schedules, both backends). The bound
     1e-5 is fp32's tolerance here (tests/helpers.py TOL) and 1e4 times below the O(1) error of a
     rule that is not exact on lines (reuse, checked on the same data)."""
     worst = reuse_err = 0.0
@@ -100,7 +100,7 @@ def test_second_order_with_periodic_full_steps():
     forecast is a line through X0 with slope phi A + theta (D - A); on a smooth trajectory the
     fit makes phi = 1 + O(h) (the first-order change of the slope is what theta absorbs), so
     the forecast error is O(h^2), as r7's and TaylorSeer's. Measured slope of the log-log fit
-    over h = 2^-4 .. 2^-9: 2.00; asserted within 0.25 (test_properties.py's band)."""
+    over h = 2^-4 .. 2^-9: 2.03; asserted within 0.25 (test_properties.py's band)."""
     hs = [2.0 ** -k for k in range(4, 10)]
     sched = interval_schedule(20, 3)
     errs = []
