@@ -220,7 +220,7 @@ class CacheState:
 
     def _plan_fit(self, fit: Fit, slot_of: dict, reads: tuple) -> SlotFit:
         slot = self._slot_of[fit.role]
-        if type(fit.role) is not str or slot is None or slot_of[fit.role] != slot:
+        if slot is None or slot_of[fit.role] != slot:
             raise AssertionError(f"{self.method.describe()}: a fitted role must hold a value and keep its slot")
         combos = [tuple(self._in_slots(c).items()) for c in (fit.r, fit.u, fit.q, fit.U, fit.V)]
         if slot in reads or any(k == slot for c in combos for k, _ in c):

@@ -50,8 +50,8 @@ class Fit:
     q: Combo
     U: Combo
     V: Combo
-    phi_range: tuple = (0.0, 1.5)
-    theta_range: tuple = (0.0, 1.0)
+    phi_range: tuple
+    theta_range: tuple
     # the tensor is one shard of the whole (tokens split over the default process group): the
     # five dot products are all-reduced (summed) first, so every shard fits the unsharded pair
     sharded: bool = False

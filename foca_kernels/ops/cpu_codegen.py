@@ -341,10 +341,10 @@ static void form_row(float *acc, const float *cr, int n_in, void *const *in, con
    fp32 block by block and sums the five products u.u, u.q, q.q, r.u, r.q in double; the 2x2
    normal system is solved as reference/foca_calibrated.py does (parallel test det <= par uu qq:
    phi = r.u / u.u alone, theta = 1/2) and clipped to bounds (phi lo, hi, theta lo, hi); pass 2
-   writes phi U + theta V, rounded once to dst's dtype. weights[0..1] <- (phi, theta).
+   writes phi U + theta V, rounded once to dst's dtype.
    Returns 0, or -1 when the block buffers cannot be allocated. */
 int foca_fit(int64_t n, int n_in, void *const *in, const int *in_dt, const float *coef, const double *bounds,
-             double par, void *dst, int dst_dt, double *weights) {
+             double par, void *dst, int dst_dt) {
     static const int size_of[3] = {4, 2, 2};
     float *buf = (float *)aligned_alloc(64, (size_t)3 * BLOCK * sizeof(float));
     if (!buf) return -1;
@@ -383,8 +383,6 @@ int foca_fit(int64_t n, int n_in, void *const *in, const int *in_dt, const float
     }
     phi = phi < bounds[0] ? bounds[0] : (phi > bounds[1] ? bounds[1] : phi);
     theta = theta < bounds[2] ? bounds[2] : (theta > bounds[3] ? bounds[3] : theta);
-    weights[0] = phi;
-    weights[1] = theta;
     const float fphi = (float)phi, ftheta = (float)theta;
     for (int64_t s = 0; s < n; s += BLOCK) {
         int64_t m = n - s < BLOCK ? n - s : BLOCK;
@@ -547,7 +545,7 @@ def _build():
                 fit.restype = ctypes.c_int
                 fit.argtypes = [
                     ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
                 ]
                 return lib, f"compiled with {' '.join(cmd[:-4])}"
         return None, "compiling failed: " + " | ".join(errors)
@@ -717,9 +715,10 @@ def lincomb_cpu(slots, feature, out, n, reads, writes, coef) -> bool:
     return True
 
 
-def fit_cpu(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, parallel: float) -> bool:
-    """ops/fit.py's refit with the compiled two-pass loop (``foca_fit``); False, having written
-    nothing, when the compiled code cannot take the call (the caller runs the PyTorch ops)."""
+def fit_cpu(slots, numel: int, feature, slot: int, inputs, coef, bounds, parallel: float) -> bool:
+    """ops/fit.py's refit with the compiled two-pass loop (``foca_fit``; arguments: fit.flatten,
+    then the parallel threshold); False, having written nothing, when the compiled code cannot
+    take the call (the caller runs the PyTorch ops)."""
     if not _enabled():
         return False
     lib = _lib if _tried else load()
@@ -729,37 +728,24 @@ def fit_cpu(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, 
     if code is None or slots.dim() != 2 or slots.stride(1) != 1 or slots.device.type != "cpu":
         return False
     rows, width = slots.shape
-    if numel > width or not 0 <= slot < rows or any(not -1 <= k < rows for k in keys) or slot in keys:
+    if numel > width or not 0 <= slot < rows or any(not -1 <= k < rows for k in inputs) or slot in inputs:
         return False
-    fcode = None
-    if -1 in keys:
-        fcode = _flat_code(feature, numel) if feature is not None else None
-        if fcode != code:  # the fit sees the feature as stored: other dtypes take the PyTorch ops
+    if -1 in inputs:  # the fit sees the feature as stored: other dtypes take the PyTorch ops
+        if feature is None or _flat_code(feature, numel) != code:
             return False
-    key = (tuple(keys), tuple(coefs), tuple(counts), tuple(bounds), code, fcode)
+    key = (tuple(inputs), tuple(coef), tuple(bounds), code)
     lay = _fit_layouts.get(key)
-    if lay is None:
-        inputs = sorted(set(keys))  # distinct sources: -1 (the feature) first, then slots
-        col = {k: j for j, k in enumerate(inputs)}
-        n_in = len(inputs)
-        flat = [0.0] * (5 * n_in)
-        at = 0
-        for row, n in enumerate(counts):
-            for k, c in zip(keys[at:at + n], coefs[at:at + n]):
-                flat[row * n_in + col[k]] += c
-            at += n
-        codes = [fcode if k == -1 else code for k in inputs]
-        lay = (inputs, (ctypes.c_int * n_in)(*codes), (ctypes.c_float * len(flat))(*flat),
+    if lay is None:  # the ctypes arrays of a call structure, made once
+        lay = ((ctypes.c_int * len(inputs))(*([code] * len(inputs))), (ctypes.c_float * len(coef))(*coef),
                (ctypes.c_double * 4)(*bounds))
         if len(_fit_layouts) >= _LAYOUT_CACHE:
             _fit_layouts.clear()
         _fit_layouts[key] = lay
-    inputs, codes, flat, bounds_c = lay
+    codes, flat, bounds_c = lay
     base, stride = slots.data_ptr(), slots.stride(0) * slots.element_size()
     ptrs = [feature.data_ptr() if k == -1 else base + k * stride for k in inputs]
-    weights = (ctypes.c_double * 2)()
     rc = lib.foca_fit(numel, len(inputs), (ctypes.c_void_p * len(inputs))(*ptrs), codes, flat, bounds_c, parallel,
-                      base + slot * stride, code, weights)
+                      base + slot * stride, code)
     if rc:
         raise MemoryError("foca_kernels: the compiled CPU fit could not allocate its block buffers")
     increment_version(slots)

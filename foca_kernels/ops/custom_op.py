@@ -40,18 +40,17 @@ def fit_(
     numel: int,
     feature: Optional[torch.Tensor],
     slot: int,
-    keys: List[int],
-    coefs: List[float],
-    counts: List[int],
+    inputs: List[int],
+    coef: List[float],
     bounds: List[float],
     sharded: bool,
     backend: str,
 ) -> None:
     """A refitted slope (ops/fit.py) as one opaque op: Dynamo would otherwise fold the step
     times into the traced arithmetic and guard on them."""
-    run_fit(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded, backend)
+    run_fit(slots, numel, feature, slot, inputs, coef, bounds, sharded, backend)
 
 
 @fit_.register_fake
-def _(slots, numel, feature, slot, keys, coefs, counts, bounds, sharded, backend) -> None:
+def _(slots, numel, feature, slot, inputs, coef, bounds, sharded, backend) -> None:
     return None

@@ -37,19 +37,28 @@ FEATURE_KEY = -1  # in the flat form below: the feature instead of a slot
 
 @functools.lru_cache(maxsize=256)
 def flatten(fit):
-    """A state.SlotFit as flat lists (the custom op's arguments): keys (slot, or FEATURE_KEY),
-    coefficients, the five combinations' lengths, and the four clip bounds. Cached: the streams
-    of a model share one fit per step (hooks: api.update_shared_)."""
+    """A state.SlotFit in the dense form every path takes (the custom op's arguments):
+    ``inputs``, the distinct slots read in ascending order, then FEATURE_KEY if the feature is
+    read; ``coef``, the five combinations r, u, q, U, V as rows of len(inputs) coefficients
+    (row-major); the four clip bounds (phi lo, hi, theta lo, hi); ``sharded``. Cached: the
+    streams of a model share one fit per step (hooks: api.update_shared_)."""
     combos = (fit.r, fit.u, fit.q, fit.U, fit.V)
-    keys = [FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k, _ in c]
-    coefs = [float(v) for c in combos for _, v in c]
-    return (keys, coefs, [len(c) for c in combos], [*map(float, fit.phi_range), *map(float, fit.theta_range)],
-            bool(fit.sharded))
+    keys = {FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k, _ in c}
+    inputs = sorted(k for k in keys if k != FEATURE_KEY) + ([FEATURE_KEY] if FEATURE_KEY in keys else [])
+    col = {k: j for j, k in enumerate(inputs)}
+    coef = [0.0] * (len(combos) * len(inputs))
+    for row, c in enumerate(combos):
+        for k, v in c:
+            coef[row * len(inputs) + col[FEATURE_KEY if isinstance(k, str) else int(k)]] += float(v)
+    return inputs, coef, [*map(float, fit.phi_range), *map(float, fit.theta_range)], bool(fit.sharded)
 
 
-def _combo(slots, numel, feature, keys, coefs, dtype=torch.float32) -> torch.Tensor:
+def _combo(slots, numel, feature, inputs, coefs, dtype=torch.float32) -> torch.Tensor:
+    """One row of the dense form, formed in ``dtype`` (zero coefficients are not terms)."""
     total = None
-    for k, c in zip(keys, coefs):
+    for k, c in zip(inputs, coefs):
+        if c == 0.0:
+            continue
         # the feature as the state will hold it (rounded to its dtype): the fit is a function
         # of the stored values only, whatever the model's dtype
         v = (feature.to(slots.dtype) if k == FEATURE_KEY else slots[k, :numel]).to(dtype)
@@ -59,15 +68,11 @@ def _combo(slots, numel, feature, keys, coefs, dtype=torch.float32) -> torch.Ten
     return total
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a, b)
-
-
 def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range, sharded: bool = False):
     """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64).
     ``sharded``: the five dot products are summed over the default process group first."""
     r, u, q = r.double(), u.double(), q.double()
-    sums = torch.stack((_dot(u, u), _dot(u, q), _dot(q, q), _dot(r, u), _dot(r, q)))
+    sums = torch.stack((u @ u, u @ q, q @ q, r @ u, r @ q))
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     uu, uq, qq, ru, rq = sums.unbind()
@@ -81,28 +86,26 @@ def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, th
 
 
 @torch.no_grad()
-def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, keys: List[int], coefs: List[float],
-            counts: List[int], bounds: List[float], sharded: bool = False, backend: str = "torch") -> None:
+def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, inputs: List[int], coef: List[float],
+            bounds: List[float], sharded: bool = False, backend: str = "torch") -> None:
     """Overwrite ``slots[slot, :numel]`` with the fitted slope (arguments: :func:`flatten`).
     backend "triton": ops/triton_fit.py; "torch": on CPU the compiled loop of cpu_codegen.py
     when it can, else PyTorch ops."""
     if backend == "triton":
         from .triton_fit import fit_triton  # imported late: TRITON_INTERPRET must be settled
 
-        fit_triton(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL, sharded)
+        fit_triton(slots, numel, feature, slot, inputs, coef, bounds, PARALLEL, sharded)
         return
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}")
     if (slots.device.type == "cpu" and not sharded
-            and fit_cpu(slots, numel, feature, slot, keys, coefs, counts, bounds, PARALLEL)):
+            and fit_cpu(slots, numel, feature, slot, inputs, coef, bounds, PARALLEL)):
         return
-    parts, at = [], 0
-    for n in counts:
-        parts.append((keys[at:at + n], coefs[at:at + n]))
-        at += n
-    r, u, q = (_combo(slots, numel, feature, k, c, torch.float64) for k, c in parts[:3])
+    n_in = len(inputs)
+    rows = [coef[i * n_in:(i + 1) * n_in] for i in range(5)]
+    r, u, q = (_combo(slots, numel, feature, inputs, c, torch.float64) for c in rows[:3])
     phi, theta = fit_weights(r, u, q, bounds[:2], bounds[2:], sharded)
     del r, u, q
-    y = _combo(slots, numel, feature, *parts[3]).mul_(phi.float())
-    y.add_(_combo(slots, numel, feature, *parts[4]).mul_(theta.float()))
+    y = _combo(slots, numel, feature, inputs, rows[3]).mul_(phi.float())
+    y.add_(_combo(slots, numel, feature, inputs, rows[4]).mul_(theta.float()))
     slots[slot, :numel].copy_(y)

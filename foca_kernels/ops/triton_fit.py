@@ -14,8 +14,6 @@ read on the host. Offsets are int64, loads masked. Import only after TRITON_INTE
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -101,28 +99,14 @@ def _fit_apply_kernel(slots_ptr, feat_ptr, sums_ptr, n, read_offs, coef, target_
     tl.store(slots_ptr + target_off + offs, y.to(slots_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=256)
-def _columns(keys: tuple, coefs: tuple, counts: tuple):
-    """(slot rows read, whether the feature is read, pass 1's coefficients, pass 2's): the
-    combinations as dense rows over the inputs (slots first, the feature last). Cached: every
-    stream of a model has the same structure at a step."""
-    inputs = sorted(set(keys))
-    slot_keys = tuple(k for k in inputs if k >= 0)
-    has_feat = -1 in inputs
-    col = {k: j for j, k in enumerate(slot_keys + ((-1,) if has_feat else ()))}
-    rows = [[0.0] * len(col) for _ in counts]
-    at = 0
-    for r, c in enumerate(counts):
-        for k, v in zip(keys[at:at + c], coefs[at:at + c]):
-            rows[r][col[k]] += v
-        at += c
-    return slot_keys, has_feat, tuple(rows[0] + rows[1] + rows[2]), tuple(rows[3] + rows[4])
-
-
-def fit_triton(slots, numel: int, feature, slot: int, keys, coefs, counts, bounds, parallel: float,
+def fit_triton(slots, numel: int, feature, slot: int, inputs, coef, bounds, parallel: float,
                sharded: bool = False) -> None:
-    """ops/fit.py's refit on the Triton kernels (arguments: fit.flatten, then the threshold)."""
-    slot_keys, has_feat, coef1, coef2 = _columns(tuple(keys), tuple(coefs), tuple(counts))
+    """ops/fit.py's refit on the Triton kernels (arguments: fit.flatten, then the threshold;
+    its dense rows list the slots first and the feature last, the order the kernels load)."""
+    has_feat = bool(inputs) and inputs[-1] == -1
+    slot_keys = inputs[:-1] if has_feat else inputs
+    n_in = len(inputs)
+    coef1, coef2 = tuple(coef[:3 * n_in]), tuple(coef[3 * n_in:5 * n_in])
     stride = slots.stride(0)
     read_offs = tuple(int(k) * stride for k in slot_keys)
     feat = feature if has_feat else slots
