@@ -325,9 +325,9 @@ def test_unaddressable_members_fall_back(mi, dtype, backend, device, monkeypatch
             exp = fk.forecast(b, h, backend=backend)
             assert_bits(out, exp, f"member {i} forecast")
             assert_same_state(a, b, f"member {i}")
-        assert_bits(big[:1], torch.full((1,), 7.0, dtype=dtype), "element before the misaligned out")
-        assert_bits(big[1 + n:], torch.full((4,), 7.0, dtype=dtype), "elements after the misaligned out")
-        assert_bits(big2[1::2], torch.full((n,), 7.0, dtype=dtype), "elements between the strided out's")
+        assert_bits(big[:1], torch.full((1,), 7.0, dtype=dtype, device=device), "element before the misaligned out")
+        assert_bits(big[1 + n:], torch.full((4,), 7.0, dtype=dtype, device=device), "elements after the misaligned out")
+        assert_bits(big2[1::2], torch.full((n,), 7.0, dtype=dtype, device=device), "elements between the strided out's")
 
 
 # ---- against the float64 reference ---------------------------------------------------------------
