@@ -11,8 +11,12 @@ Providers:
   copy_floor  dst.copy_(src) over half the fused launch's bytes, so it reads and writes
               exactly the bytes the fused launch must move: the memory-bound floor
 
-Every state is first driven to its steady state (four full steps, then a skipped step); the
-timed call is then repeated, each repetition being one more step of the same kind. Bytes moved
+Every state is first driven to its steady state: four full steps, then skipped steps until a
+skipped step's launch stops changing (one for every method but FoCa reading r4, whose first two
+skips after a full step read three stored tensors and every later one four: its corrector pulls
+toward the last computed value F_full, which shares F_prev's slot only until the second skip;
+see ``_warmup_skips``). The timed call is then repeated, each repetition being one more step of
+the same kind, and the launch is checked to be the same after the timing. Bytes moved
 are the fused launch's (``CacheState.plan(...).tensors_moved`` tensors of numel elements) for
 every provider, so GB/s is an effective bandwidth and "fraction of floor" = copy time / time.
 Both use each benchmark's fastest round and the copy's fastest round, the copy timed right
@@ -56,7 +60,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 PROVIDERS = ("fused", "reference", "cache_dit", "copy_floor")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FULL_WARMUP = 4  # full steps before the skip that ends the warm-up: every role is defined
+FULL_WARMUP = 4  # full steps before the skips that end the warm-up: every role is defined
+MAX_WARMUP_SKIPS = 8  # skips looked at for a launch that stops changing
 ROUND_BUDGET_S = 0.4 if DEVICE.type == "cpu" else 0.2  # time per benchmark, roughly
 MIN_ROUNDS, MAX_ROUNDS = 3, 200
 
@@ -159,7 +164,8 @@ def _fused(op, warm, x):
     out = torch.empty_like(x)
     for i in range(FULL_WARMUP):
         fk.update_(buf, warm(i), 1.0, backend=backend)
-    fk.forecast_(buf, out, 1.0, backend=backend)
+    for _ in range(_warmup_skips(op)):
+        fk.forecast_(buf, out, 1.0, backend=backend)
     if step == "full":
         fn = lambda: fk.update_(buf, x, 1.0, backend=backend)  # noqa: E731
     else:
@@ -167,16 +173,43 @@ def _fused(op, warm, x):
     return fn, buf
 
 
-def _steady_launch(op, shape, dtype):
-    """The launch of a steady-state step, planned on a meta-device state (no memory, no work):
-    the same warm-up as the providers, as bookkeeping only."""
-    method, options, step = OPS[op]
+def _meta_state(op, kinds, shape=(16,), dtype=torch.float32):
+    """A meta-device state (no memory, no work) driven through ``kinds`` as bookkeeping only."""
+    method, options, _ = OPS[op]
     buf = fk.allocate(torch.empty(shape, dtype=dtype, device="meta"), method, **options)
-    for kind in ["full"] * FULL_WARMUP + ["skip"]:
+    for kind in kinds:
         t = 0.0 if buf.t is None else buf.t + 1.0
         ctx = buf.context(t)
         buf.commit(buf.plan(buf.method.full(ctx) if kind == "full" else buf.method.skip(ctx), t), t, kind == "full")
-    return _next_launch(buf, step)
+    return buf
+
+
+def _warmup_skips(op) -> int:
+    """Skipped steps after the full warm-up, so that the next step of the timed kind is one the
+    following steps repeat (same tensors read and written). For a skip op: the first skip k >= 1
+    from which every skip up to MAX_WARMUP_SKIPS moves the same number of tensors. Every method
+    but FoCa r4 gets k = 1; r4 gets 2: its skips 1 and 2 after a full step move 5 tensors (F_full
+    is F_prev's slot), skips 3 on move 6 (F_full is read as a fourth tensor), so a run of
+    skipped steps settles at 6 and the timed skip is that one. A full op: one skip."""
+    if OPS[op][2] != "skip":
+        return 1
+    buf = _meta_state(op, ["full"] * FULL_WARMUP)
+    moved = []
+    for _ in range(MAX_WARMUP_SKIPS + 1):
+        moved.append(_next_launch(buf, "skip").tensors_moved)
+        t = buf.t + 1.0
+        buf.commit(buf.plan(buf.method.skip(buf.context(t)), t), t, False)
+    return next(i for i in range(1, len(moved)) if len(set(moved[i:])) == 1)
+
+
+def _warmup_kinds(op):
+    return ["full"] * FULL_WARMUP + ["skip"] * _warmup_skips(op)
+
+
+def _steady_launch(op, shape, dtype):
+    """The launch of a steady-state step, planned on a meta-device state: the same warm-up as
+    the providers, as bookkeeping only."""
+    return _next_launch(_meta_state(op, _warmup_kinds(op), shape, dtype), OPS[op][2])
 
 
 def _reference(op, warm, x):
@@ -184,7 +217,8 @@ def _reference(op, warm, x):
     ref = make_ref(method, **options)
     for i in range(FULL_WARMUP):
         ref.full(warm(i), 1.0)
-    ref.forecast(1.0)
+    for _ in range(_warmup_skips(op)):
+        ref.forecast(1.0)
     return (lambda: ref.full(x, 1.0)) if step == "full" else (lambda: ref.forecast(1.0))
 
 
