@@ -6,7 +6,8 @@ default config with the layer counts cut to 2, plus the few kwargs some classes 
 test names attention and feed-forward modules its own way (diffusers' base classes, and
 class names for the families that define their own) and checks that each lies at or under a
 cached module. A block whose MLP is inline (plain Linear layers, FLUX-style single blocks)
-must be cached whole.
+must be cached whole. Every target, at both granularities, lies in a block list, so
+``compute_blocks`` means the same on every class.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from diffusers.models.attention import AttentionModuleMixin, FeedForward  # noqa
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from foca_kernels.hooks import CacheConfig  # noqa: E402
-from foca_kernels.hooks.targets import select_sites  # noqa: E402
+from foca_kernels.hooks.targets import block_position, select_sites  # noqa: E402
 
 # kwargs a class needs beyond cutting its layer counts
 EXTRA = {
@@ -122,6 +123,25 @@ def test_default_targets_cover_every_block(name):
         assert not missing, f"{name}: not cached: {missing}"
         if not ff:  # inline MLP: only the whole block holds it
             assert covered(bname), f"{name}: block {bname} has no feed-forward module and is not cached whole"
+    _check_compute_blocks(name, model)
+
+
+def _check_compute_blocks(name, model):
+    """Every default target, at both granularities, lies in a block list, and ``compute_blocks=1``
+    drops exactly those in block 0 of each list (the first block of every list is computed)."""
+    for granularity in ("module", "block"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            every = [s.name for s in select_sites(model, CacheConfig(granularity=granularity))]
+            where = {n: block_position(model, n) for n in every}
+            assert all(where.values()), f"{name} ({granularity}): outside any block list: {[n for n, p in where.items() if not p]}"
+            kept = [n for n in every if where[n][1] >= 1]
+            if kept:
+                got = [s.name for s in select_sites(model, CacheConfig(granularity=granularity, compute_blocks=1))]
+                assert got == kept, f"{name} ({granularity})"
+            else:
+                with pytest.raises(ValueError, match="nothing is left"):
+                    select_sites(model, CacheConfig(granularity=granularity, compute_blocks=1))
 
 
 # ---- the structural defaults at work: families without a table, tiny and on CPU ----------
@@ -170,3 +190,33 @@ def test_structural_defaults_run_cached(name):
     assert info.calls_forecast > 0
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])  # warm-up steps are computed
     assert all(torch.isfinite(g).all() for g in got)
+
+
+# ---- compute_blocks on the tiny diffusers models (tests/hooks_tiny.py) ----------------------
+@pytest.mark.parametrize("granularity,compute_blocks,expected", [
+    ("module", 1, ["single_transformer_blocks.1"]),
+    ("block", 1, ["single_transformer_blocks.1"]),
+    ("block", (0, 1), ["single_transformer_blocks.0"]),
+])
+def test_compute_blocks_counts_each_block_list(granularity, compute_blocks, expected):
+    """FLUX has two block lists (1 double block, 2 single blocks here): each is counted on its own."""
+    import hooks_tiny as T
+
+    m = T.flux()
+    assert [s.name for s in select_sites(m, CacheConfig(granularity=granularity, compute_blocks=compute_blocks))] == expected
+
+
+@pytest.mark.parametrize("granularity", ["module", "block"])
+def test_compute_blocks_on_dit_equals_explicit_targets(granularity):
+    import hooks_tiny as T
+    from foca_kernels.hooks import cache_info, cached
+
+    case, m = T.CASES["dit"], T.dit()
+    with cached(m, interval=3, granularity=granularity, compute_blocks=1):
+        got = T.sample(case, m, steps=8, cfg="batched")
+        info = cache_info(m)
+    assert info.calls_forecast > 0 and torch.isfinite(got).all()
+    assert info.modules == (2 if granularity == "module" else 1)  # block 1 only
+    regex = r"transformer_blocks\.1\.(attn1|ff)" if granularity == "module" else r"transformer_blocks\.1"
+    with cached(m, interval=3, granularity=granularity, targets=[regex]):
+        assert torch.equal(T.sample(case, m, steps=8, cfg="batched"), got)

@@ -61,6 +61,14 @@ class CacheConfig:
           ``block_cache`` at "block" granularity. Needed for models the package does not know.
       block_cache: "residual" (output minus the matching input, re-added on skipped steps)
           or "output" (the block output itself).
+      compute_blocks: k, or (k, j): the first k (and last j) blocks of each block list are
+          computed at every step, as cache-dit's DBCache Fn (and Bn) compute blocks: cached
+          targets inside them (modules at "module" granularity, the blocks at "block") are
+          not cached. A block list is the outermost nn.ModuleList / nn.Sequential on a
+          target's path (``transformer_blocks``; FLUX: ``transformer_blocks`` and
+          ``single_transformer_blocks``, each counted separately). 0 (default): none. An
+          int is stored as (k, 0). Refused when no target lies in a block list or when it
+          would leave nothing to cache.
 
     Time:
       time "step": h = 1 per step (every public implementation; the paper's h);
@@ -106,6 +114,7 @@ class CacheConfig:
     granularity: str = "module"
     targets: Optional[Sequence[Target]] = None
     block_cache: str = "residual"
+    compute_blocks: Union[int, Tuple[int, int]] = 0  # first k (and last j) blocks always computed
     mask: Optional[Mask] = None
     time: str = "step"
     timestep_arg: Union[str, int] = "timestep"
@@ -143,6 +152,12 @@ class CacheConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.block_cache not in CACHE_MODES:
             raise ValueError(f"block_cache must be one of {CACHE_MODES}, got {self.block_cache!r}")
+        cb = self.compute_blocks
+        cb = (cb, 0) if isinstance(cb, int) and not isinstance(cb, bool) else cb
+        if not (isinstance(cb, (tuple, list)) and len(cb) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in cb)):
+            raise ValueError(f"compute_blocks must be an int k >= 0 or a pair (k, j) of ints >= 0, got {self.compute_blocks!r}")
+        self.compute_blocks = (int(cb[0]), int(cb[1]))
         if self.time not in TIME_SOURCES:
             raise ValueError(f"time must be one of {TIME_SOURCES}, got {self.time!r}")
         if self.targets is not None:

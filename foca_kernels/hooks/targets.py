@@ -6,7 +6,7 @@ import inspect
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -79,4 +79,52 @@ def select_sites(model: nn.Module, config: CacheConfig) -> List[Site]:
             f"no module of {type(model).__name__} matches the {what}; pass CacheConfig(targets=[regex, ...]) "
             "with regexes over the names in model.named_modules()"
         )
+    first, last = config.compute_blocks
+    if first or last:
+        sites = _drop_computed_blocks(model, sites, first, last)
     return sites
+
+
+def block_position(model: nn.Module, name: str) -> Optional[Tuple[str, int, int]]:
+    """(block list, index, length) of the block that module ``name`` lies in or is: the
+    outermost ``nn.ModuleList`` / ``nn.Sequential`` on its path (``transformer_blocks.3.attn1``
+    -> ``("transformer_blocks", 3, len)``); None when no such container is on its path."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if not part.isdigit():
+            continue
+        try:
+            container = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        if isinstance(container, (nn.ModuleList, nn.Sequential)):
+            return ".".join(parts[:i]), int(part), len(container)
+    return None
+
+
+def _drop_computed_blocks(model: nn.Module, sites: List[Site], first: int, last: int) -> List[Site]:
+    """``sites`` without those inside the first ``first`` / last ``last`` blocks of each block list
+    (``CacheConfig.compute_blocks``): those blocks are computed at every step."""
+    kept: List[Site] = []
+    placed = False
+    for s in sites:
+        pos = block_position(model, s.name)
+        if pos is None:
+            kept.append(s)
+            continue
+        placed = True
+        _, index, length = pos
+        if index < first or index >= length - last:
+            continue
+        kept.append(s)
+    if not placed:
+        raise ValueError(
+            f"compute_blocks={(first, last)}: no cached module of {type(model).__name__} lies in a block list "
+            f"(an nn.ModuleList or nn.Sequential of blocks), e.g. {sites[0].name!r}; leave compute_blocks at 0"
+        )
+    if not kept:
+        raise ValueError(
+            f"compute_blocks={(first, last)} computes every block of {type(model).__name__} that holds a cached "
+            "module: nothing is left to cache"
+        )
+    return kept
