@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--final", type=int, default=None, help="last steps always computed (default: CacheConfig's)")
     d.add_argument("--granularity", choices=("module", "block"), default="module",
                    help="cache attention/feed-forward modules (default) or whole blocks' residuals")
+    d.add_argument("--compute-blocks", type=int, nargs="+", default=None, metavar="K",
+                   help="K [J]: compute the first K (and last J) blocks at every step, DBCache's Fn (and Bn) "
+                        "(CacheConfig.compute_blocks; default 0)")
     d.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="fused-op implementation (auto: Triton on CUDA or with TRITON_INTERPRET=1, else PyTorch)")
     d.add_argument("--threads", type=int, default=1,
@@ -111,6 +114,7 @@ def demo(args) -> int:
         **({} if args.final is None else {"final": args.final}),
         model=args.model,
         granularity=args.granularity,
+        **({} if args.compute_blocks is None else {"compute_blocks": tuple(args.compute_blocks + [0])[:2]}),
         backend=None if args.backend == "auto" else args.backend,
         repeats=args.repeats,
         threads=args.threads or None,
@@ -119,7 +123,8 @@ def demo(args) -> int:
     model = _untrained_model() if args.untrained else None
     what = "UNTRAINED (seeded random) digits DiT" if args.untrained else f"shipped {args.model} DiT"
     print(f"foca-kernels demo: {what}, {cfg.samples} samples x {cfg.num_steps} steps, "
-          f"warm-up {cfg.warmup}, final {cfg.final}; "
+          f"warm-up {cfg.warmup}, final {cfg.final}, {cfg.granularity} granularity"
+          + (f", compute_blocks {cfg.compute_blocks}" if any(cfg.compute_blocks) else "") + "; "
           f"runs: {', '.join(cfg.methods)}; N in {{{', '.join(map(str, cfg.intervals))}}}", flush=True)
     t0 = time.perf_counter()
     res = run_harness(cfg, model=model)
@@ -190,6 +195,12 @@ def _validate_args(ap: argparse.ArgumentParser, args) -> None:
     at_least("final", args.final, 0)
     at_least("threads", args.threads, 0, " (0: torch's choice)")
     at_least("repeats", args.repeats, 1)
+    if args.compute_blocks is not None:
+        if len(args.compute_blocks) > 2:
+            demo_ap.error(f"--compute-blocks takes K or K J, got {len(args.compute_blocks)} numbers")
+        for v in args.compute_blocks:
+            if v < 0:
+                demo_ap.error(f"--compute-blocks: every count must be >= 0, got {v}")
     for n in args.intervals or ():
         if n < 1:
             demo_ap.error(f"--n: every interval must be >= 1, got {n}")

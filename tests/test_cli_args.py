@@ -31,6 +31,8 @@ BAD = [
     (["--final", "-1"], r"--final must be >= 0, got -1"),
     (["--threads", "-1"], r"--threads must be >= 0 \(0: torch's choice\), got -1"),
     (["--repeats", "0"], r"--repeats must be >= 1, got 0"),
+    (["--compute-blocks", "-1"], r"--compute-blocks: every count must be >= 0, got -1"),
+    (["--compute-blocks", "1", "1", "1"], r"--compute-blocks takes K or K J, got 3 numbers"),
 ]
 
 
@@ -64,6 +66,24 @@ def test_good_arguments_pass_validation(monkeypatch, tmp_path):
             "--warmup", "1", "--final", "0", "--threads", "0", "--out", str(tmp_path / "new" / "dir")]
     assert cli.main(argv) == 0
     assert seen["args"].samples == 1 and not (tmp_path / "new").exists()  # validation creates nothing
+
+
+@pytest.mark.parametrize("given,expected", [([], (0, 0)), (["--compute-blocks", "1"], (1, 0)),
+                                            (["--compute-blocks", "1", "2"], (1, 2))])
+def test_compute_blocks_reaches_the_harness(monkeypatch, tmp_path, given, expected):
+    from foca_kernels.demo import harness
+
+    seen = {}
+
+    def stop(cfg, model=None):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_harness", stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["demo", "--granularity", "block", *given, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert seen["cfg"].compute_blocks == expected and seen["cfg"].granularity == "block"
+    assert seen["cfg"].cache_config("reuse", 3).compute_blocks == expected
 
 
 def test_legend_names_the_steps_run_and_nothing_is_written_into_the_package(tmp_path, capsys):

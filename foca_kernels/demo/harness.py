@@ -135,6 +135,7 @@ class HarnessConfig:
     warmup: int = CacheConfig.warmup  # the package's defaults
     final: int = CacheConfig.final
     granularity: str = "module"
+    compute_blocks: Tuple[int, int] = (0, 0)  # first k (and last j) blocks always computed (CacheConfig.compute_blocks)
     backend: Optional[str] = None  # fused ops: None = auto ("torch" on CPU unless TRITON_INTERPRET=1)
     repeats: int = 1  # timed repetitions per run (the fastest counts)
     threads: Optional[int] = None  # torch intra-op threads during the runs (None: leave as is)
@@ -166,6 +167,7 @@ class HarnessConfig:
         if self.num_steps < 2 or self.warmup < 1 or self.repeats < 1:
             raise ValueError("need num_steps >= 2, warmup >= 1, repeats >= 1")
         get_spec(self.model)  # validates the model name
+        self.compute_blocks = CacheConfig(compute_blocks=self.compute_blocks).compute_blocks  # validates, (k, j)
         if self.rcs_calibration not in ("samples", "probe"):
             raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
 
@@ -177,7 +179,8 @@ class HarnessConfig:
                 raise ValueError(f"{method} needs its calibrated RCS threshold")
             rcs = dict(dict(schedule="rcs", rcs_threshold=threshold, rcs_max_gap=2 * interval), **self.rcs_options)
         return CacheConfig(interval=interval, warmup=self.warmup, final=self.final, method=m, method_options=opts,
-                           granularity=self.granularity, num_inference_steps=self.num_steps, backend=self.backend,
+                           granularity=self.granularity, compute_blocks=self.compute_blocks,
+                           num_inference_steps=self.num_steps, backend=self.backend,
                            **rcs)
 
     def schedule(self, interval: int) -> str:
