@@ -1,0 +1,96 @@
+"""Module against block granularity: paired PSNR differences between ``foca-kernels demo`` runs.
+
+    foca-kernels demo --model digits --granularity module --methods taylorseer2 reuse foca-calibrated \
+        --n 3 5 7 9 --samples 50 --threads 1 --out digits-module
+    foca-kernels demo ... --granularity block --out digits-block
+    foca-kernels demo ... --granularity block --compute-blocks 1 --out digits-block-f1
+    python bench/granularity_compare.py digits-module digits-block digits-block-f1
+
+The first folder is the reference (module granularity); every other run is compared with it
+method by method and N by N: mean PSNR, the paired difference (same seeds, so the images pair
+up) with its 95% interval, and the wall-clock and CPU speed-ups the demo measured. The runs must
+agree on everything but granularity / compute_blocks (seeds, samples, steps, schedule, model).
+``--markdown`` prints one table row per (method, N); ``--worst`` adds each comparison's worst
+cell for the default method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from foca_kernels.demo.harness import canonical_method, paired_psnr_difference  # noqa: E402
+
+SAME = ("intervals", "samples", "num_steps", "guidance_scale", "seed", "warmup", "final", "model")
+
+
+def load(folder: str) -> dict:
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        d = json.load(f)
+    cfg = d["config"]
+    cb = tuple(cfg.get("compute_blocks") or (0, 0))
+    d["label"] = cfg["granularity"] + (f" F{cb[0]}" if cb[0] else "") + (f" B{cb[1]}" if cb[1] else "")
+    d["by"] = {(r["method"], r["interval"]): r for r in d["runs"] if r["interval"] not in (None, "")}
+    return d
+
+
+def pair(a: dict, b: dict):
+    return paired_psnr_difference(SimpleNamespace(psnr_per_image=[float(x) for x in a["psnr_per_image"]]),
+                                  SimpleNamespace(psnr_per_image=[float(x) for x in b["psnr_per_image"]]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folders", nargs="+", help="demo --out folders; the first is the reference")
+    ap.add_argument("--markdown", action="store_true", help="markdown table rows")
+    ap.add_argument("--default", default="foca", help="method whose worst cell is reported (default: foca)")
+    args = ap.parse_args(argv)
+    runs = [load(f) for f in args.folders]
+    ref = runs[0]
+    for r in runs[1:]:
+        diff = {k: (ref["config"][k], r["config"][k]) for k in SAME if ref["config"][k] != r["config"][k]}
+        if diff:
+            raise SystemExit(f"{r['label']} differs from {ref['label']} in more than granularity: {diff}")
+    model = ref["config"]["model"]
+    keys = [k for k in ref["by"] if all(k in r["by"] for r in runs[1:])]
+    order = {m: i for i, m in enumerate(ref["config"]["methods"])}
+    keys.sort(key=lambda k: (order.get(k[0], 99), k[1]))
+    if args.markdown:
+        labels = [r["label"] for r in runs]
+        print(f"| {model} | N | " + " | ".join(f"{lb} PSNR" for lb in labels) + " | "
+              + " | ".join(f"{lb} - {labels[0]}" for lb in labels[1:]) + " | speed-up wall / CPU: "
+              + " ; ".join(labels) + " |")
+        print("|---" * (2 + len(labels) + len(labels) - 1 + 1) + "|")
+    worst = {}
+    for m, n in keys:
+        cells = [r["by"][(m, n)] for r in runs]
+        diffs = []
+        for r, c in zip(runs[1:], cells[1:]):
+            d, lo, hi = pair(c, cells[0])
+            diffs.append((d, lo, hi))
+            if m == canonical_method(args.default):
+                w = worst.get(r["label"])
+                if w is None or d < w[1]:
+                    worst[r["label"]] = (n, d, lo, hi)
+        speed = " ; ".join(f"{c['speedup']:.2f}x / {c['cpu_speedup']:.2f}x" for c in cells)
+        if args.markdown:
+            print(f"| {m} | {n} | " + " | ".join(f"{c['psnr']:.2f}" for c in cells) + " | "
+                  + " | ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in diffs) + f" | {speed} |")
+        else:
+            print(f"{model} {m} N={n}: " + " / ".join(f"{r['label']} {c['psnr']:.2f}" for r, c in zip(runs, cells))
+                  + " dB; " + "; ".join(f"{r['label']} - {ref['label']} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                                       for r, (d, lo, hi) in zip(runs[1:], diffs))
+                  + f"; speed-up (wall / CPU) {speed}")
+    for label, (n, d, lo, hi) in worst.items():
+        print(f"{model}: worst {label} - {ref['label']} for {canonical_method(args.default)}: N={n} "
+              f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
