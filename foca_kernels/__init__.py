@@ -12,7 +12,9 @@
 from .api import allocate, forecast, forecast_, state_nbytes, update_
 from .group import StateGroup, forecast_group_, pack_states_
 from .backend import BACKENDS, get_backend, set_backend
-from .hooks import CacheConfig, cache_info, cached, disable_cache, enable_cache, reset_cache
+from .hooks import (
+    CacheConfig, cache_info, cached, disable_cache, enable_cache, generation, new_generation, reset_cache,
+)
 from .methods import FoCa, Method, Reuse, TaylorSeer, make_method
 from .state import CacheState
 
@@ -20,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "pack_states_", "Method", "Reuse", "TaylorSeer", "allocate",
-    "cache_info", "cached", "disable_cache", "enable_cache", "forecast", "forecast_", "get_backend",
-    "make_method", "reset_cache", "set_backend", "state_nbytes", "update_",
+    "cache_info", "cached", "disable_cache", "enable_cache", "forecast", "forecast_", "generation", "get_backend",
+    "make_method", "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_",
 ]

@@ -191,6 +191,24 @@ def sample(case: Case, model, *, steps: int = 8, batch: int = 1, cfg: str = "non
     return x
 
 
+def flux_pipeline():
+    """A FluxPipeline around the tiny FLUX transformer (no text encoders, no VAE: call it with
+    ``**pipe._test_embeds`` and ``output_type="latent"``), with true CFG's "cond"/"uncond"
+    cache contexts and non-uniform sigmas."""
+    pytest.importorskip("transformers", reason="diffusers' FluxPipeline needs transformers (extra 'diffusers')")
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),  # non-uniform sigmas
+        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=flux(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    pipe._test_embeds = dict(
+        prompt_embeds=torch.randn(1, 4, TXT, generator=g), pooled_prompt_embeds=torch.randn(1, TXT, generator=g),
+        negative_prompt_embeds=torch.randn(1, 4, TXT, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(1, TXT, generator=g),
+    )
+    return pipe
+
 
 def model_cache():
     """A ``model_for(name)`` that builds one tiny model per family and hands it back without

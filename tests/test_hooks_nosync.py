@@ -2,7 +2,7 @@
 
 On a GPU a tensor read as a Python number (``float(t)``, ``t.item()``, ``bool(t)``, ...) waits
 for every kernel queued before it. Without a GPU the test makes every tensor count as a device
-tensor (``controller.on_host`` -> False) and records each tensor-to-Python conversion made from
+tensor (``hooks.device_like()``) and records each tensor-to-Python conversion made from
 foca_kernels' own frames during a whole cached generation: there must be none, full steps and
 skipped steps alike, and the samples must equal those of the default (CPU-reading) run. With
 a GPU, ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
@@ -11,12 +11,12 @@ a GPU, ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
 
-from foca_kernels.hooks import CacheConfig, disable_cache, enable_cache
-from foca_kernels.hooks import controller as controller_mod
+from foca_kernels.hooks import CacheConfig, FocaCacheWarning, cache_info, device_like, disable_cache, enable_cache
 
 import hooks_tiny as T  # noqa: E402  (skips the module when diffusers is missing)
 
@@ -61,32 +61,43 @@ def test_no_tensor_is_read_on_the_host_during_a_generation(method, cfg, monkeypa
     expected = T.sample(case, m, steps=STEPS, cfg=cfg)  # CPU tensors: reading them is free
     disable_cache(m)
 
-    monkeypatch.setattr(controller_mod, "on_host", lambda t: False)  # every tensor a GPU one
     enable_cache(m, config)
-    rec = _Recorder(monkeypatch)
-    got = T.sample(case, m, steps=STEPS, cfg=cfg)
-    again = T.sample(case, m, steps=STEPS, cfg=cfg)  # the next generation is found by counting
-    monkeypatch.undo()
+    with device_like():  # every tensor a GPU one
+        rec = _Recorder(monkeypatch)
+        got = T.sample(case, m, steps=STEPS, cfg=cfg)
+        again = T.sample(case, m, steps=STEPS, cfg=cfg)  # the next generation is found by counting
+        monkeypatch.undo()
+    assert cache_info(m).host_syncs == 0
     disable_cache(m)
     assert rec.calls == []
     assert torch.equal(got, expected) and torch.equal(again, expected)
 
 
-def test_time_timesteps_without_a_host_source_is_refused_not_synced(monkeypatch):
+def test_time_timesteps_without_a_host_source_syncs_only_where_allowed():
+    """time="timesteps" on a bare model needs each call's timestep: sync=None (default) reads
+    it with one counted sync per call and warns once; sync=False refuses; sync=True reads
+    without a warning."""
     case, m = T.CASES["dit"], model_for("dit")
-    monkeypatch.setattr(controller_mod, "on_host", lambda t: False)
-    enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS))
-    with pytest.raises(ValueError, match="sync=True"):
-        T.sample(case, m, steps=STEPS)
-    disable_cache(m)
-    # asked for explicitly, the sync is made and the run works
-    enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS, sync=True))
-    T.sample(case, m, steps=STEPS)
-    disable_cache(m)
+    with device_like():
+        enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS, sync=False))
+        with pytest.raises(ValueError, match="sync=True"):
+            T.sample(case, m, steps=STEPS)
+        disable_cache(m)
+        enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS))
+        with pytest.warns(FocaCacheWarning, match="one host-device sync per model call"):
+            T.sample(case, m, steps=STEPS)
+        assert cache_info(m).host_syncs == STEPS
+        disable_cache(m)
+        enable_cache(m, CacheConfig(interval=3, time="timesteps", num_inference_steps=STEPS, sync=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FocaCacheWarning)
+            T.sample(case, m, steps=STEPS)
+        assert cache_info(m).host_syncs == STEPS
+        disable_cache(m)
 
 
-def test_sync_must_be_a_bool():
-    with pytest.raises(TypeError, match="sync must be a bool"):
+def test_sync_must_be_none_or_a_bool():
+    with pytest.raises(TypeError, match="sync must be None or a bool"):
         CacheConfig(sync=1)
 
 

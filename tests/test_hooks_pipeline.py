@@ -47,19 +47,7 @@ def run_dit(pipe, labels=(1, 2), seed=0):
 
 @pytest.fixture(scope="module")
 def flux_pipe():
-    pytest.importorskip("transformers", reason="diffusers' FluxPipeline needs transformers (extra 'diffusers')")
-    pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),  # non-uniform sigmas
-        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=T.flux(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(3)
-    pipe._test_embeds = dict(
-        prompt_embeds=torch.randn(1, 4, T.TXT, generator=g), pooled_prompt_embeds=torch.randn(1, T.TXT, generator=g),
-        negative_prompt_embeds=torch.randn(1, 4, T.TXT, generator=g),
-        negative_pooled_prompt_embeds=torch.randn(1, T.TXT, generator=g),
-    )
-    return pipe
+    return T.flux_pipeline()
 
 
 def run_flux(pipe, seed=0, steps=STEPS):

@@ -18,15 +18,18 @@ from .apply import (
     cached,
     disable_cache,
     enable_cache,
+    generation,
     is_cache_enabled,
+    new_generation,
     reset_cache,
 )
 from .config import CacheConfig, FocaCacheWarning
+from .controller import device_like
 from .families import FAMILIES, Rule, family_of
 from .schedule import Schedule
 
 __all__ = [
     "FAMILIES", "CacheConfig", "CacheInfo", "FocaCacheWarning", "Rule", "Schedule", "cache_context",
-    "cache_info", "cache_states", "cached", "disable_cache", "enable_cache", "family_of",
-    "is_cache_enabled", "reset_cache",
+    "cache_info", "cache_states", "cached", "device_like", "disable_cache", "enable_cache", "family_of",
+    "generation", "is_cache_enabled", "new_generation", "reset_cache",
 ]

@@ -4,6 +4,7 @@ it, name contexts, and read its counters and memory."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -113,6 +114,26 @@ def _cache_context(ctl: CacheController):
     return make
 
 
+def _pipeline_call(pipeline):
+    """The pipeline's progress_bar, which every diffusers pipeline opens right before its
+    denoising loop: each call marks a new generation for every cached model of the pipeline
+    (also when the previous one was abandoned mid-way, or had another number of steps)."""
+    pipe_ref = weakref.ref(pipeline)
+
+    def make(orig):
+        def progress_bar(*args, **kwargs):
+            pipe = pipe_ref()
+            if pipe is not None:
+                for _, ctl in _controllers(pipe, strict=False):
+                    if ctl.current is None:
+                        ctl.reset()
+            return orig(*args, **kwargs)
+
+        return progress_bar
+
+    return make
+
+
 def _reset_stateful_cache(ctl: CacheController):
     def make(orig):
         def _reset_stateful_cache(*args, **kwargs):
@@ -155,6 +176,9 @@ def enable_cache(model_or_pipeline, config: Optional[CacheConfig] = None, **opti
         for model, sites in plans:
             _enable_one(model, config, sites, pipeline)
             done.append(model)
+        if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
+            # one wrapper per pipeline, kept (and removed) with its first model's patches
+            _controller(done[0]).patches.append(AttributePatch(pipeline, "progress_bar", _pipeline_call(pipeline)))
     except BaseException:
         for model in done:  # all or nothing
             disable_cache(model)
@@ -233,6 +257,28 @@ def reset_cache(model_or_pipeline, *, free_memory: bool = False, clear_stats: bo
             ctl.clear_stats()
 
 
+def new_generation(model_or_pipeline, num_steps: Optional[int] = None) -> None:
+    """Mark that the next model call starts a new generation (of ``num_steps`` steps, if
+    given). Free: nothing is read from the GPU. Once called, the cache takes the caller's
+    word for every boundary of this model: call it before each generation (or use
+    :func:`generation`). Pipelines need neither: their calls are found by themselves."""
+    for _, ctl in _controllers(model_or_pipeline):
+        ctl.new_generation(num_steps)
+
+
+@contextmanager
+def generation(model_or_pipeline, num_steps: Optional[int] = None):
+    """``with generation(model): <one sampling loop>``: the block is one generation; the
+    next call after it starts a new one. See :func:`new_generation`."""
+    new_generation(model_or_pipeline, num_steps)
+    try:
+        yield
+    finally:
+        for _, ctl in _controllers(model_or_pipeline, strict=False):
+            if ctl.current is None:
+                ctl.new_generation(None)
+
+
 @contextmanager
 def cache_context(model_or_pipeline, name: str, **info):
     """Run the enclosed model calls in cache context ``name`` (own step counter and states),
@@ -272,6 +318,8 @@ class CacheInfo:
     calls_forced: int = 0  # computed on a skipped step: not enough history yet
     shape_resets: int = 0
     generations: int = 0
+    host_syncs: int = 0  # GPU tensors the hooks read as numbers (each one a host-device sync)
+    boundary: str = ""  # what tells generations apart (latest call): "pipeline", "timesteps", ...
     contexts: Dict[str, dict] = field(default_factory=dict)
     pattern: str = ""  # schedule "rcs": the decisions of the latest generation, 'F' computed, 's' skipped
 
@@ -294,6 +342,8 @@ def cache_info(model_or_pipeline) -> CacheInfo:
         info.calls_forecast += ctl.calls_forecast
         info.calls_forced += ctl.calls_forced
         info.shape_resets += ctl.shape_resets
+        info.host_syncs += ctl.host_syncs
+        info.boundary = info.boundary or ctl.boundary
         for cname, ctx in ctl.contexts.items():
             s = ctx.summary()
             info.streams += s["streams"]

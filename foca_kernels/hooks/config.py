@@ -77,16 +77,20 @@ class CacheConfig:
           else from the pipeline scheduler's ``sigmas`` (needs a pipeline).
       timestep_arg: name (or positional index) of the model's timestep argument.
       num_inference_steps: steps per generation if known in advance.
-      detect_new_generation: start over when a model call looks like the first step of a
-          new generation (the first timestep seen again, timesteps running backwards, step
-          count past num_inference_steps). Timesteps are read only where that is free (CPU
-          tensors, numbers); a GPU timestep tensor is not read (no host-device sync), so new
-          generations are then found from the step count, the pipeline's step index or its
-          cache reset, unless ``sync=True``.
-      sync: read GPU timestep tensors as numbers (one host-device sync per model call): needed
-          only for time="timesteps" without a pipeline, or for timestep-based generation
-          detection when the number of steps is unknown. With a pipeline, time="timesteps" /
-          "sigmas" read the scheduler's values, copied to the host once per generation.
+      detect_new_generation: start over when a model call starts a new generation (a
+          sampling run). Two generations are never joined: the boundary comes from facts the
+          host has for free where they exist (an explicit :func:`~foca_kernels.new_generation`
+          or ``with generation(model):``; the pipeline's call and its scheduler's new
+          timesteps; a step index from ``cache_context``; the step count reaching
+          ``num_inference_steps``), and from the timesteps: the first one seen again, or
+          timesteps turning back, or jumping far ahead of their spacing. A timestep is read
+          where that is free (CPU tensors, numbers); see ``sync`` for GPU tensors.
+      sync: whether the hooks may read a GPU timestep tensor as a number (one host-device sync
+          per model call). None (default): only when nothing free tells generations apart (a
+          bare model with no num_inference_steps and no new_generation/generation()) or
+          time="timesteps" has no other source; it then warns once, naming the cheaper
+          options. True: read every call. False: never; a bare model's generations are then
+          found only from num_inference_steps or explicit calls (warned once otherwise).
 
     Non-finite outputs: ``check_finite=True`` checks every computed output that would feed a
       cache (one reduction and host sync per output) and, when it holds nan/inf, resets that
@@ -124,7 +128,7 @@ class CacheConfig:
     default_context: str = "default"
     backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
     check_finite: bool = False  # reset a module's cache when its computed output holds nan/inf
-    sync: bool = False  # read GPU timestep tensors (one host-device sync per model call)
+    sync: Optional[bool] = None  # read GPU timestep tensors: None only when needed (warned), True always, False never
     # ---- schedule "rcs" (relational cache scheduling, hooks/rcs.py) ----
     schedule: str = "fixed"  # "fixed" (interval/warmup/final/mask) | "rcs" (adaptive, per model call)
     rcs_threshold: float = 0.05  # compute fully when the input-forecast relative error exceeds this
@@ -181,9 +185,10 @@ class CacheConfig:
             isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
-        for name in ("check_finite", "sync"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
+        if self.sync is not None and not isinstance(self.sync, bool):
+            raise TypeError(f"sync must be None or a bool, got {type(self.sync).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):
             raise TypeError("timestep_arg must be an argument name or a positional index")
         self._check_rcs()

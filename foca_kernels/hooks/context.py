@@ -38,6 +38,7 @@ class ContextState:
         self.batch = None  # StateGroup of the streams forecast together at skipped steps
         self.batch_key: Optional[tuple] = None  # which states it was built for
         self.batch_ptrs: set = set()  # storages its forecasts live in
+        self.schedule_ref = None  # the pipeline scheduler's timesteps when this generation started
 
     def check_thread(self, me: int) -> None:
         """A generation belongs to the thread that started it: steps from another thread would
@@ -54,12 +55,14 @@ class ContextState:
         """Start over (a new generation): counter and histories; allocations are kept."""
         self.counter.reset()
         self.thread = None
+        self.schedule_ref = None
         for g in self.groups.values():
             g.reset()
 
     def free(self) -> None:
         self.counter.reset()
         self.thread = None
+        self.schedule_ref = None
         self.groups.clear()
         self.batch = self.batch_key = None
         self.batch_ptrs = set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -26,27 +27,28 @@ from .stream import StreamGroup, input_signature
 from .targets import Site
 
 
-def on_host(t: torch.Tensor) -> bool:
-    """Whether reading ``t`` as a Python number is free: a CPU tensor. Reading a GPU tensor
-    waits for every kernel queued before it (a host-device sync), so the per-step path never
-    does it unless ``CacheConfig(sync=True)`` asks for it."""
-    return t.device.type == "cpu"
+class _Mode:
+    device_like = False  # see device_like()
 
 
-def _scalar(v, sync: bool = True) -> Optional[float]:
-    """A timestep argument as one number (None if there is none, or if it lives on a device
-    and ``sync`` is off)."""
-    if v is None:
-        return None
-    if isinstance(v, torch.Tensor):
-        if not v.numel() or not (sync or on_host(v)):
-            return None
-        # max: pipelines with per-token timesteps (Wan 2.2 expand_timesteps) mask some to 0
-        return float(v.max())
+@contextmanager
+def device_like():
+    """Test mode: inside it, every tensor counts as a GPU tensor for the hooks, so a CPU run
+    sees what a CUDA run does. A timestep is then unreadable without a host-device sync:
+    generation boundaries must come from host-side facts (or from a counted sync,
+    ``cache_info().host_syncs``), exactly as on a GPU. Tensors and results are unchanged."""
+    prev, _Mode.device_like = _Mode.device_like, True
     try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
+        yield
+    finally:
+        _Mode.device_like = prev
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` as a Python number is free: a CPU tensor (outside
+    :func:`device_like`). Reading a GPU tensor waits for every kernel queued before it (a
+    host-device sync), so the per-step path does it only where ``CacheConfig.sync`` allows."""
+    return t.device.type == "cpu" and not _Mode.device_like
 
 
 @dataclass
@@ -89,6 +91,10 @@ class CacheController:
         self.shape_resets = 0
         self._warned: set = set()
         self._host_values: Dict[int, tuple] = {}  # id(tensor) -> (tensor, its values on the host)
+        self.host_syncs = 0  # GPU tensors read as numbers by the hooks (each one a host-device sync)
+        self.explicit = False  # new_generation()/generation() used: the caller marks every generation
+        self.generation_steps: Optional[int] = None  # steps of the current generation, as the caller said
+        self.boundary = ""  # how the latest step's generation boundary was known (cache_info)
         self.rcs = make_rcs(config)  # schedule="rcs": the adaptive decision (hooks/rcs.py), else None
         self.duca = None  # DuCa's token selection and partial calls (method="duca")
         if isinstance(config.method, str) and config.method.lower() == "duca":
@@ -106,15 +112,33 @@ class CacheController:
         pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
         return getattr(pipe, "scheduler", None)
 
-    def _timestep(self, args, kwargs) -> Optional[float]:
+    def _read(self, v, sync: bool) -> Optional[float]:
+        """A timestep-like argument as one number: None if there is none, or if it is a GPU
+        tensor and ``sync`` is off (reading it with ``sync`` on is counted in host_syncs)."""
+        if v is None:
+            return None
+        if isinstance(v, torch.Tensor):
+            if not v.numel():
+                return None
+            if not on_host(v):
+                if not sync:
+                    return None
+                self.host_syncs += 1
+            # max: pipelines with per-token timesteps (Wan 2.2 expand_timesteps) mask some to 0
+            return float(v.max())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    def _timestep_arg(self, args, kwargs):
         key = self.config.timestep_arg
         if isinstance(key, int):
-            v = args[key] if key < len(args) else None
-        else:
-            v = kwargs.get(key)
-            if v is None and self.timestep_index is not None and self.timestep_index < len(args):
-                v = args[self.timestep_index]
-        return _scalar(v, self.config.sync)
+            return args[key] if key < len(args) else None
+        v = kwargs.get(key)
+        if v is None and self.timestep_index is not None and self.timestep_index < len(args):
+            v = args[self.timestep_index]
+        return v
 
     def _host_copy(self, values) -> Optional[list]:
         """A scheduler's timesteps/sigmas as Python floats, copied to the host once per tensor
@@ -125,6 +149,8 @@ class CacheController:
         key = id(values)
         hit = self._host_values.get(key)
         if hit is None or hit[0] is not values:
+            if isinstance(values, torch.Tensor) and not on_host(values):
+                self.host_syncs += 1
             hit = self._host_values[key] = (values, [float(v) for v in values.detach().to("cpu").reshape(-1)]
                                             if isinstance(values, torch.Tensor) else [float(v) for v in values])
         return hit[1]
@@ -137,25 +163,34 @@ class CacheController:
         i = int(getattr(sched, "begin_index", None) or 0) + step
         return ts[i] if i < len(ts) else None
 
-    def _num_steps(self, info: Dict[str, Any]) -> Optional[int]:
+    def _num_steps(self, info: Dict[str, Any]) -> tuple:
+        """(steps of this generation or None, where the number came from)."""
+        if self.generation_steps is not None:
+            return self.generation_steps, "the caller's generation"
         if self.config.num_inference_steps is not None:
-            return self.config.num_inference_steps
+            return self.config.num_inference_steps, "num_inference_steps"
         n = info.get("num_inference_steps")
         if n is not None:
-            return int(n)
+            return int(n), "cache_context"
         sched = self._scheduler()
         ts = getattr(sched, "timesteps", None) if sched is not None else None
         if ts is not None:
             n = len(ts) - int(getattr(sched, "begin_index", None) or 0)
-            return n if n > 0 else None
-        return None
+            return (n, "pipeline") if n > 0 else (None, "")
+        return None, ""
 
     def _sigma(self, info: Dict[str, Any], step: int) -> float:
-        v = _scalar(info.get("sigma"), self.config.sync)
+        v = self._read(info.get("sigma"), self.config.sync is True)
         if v is not None:
             return v
         sched = self._scheduler()
         sigmas = getattr(sched, "sigmas", None) if sched is not None else None
+        if sigmas is None and self.config.sync is None:
+            v = self._read(info.get("sigma"), True)
+            if v is not None:
+                self._warn_once("sigma-sync", "time='sigmas' reads the GPU sigma given to cache_context at every call "
+                                "(one host-device sync per model call): pass it as a number, or enable on the pipeline")
+                return v
         if sigmas is None:
             raise ValueError(
                 "time='sigmas' needs the sigma of each step: enable the cache on the pipeline (its "
@@ -165,6 +200,69 @@ class CacheController:
         if i >= len(sigmas):
             raise ValueError(f"time='sigmas': step {step} is past the scheduler's {len(sigmas)} sigmas")
         return self._host_copy(sigmas)[i]
+
+    # ---- generations ---------------------------------------------------------------------
+    def _boundary(self, ctx: ContextState, args, kwargs, info, step_index, num_steps, steps_from: str) -> tuple:
+        """(this call's timestep if read, whether a host-side fact says it starts a new
+        generation). Records in :attr:`boundary` what tells this context's generations apart,
+        reading the timestep with a sync only where nothing on the host does (sync=None)."""
+        cfg = self.config
+        want = cfg.time == "timesteps" or cfg.detect_new_generation
+        arg = self._timestep_arg(args, kwargs) if want else None
+        ts = None
+        if want:
+            ts = self._read(arg, cfg.sync is True)
+            if ts is None:
+                ts = self._read(info.get("timestep"), cfg.sync is True)
+        new = False
+        if ctx.counter.started and cfg.detect_new_generation and ctx.schedule_ref is not None:
+            sched = self._scheduler()  # set_timesteps makes a new tensor: the pipeline started again
+            new = getattr(sched, "timesteps", None) is not ctx.schedule_ref
+        if self.explicit:
+            why = "explicit (new_generation / generation)"
+        elif self.pipeline_ref is not None:
+            why = "pipeline"
+        elif step_index is not None:
+            why = "step index"
+        elif steps_from:
+            why = f"step count ({steps_from})"
+        elif ts is not None:
+            why = "timesteps"
+        else:
+            why = ""
+        if not why and cfg.detect_new_generation:
+            if cfg.sync is None and arg is not None:
+                ts = self._read(arg, True)
+                if ts is not None:
+                    why = "timesteps (one host-device sync per model call)"
+                    self._warn_once(
+                        "boundary-sync",
+                        "nothing on the host tells this model's generations apart, so the GPU timestep of every call "
+                        "is read to find them (one host-device sync per model call). Cheaper: enable the cache on the "
+                        "pipeline, wrap each generation in `with foca_kernels.generation(model):`, call "
+                        "foca_kernels.new_generation(model) before each, or pass num_inference_steps",
+                    )
+            if not why:
+                self._warn_once(
+                    "boundary-none",
+                    "nothing tells this model's generations apart (no pipeline, no num_inference_steps, no "
+                    "readable timestep" + (", sync=False" if cfg.sync is False else "") + "): consecutive "
+                    "generations would be joined. Call foca_kernels.new_generation(model) before each, or wrap each "
+                    "in `with foca_kernels.generation(model):`",
+                )
+        self.boundary = why or "none"
+        return ts, new
+
+    def new_generation(self, num_steps: Optional[int] = None) -> None:
+        """The caller's word: the next call of every context starts a new generation (of
+        ``num_steps`` steps, if given); from now on the caller marks every generation."""
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
+        if self.current is not None:
+            raise RuntimeError("foca cache: new_generation called inside a model call")
+        self.reset()
+        self.explicit = True
+        self.generation_steps = num_steps
 
     # ---- one model call ----------------------------------------------------------------
     def begin_step(self, args, kwargs) -> None:
@@ -181,16 +279,16 @@ class CacheController:
         ctx.inference = inference
 
         info = active.info
-        ts = self._timestep(args, kwargs) if (cfg.time == "timesteps" or cfg.detect_new_generation) else None
-        if ts is None:
-            ts = _scalar(info.get("timestep"), cfg.sync)
-        num_steps = self._num_steps(info)
         step_index = info.get("step_index")
-        if ctx.counter.is_new_generation(ts, step_index, num_steps):
+        num_steps, steps_from = self._num_steps(info)
+        ts, new = self._boundary(ctx, args, kwargs, info, step_index, num_steps, steps_from)
+        if new or ctx.counter.is_new_generation(ts, step_index, num_steps):
             ctx.reset()
         ctx.check_thread(threading.get_ident())
         if not ctx.counter.started:
             ctx.generations += 1
+            sched = self._scheduler()
+            ctx.schedule_ref = getattr(sched, "timesteps", None) if sched is not None else None
         step = ctx.counter.advance(ts, step_index)
         ctx.num_steps = num_steps
         if num_steps is None and self.schedule.needs_num_steps:
@@ -199,6 +297,13 @@ class CacheController:
             )
         if cfg.time == "timesteps" and ts is None:
             ts = self._scheduler_timestep(step)
+            if ts is None and cfg.sync is None:
+                ts = self._read(self._timestep_arg(args, kwargs), True)
+                if ts is not None:
+                    self._warn_once(
+                        "time-sync", "time='timesteps' reads the timestep of every call from the GPU (one host-device "
+                        "sync per model call): enable the cache on the pipeline to read its scheduler's timesteps once "
+                        "per generation, or use time='step'")
             if ts is None:
                 raise ValueError(
                     "time='timesteps': the timestep of this call is not readable without a host-device sync (it "
@@ -354,7 +459,7 @@ class CacheController:
                 self.duca.clear()
 
     def clear_stats(self) -> None:
-        self.calls_computed = self.calls_forecast = self.calls_forced = self.shape_resets = 0
+        self.calls_computed = self.calls_forecast = self.calls_forced = self.shape_resets = self.host_syncs = 0
         for ctx in self.contexts.values():
             ctx.steps_full = ctx.steps_skipped = ctx.generations = 0
 

@@ -6,8 +6,12 @@ One model call is one step. The step index comes from the pipeline when it says 
 generation starts (the caller then resets the states) when
   - the pipeline's step index does not move forward,
   - the count reaches the known number of steps,
-  - (``detect`` on) the generation's first timestep is seen again, or the timesteps turn
-    back against the direction they were running in.
+  - (``detect`` on) the generation's first timestep is seen again, the timesteps turn
+    back against the direction they were running in, or they jump ahead by more than
+    ``JUMP`` times their latest nonzero spacing (a generation abandoned mid-way followed by
+    one that starts in mid-schedule: img2img).
+Facts the counter cannot see (an explicit new_generation, a pipeline call) are the
+controller's (hooks/controller.py).
 The time coordinate ``tau`` is the step index for time="step", else the accumulated
 |difference| of the chosen time values (timesteps or sigmas), so differences of ``tau``
 between any two steps are the h the forecasts use.
@@ -17,6 +21,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+# A timestep step this many times the latest nonzero spacing starts a new generation. Sampling
+# schedules change their spacing smoothly: from one step to the next by at most ~1.5x at 10 or
+# more steps (Karras, shifted flow-matching sigmas); a false alarm only costs a warm-up.
+JUMP = 2.5
 
 class StepCounter:
     def __init__(self, time: str = "step", detect: bool = True):
@@ -30,6 +38,7 @@ class StepCounter:
         self._first_t: Optional[float] = None
         self._prev_t: Optional[float] = None
         self._direction = 0
+        self._spacing: Optional[float] = None  # latest nonzero |timestep difference|
         self._prev_value: Optional[float] = None
 
     @property
@@ -47,7 +56,10 @@ class StepCounter:
         if self.detect and timestep is not None and self._prev_t is not None:
             if timestep == self._first_t:
                 return True
-            if self._direction and (timestep - self._prev_t) * self._direction < 0:
+            delta = timestep - self._prev_t
+            if self._direction and delta * self._direction < 0:
+                return True
+            if self._spacing is not None and abs(delta) > JUMP * self._spacing:
                 return True
         return False
 
@@ -57,8 +69,10 @@ class StepCounter:
         if timestep is not None:
             if self._first_t is None:
                 self._first_t = timestep
-            elif not self._direction and timestep != self._prev_t:
-                self._direction = 1 if timestep > self._prev_t else -1
+            elif timestep != self._prev_t:
+                if not self._direction:
+                    self._direction = 1 if timestep > self._prev_t else -1
+                self._spacing = abs(timestep - self._prev_t)
             self._prev_t = timestep
         return self.step
 
