@@ -272,21 +272,17 @@ class StateGroup:
         return False
 
     def _table(self, members: list, block: int):
+        from .ops.triton_group import table_rows
+
         key = (tuple(m.index for m in members), block)
         hit = self._tables.get(key)
         if hit is not None:
             return hit
         s0, o0 = members[0].slots, members[0].flat
         se, oe = s0.element_size(), o0.element_size()
-        rows = []
-        for m in members:
-            slot_off = (m.slots.data_ptr() - s0.data_ptr()) // se
-            out_off = (m.flat.data_ptr() - o0.data_ptr()) // oe
-            stride = m.slots.stride(0)
-            n = m.numel
-            body = n - n % 16
-            for start in range(0, max(body, 1), block):
-                rows.append((slot_off, out_off, stride, start, body, n))
+        rows, _ = table_rows([(m.slots.data_ptr() - s0.data_ptr()) // se for m in members],
+                             [(m.flat.data_ptr() - o0.data_ptr()) // oe for m in members],
+                             [m.slots.stride(0) for m in members], [m.numel for m in members], block)
         table = torch.tensor(rows, dtype=torch.int64).to(s0.device)
         hit = self._tables[key] = (table, len(rows))
         return hit

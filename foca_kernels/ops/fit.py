@@ -11,12 +11,14 @@ are summed in fp64: the determinant cancels, and fp32 products would put fp32 no
 relative) into the parallel test instead of its 1e-9 threshold, so an exactly parallel case
 (a one-element tensor, say) would take the other branch than the reference. Two paths:
 
-* backend "triton" (the default on CUDA): ops/triton_fit.py, two kernels and one small
-  reduction, r, u, q in fp32 with fp64 products and sums;
+* backend "triton" (the default on CUDA): ops/triton_fit.py, three launches (pass 1's
+  partial dot products, a fixed-order sum per state, pass 2's solve and slope), r, u, q in fp32
+  with fp64 products and sums; the same three launches serve every state of a full step at
+  once (foca_kernels/full_group.py);
 * backend "torch" on CPU with the compiled loop available (cpu_codegen.py ``foca_fit``): the
-  same two passes in C;
+  same two passes in C, one call per state;
 * otherwise plain PyTorch ops: r, u, q in fp64, ``torch.where`` for the branches, a few dozen
-  small ops per stream.
+  small ops per stream (:func:`run_fit_group_torch` batches a sharded fit's all_reduce).
 
 The feature enters as the state will store it (rounded to the state's dtype), so the fit is a
 function of stored values only. The slope is formed in fp32 and rounded once to that dtype.
@@ -68,13 +70,15 @@ def _combo(slots, numel, feature, inputs, coefs, dtype=torch.float32) -> torch.T
     return total
 
 
-def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range, sharded: bool = False):
-    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64).
-    ``sharded``: the five dot products are summed over the default process group first."""
+def dots(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The five sums u.u, u.q, q.q, r.u, r.q (float64, one tensor of 5)."""
     r, u, q = r.double(), u.double(), q.double()
-    sums = torch.stack((u @ u, u @ q, q @ q, r @ u, r @ q))
-    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
+    return torch.stack((u @ u, u @ q, q @ q, r @ u, r @ q))
+
+
+def solve(sums: torch.Tensor, phi_range, theta_range):
+    """(phi, theta) as 0-dim float64 tensors from the five sums (the branches of
+    reference/foca_calibrated.py as selects), clipped."""
     uu, uq, qq, ru, rq = sums.unbind()
     det = uu * qq - uq * uq
     ok = det > PARALLEL * uu * qq
@@ -83,6 +87,35 @@ def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, th
     phi = torch.where(ok, (ru * qq - rq * uq) / safe, slope_only)
     theta = torch.where(ok, (rq * uu - ru * uq) / safe, torch.full_like(det, 0.5))
     return phi.clamp(*phi_range), theta.clamp(*theta_range)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range, sharded: bool = False):
+    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64).
+    ``sharded``: the five dot products are summed over the default process group first."""
+    sums = dots(r, u, q)
+    if sharded and _distributed():
+        torch.distributed.all_reduce(sums)
+    return solve(sums, phi_range, theta_range)
+
+
+def _rows(inputs, coef) -> list:
+    n_in = len(inputs)
+    return [coef[i * n_in:(i + 1) * n_in] for i in range(5)]
+
+
+def _sums_torch(slots, numel, feature, inputs, rows) -> torch.Tensor:
+    r, u, q = (_combo(slots, numel, feature, inputs, c, torch.float64) for c in rows[:3])
+    return dots(r, u, q)
+
+
+def _apply_torch(slots, numel, feature, slot, inputs, rows, phi, theta) -> None:
+    y = _combo(slots, numel, feature, inputs, rows[3]).mul_(phi.float())
+    y.add_(_combo(slots, numel, feature, inputs, rows[4]).mul_(theta.float()))
+    slots[slot, :numel].copy_(y)
 
 
 @torch.no_grad()
@@ -101,11 +134,30 @@ def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, inputs: List[in
     if (slots.device.type == "cpu" and not sharded
             and fit_cpu(slots, numel, feature, slot, inputs, coef, bounds, PARALLEL)):
         return
-    n_in = len(inputs)
-    rows = [coef[i * n_in:(i + 1) * n_in] for i in range(5)]
-    r, u, q = (_combo(slots, numel, feature, inputs, c, torch.float64) for c in rows[:3])
-    phi, theta = fit_weights(r, u, q, bounds[:2], bounds[2:], sharded)
-    del r, u, q
-    y = _combo(slots, numel, feature, inputs, rows[3]).mul_(phi.float())
-    y.add_(_combo(slots, numel, feature, inputs, rows[4]).mul_(theta.float()))
-    slots[slot, :numel].copy_(y)
+    rows = _rows(inputs, coef)
+    sums = _sums_torch(slots, numel, feature, inputs, rows)
+    if sharded and _distributed():
+        torch.distributed.all_reduce(sums)
+    phi, theta = solve(sums, bounds[:2], bounds[2:])
+    _apply_torch(slots, numel, feature, slot, inputs, rows, phi, theta)
+
+
+@torch.no_grad()
+def run_fit_group_torch(members, slot: int, inputs: List[int], coef: List[float], bounds: List[float],
+                        sharded: bool = False) -> int:
+    """:func:`run_fit` (backend "torch") for several states with one fit: ``members`` are
+    (slots, numel, feature) triples. Each member's result is exactly its own run_fit's: one
+    compiled C call (or the PyTorch ops) per member; a sharded fit sums every member's five dot
+    products over the process group in ONE all_reduce. Returns the number of calls made."""
+    if not sharded:
+        for slots, numel, feature in members:
+            run_fit(slots, numel, feature, slot, inputs, coef, bounds, False, "torch")
+        return len(members)
+    rows = _rows(inputs, coef)
+    sums = torch.stack([_sums_torch(s, n, f, inputs, rows) for s, n, f in members])
+    if _distributed():
+        torch.distributed.all_reduce(sums)
+    for (slots, numel, feature), row in zip(members, sums):
+        phi, theta = solve(row, bounds[:2], bounds[2:])
+        _apply_torch(slots, numel, feature, slot, inputs, rows, phi, theta)
+    return len(members)

@@ -17,22 +17,20 @@ from .pattern import row_pattern
 
 
 @triton.jit
-def _combine_block(
-    slots_ptr, feat_ptr, out_ptr, offs, mask, read_offs, write_offs, coef,
-    NUM_READ: tl.constexpr, HAS_FEAT: tl.constexpr, NUM_WRITE: tl.constexpr, HAS_OUT: tl.constexpr,
-    NUM_ROWS: tl.constexpr, DEST_ROW: tl.constexpr, NZ: tl.constexpr, FIRST: tl.constexpr, COPY: tl.constexpr,
-):
-    """Load every input at ``offs`` once, form each distinct output row once (fp32), then store
-    every destination. The row structure is compile-time (ops/pattern.py): a row costs one
-    multiply-add per term it has, a copy row none, equal rows are formed once; ``coef`` holds
-    the distinct rows' coefficients (NUM_ROWS x NUM_IN, zeros included)."""
-    NUM_IN: tl.constexpr = NUM_READ + HAS_FEAT
+def _load_inputs(slots_ptr, feat_ptr, offs, mask, read_offs, NUM_READ: tl.constexpr, HAS_FEAT: tl.constexpr):
+    """Every input at ``offs``, as stored: the read slots, then the feature."""
     xs = ()
     for i in tl.static_range(NUM_READ):
         xs = xs + (tl.load(slots_ptr + read_offs[i] + offs, mask=mask, other=0.0),)
     if HAS_FEAT:
         xs = xs + (tl.load(feat_ptr + offs, mask=mask, other=0.0),)
+    return xs
 
+
+@triton.jit
+def _form_rows(xs, coef, NUM_IN: tl.constexpr, NUM_ROWS: tl.constexpr, NZ: tl.constexpr, FIRST: tl.constexpr,
+               COPY: tl.constexpr):
+    """Each distinct output row once (fp32; a copy row as loaded)."""
     # A zero coefficient is "not a term" (no 0 * inf = nan from an input the row does not use).
     # (no named constexprs inside the unrolled loop: triton refuses to reassign them)
     ys = ()
@@ -47,13 +45,34 @@ def _combine_block(
                 if (NZ >> (r * NUM_IN + i)) & 1:
                     y += coef[r * NUM_IN + i] * xs[i].to(tl.float32)
         ys = ys + (y,)
+    return ys
 
+
+@triton.jit
+def _store_rows(ys, slots_ptr, out_ptr, offs, mask, write_offs, NUM_WRITE: tl.constexpr, HAS_OUT: tl.constexpr,
+                DEST_ROW: tl.constexpr):
+    """Every destination: its distinct row, rounded once to the destination's dtype."""
     for j in tl.static_range(NUM_WRITE):
         y = ys[(DEST_ROW >> (4 * j)) & 15]
         tl.store(slots_ptr + write_offs[j] + offs, y.to(slots_ptr.dtype.element_ty), mask=mask)
     if HAS_OUT:
         y = ys[(DEST_ROW >> (4 * NUM_WRITE)) & 15]
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_block(
+    slots_ptr, feat_ptr, out_ptr, offs, mask, read_offs, write_offs, coef,
+    NUM_READ: tl.constexpr, HAS_FEAT: tl.constexpr, NUM_WRITE: tl.constexpr, HAS_OUT: tl.constexpr,
+    NUM_ROWS: tl.constexpr, DEST_ROW: tl.constexpr, NZ: tl.constexpr, FIRST: tl.constexpr, COPY: tl.constexpr,
+):
+    """Load every input at ``offs`` once, form each distinct output row once (fp32), then store
+    every destination. The row structure is compile-time (ops/pattern.py): a row costs one
+    multiply-add per term it has, a copy row none, equal rows are formed once; ``coef`` holds
+    the distinct rows' coefficients (NUM_ROWS x NUM_IN, zeros included)."""
+    xs = _load_inputs(slots_ptr, feat_ptr, offs, mask, read_offs, NUM_READ, HAS_FEAT)
+    ys = _form_rows(xs, coef, NUM_READ + HAS_FEAT, NUM_ROWS, NZ, FIRST, COPY)
+    _store_rows(ys, slots_ptr, out_ptr, offs, mask, write_offs, NUM_WRITE, HAS_OUT, DEST_ROW)
 
 
 @triton.jit
