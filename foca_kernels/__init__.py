@@ -5,12 +5,14 @@
     foca_kernels.forecast_(state, out, h)       # a skipped step: out <- forecast
     group = foca_kernels.StateGroup(states, outs)  # many states: validated once,
     group.forecast_(h)                            # then one launch per skipped step
+    foca_kernels.update_group_(states, features, h)  # many states' full step, O(1) launches
 
     foca_kernels.enable_cache(pipe, interval=5)  # hooks on a diffusers pipeline / any nn.Module
 """
 
 from .api import allocate, forecast, forecast_, state_nbytes, update_
 from .group import StateGroup, forecast_group_, pack_states_
+from .full_group import update_group_
 from .backend import BACKENDS, get_backend, set_backend
 from .hooks import (
     CacheConfig, cache_info, cached, disable_cache, enable_cache, generation, new_generation, reset_cache,
