@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "pack_states_", "Method", "Reuse", "TaylorSeer", "allocate",
     "cache_info", "cached", "disable_cache", "enable_cache", "forecast", "forecast_", "generation", "get_backend",
-    "make_method", "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_",
+    "make_method", "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_", "update_group_",
 ]
