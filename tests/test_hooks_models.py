@@ -19,6 +19,7 @@ from foca_kernels.hooks import (
     enable_cache,
     reset_cache,
 )
+from foca_kernels.hooks import pending as pending_mod
 from foca_kernels.hooks.wrap import is_foca_wrapper
 
 import hooks_tiny as T  # noqa: E402  (skips the module when diffusers is missing)
@@ -47,15 +48,21 @@ def test_every_step_computed_is_bit_identical(family, cfg, granularity, monkeypa
     enable_cache(m, interval=1, granularity=granularity)
     assert torch.equal(T.sample(case, m, steps=4, batch=2, cfg=cfg), ref)
     disable_cache(m)
-    # Same with the states fed on every step (a mask that never skips still updates them).
+    # Same with the states fed on every step (a mask that never skips still updates them): each
+    # stream once per step, in the call's grouped update (or on its own).
     calls = {"update_": 0}
-    orig = foca_kernels.api.update_
+    orig, orig_group = foca_kernels.api.update_, pending_mod.update_group_
 
     def counted(*a, **k):
         calls["update_"] += 1
         return orig(*a, **k)
 
+    def counted_group(states, *a, **k):
+        calls["update_"] += len(states)
+        return orig_group(states, *a, **k)
+
     monkeypatch.setattr(foca_kernels.api, "update_", counted)
+    monkeypatch.setattr(pending_mod, "update_group_", counted_group)
     enable_cache(m, mask=lambda step, n: True, granularity=granularity)
     assert torch.equal(T.sample(case, m, steps=4, batch=2, cfg=cfg), ref)
     info = cache_info(m)
@@ -115,7 +122,7 @@ def test_enable_twice_is_an_error_and_never_double_wraps():
 @pytest.mark.parametrize("family", ["dit", "flux"])
 def test_skipped_steps_do_not_run_cached_modules_and_use_the_fused_ops(family, monkeypatch):
     case, m = T.CASES[family], model_for(family)
-    counts = {"update_": 0, "forecast_": 0, "lincomb_": 0, "module": 0, "group": 0, "launch": 0}
+    counts = {"update_": 0, "forecast_": 0, "lincomb_": 0, "module": 0, "group": 0, "launch": 0, "full": 0}
 
     def counting(name, fn):
         def wrapped(*a, **k):
@@ -134,6 +141,8 @@ def test_skipped_steps_do_not_run_cached_modules_and_use_the_fused_ops(family, m
     monkeypatch.setattr(StateGroup, "forecast_", counting("group", StateGroup.forecast_))
     monkeypatch.setattr(torch_group, "group_torch", counting("launch", torch_group.group_torch))
     monkeypatch.setattr(triton_group, "group_triton", counting("launch", triton_group.group_triton))
+    # A full step: every stream's update in one grouped call at the end of the model call.
+    monkeypatch.setattr(pending_mod, "update_group_", counting("full", pending_mod.update_group_))
     target = m.transformer_blocks[0].ff
     counting_forward = target.forward = counting("module", target.forward)
 
@@ -145,15 +154,14 @@ def test_skipped_steps_do_not_run_cached_modules_and_use_the_fused_ops(family, m
     assert info.calls_forecast == 4 * info.modules and info.calls_forced == 0
     assert info.streams > 1
     assert counts["group"] == 4 and counts["launch"] == 4 and counts["forecast_"] == 0
-    assert counts["lincomb_"] == 4 * info.streams  # a full step: one fused launch per stream
-    assert 0 < counts["update_"] < counts["lincomb_"]  # planned once for states that share a history
+    assert counts["full"] == 4 and counts["update_"] == counts["lincomb_"] == 0  # no per-stream update
     disable_cache(m)
 
     # With the number of steps known, the last full step feeds nothing (no forecast follows).
     counts.update({k: 0 for k in counts})
     enable_cache(m, interval=3, warmup=2, num_inference_steps=STEPS)
     T.sample(case, m, steps=STEPS)
-    assert counts["module"] == 4 and counts["lincomb_"] == 3 * cache_info(m).streams
+    assert counts["module"] == 4 and counts["full"] == 3
     disable_cache(m)
     assert target.__dict__["forward"] is counting_forward
     del target.forward

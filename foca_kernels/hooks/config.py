@@ -107,6 +107,12 @@ class CacheConfig:
     Buffers: ``reuse_output_buffers`` writes forecasts into one preallocated tensor per
       cached output (no allocation per step; a value returned on a skipped step is
       overwritten at the next skipped step of the same module). False allocates each time.
+      ``max_pending_bytes``: a full step's module outputs are kept until the end of the model
+      call and then written into their states together (one grouped update, a fixed number of
+      launches whatever the number of modules); when the kept outputs exceed this many bytes
+      they are written at once (more groups per step, less memory). 0 writes each module's
+      outputs when it returns. Residuals (the stream's own scratch) count only when
+      ``reuse_output_buffers`` is False.
     """
 
     interval: int = 3
@@ -125,6 +131,7 @@ class CacheConfig:
     num_inference_steps: Optional[int] = None
     detect_new_generation: bool = True
     reuse_output_buffers: bool = True
+    max_pending_bytes: int = 256 << 20  # full-step outputs kept for the call's grouped update
     default_context: str = "default"
     backend: Optional[str] = None  # force "triton" / "torch" for the fused ops; None = auto
     check_finite: bool = False  # reset a module's cache when its computed output holds nan/inf
@@ -187,6 +194,9 @@ class CacheConfig:
             raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
+        m = self.max_pending_bytes
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"max_pending_bytes must be an int >= 0, got {m!r}")
         if self.sync is not None and not isinstance(self.sync, bool):
             raise TypeError(f"sync must be None or a bool, got {type(self.sync).__name__}")
         if not isinstance(self.timestep_arg, (str, int)):

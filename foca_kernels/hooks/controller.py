@@ -21,6 +21,7 @@ import torch
 
 from .config import CacheConfig, FocaCacheWarning
 from .context import ContextStack, ContextState
+from .pending import PendingUpdates
 from .rcs import make_rcs
 from .schedule import Schedule
 from .stream import StreamGroup, input_signature
@@ -68,6 +69,7 @@ class StepInfo:
     plans: dict = field(default_factory=dict)  # full-step plans shared by states with one history
     phase: str = ""  # duca: "full" / "conservative" / "aggressive"
     cfg_batched: object = False  # duca: this call holds two CFG halves (conservative steps only): a bool or a 0-d device bool tensor
+    pending: Optional[PendingUpdates] = None  # full-step updates recorded by after_module, run at end_step
 
 
 class CacheController:
@@ -346,12 +348,16 @@ class CacheController:
             )
 
     def abort_step(self) -> None:
-        self.current = None
+        step, self.current = self.current, None
+        if step is not None and step.pending is not None:
+            step.pending.drop()  # never run: the recorded modules' states stay as they were
 
     def end_step(self, out):
         """End the model call. Returned forecast buffers must not leave the model: the next
         step would overwrite them."""
         step, self.current = self.current, None
+        if step.pending is not None:
+            step.pending.flush(self.config.backend)  # the call's full-step updates, grouped
         if not (step.written or step.written_ptrs) or not self.config.reuse_output_buffers:
             return out
         ptrs = step.written_ptrs | {t.untyped_storage().data_ptr() for t in step.written}
@@ -430,7 +436,15 @@ class CacheController:
 
     def after_module(self, group: StreamGroup, out, args, kwargs) -> None:
         step = self.current
-        group.update(out, args, kwargs, step.tau, self.config, self.method, step.plans)
+        limit = self.config.max_pending_bytes
+        pending = None
+        if limit and self.duca is None:  # recorded for end_step's grouped update (duca: per module)
+            pending = step.pending
+            if pending is None:
+                pending = step.pending = PendingUpdates()
+        group.update(out, args, kwargs, step.tau, self.config, self.method, step.plans, pending)
+        if pending is not None and pending.nbytes > limit:
+            pending.flush(self.config.backend)  # bound what the recorded outputs keep alive
         if self.duca is not None:
             self.duca.on_full(group)
 

@@ -44,13 +44,19 @@ class Stream:
             b = self.buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         return b
 
-    def update(self, feature: torch.Tensor, h: float, config, method, inp: Optional[torch.Tensor] = None,
-               plans: Optional[dict] = None) -> None:
+    def prepare(self, feature: torch.Tensor, config, method, inp: Optional[torch.Tensor] = None) -> CacheState:
+        """The state ``feature`` goes into (allocated on first use, or anew when its shape,
+        dtype or device changed)."""
         st = self.state
         if st is None or st.shape != feature.shape or st.io_dtype != feature.dtype or st.device != feature.device or (
                 inp is not None and (st.input_shape != inp.shape or st.inp.io_dtype != inp.dtype)):  # rfc: input too
             extra = {} if inp is None else {"input": inp}
             self.state = st = _api.allocate(feature, method, dtype=config.state_dtype, **extra)
+        return st
+
+    def update(self, feature: torch.Tensor, h: float, config, method, inp: Optional[torch.Tensor] = None,
+               plans: Optional[dict] = None) -> None:
+        st = self.prepare(feature, config, method, inp)
         if inp is not None:  # rfc (hooks/rfe.py)
             _api.update_(st, feature, h, backend=config.backend, input=inp)
         elif plans is None or torch.is_inference_mode_enabled() != st.slots.is_inference():
@@ -156,6 +162,7 @@ class StreamGroup:
         self.inputs: List[Optional[str]] = []  # residual: input name per stream (None: cache as is)
         self.last_tau: Optional[float] = None
         self.uncacheable: Optional[str] = None
+        self.immediate = False  # full steps update the states at once, not in the call's grouped update
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
@@ -233,8 +240,10 @@ class StreamGroup:
         return names
 
     # ---- steps -------------------------------------------------------------------------
-    def update(self, out, args, kwargs, tau: float, config, method, plans: Optional[dict] = None) -> None:
-        """A computed call: feed its output(s) to the states."""
+    def update(self, out, args, kwargs, tau: float, config, method, plans: Optional[dict] = None,
+               pending=None) -> None:
+        """A computed call: feed its output(s) to the states, or, given ``pending`` (a
+        hooks.pending.PendingUpdates), record them for the model call's grouped update."""
         tensors, template = flatten(out)
         if tensors is None:
             self.uncacheable = template
@@ -261,12 +270,22 @@ class StreamGroup:
                     self.inputs = names
         h = 1.0 if self.last_tau is None else tau - self.last_tau
         inp = relational_input(self, method, args, kwargs)  # rfc only, else None
+        if inp is not None or self.immediate:
+            pending = None
         for stream, t, name in zip(self.streams, tensors, self.inputs):
             if name is not None:
                 x = self._arg(name, args, kwargs)
                 with torch.no_grad():  # cache writes record no autograd history (out= refuses it anyway)
                     t = torch.sub(t, x, out=stream.scratch(t)) if config.reuse_output_buffers else t - x
-            stream.update(t, h, config, method, inp, plans)
+            # the module's own output is recorded only when in-place changes to it can be seen
+            # (inference tensors keep no version counter): else it is stored now
+            if pending is not None and (name is not None or not t.is_inference()):
+                stream.prepare(t, config, method)
+                # (a residual is made without a graph; a module output is kept without its graph)
+                pending.record(self, self.last_tau, stream, t if name is not None else t.detach(), h,
+                               owned=name is not None)
+            else:
+                stream.update(t, h, config, method, inp, plans)
         self.last_tau = tau
 
     def forecast(self, args, kwargs, tau: float, config, written: list):
