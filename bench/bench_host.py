@@ -14,6 +14,8 @@ Rows (each one 50-step generation per round, rounds interleaved so drift cancels
   fk-<method>         foca_kernels.hooks.enable_cache(model, interval=5, method=...), a new
                       generation marked before each one (foca_kernels.new_generation where it
                       exists, else reset_cache)
+  fk-foca-per-module  fk-foca with max_pending_bytes=0: each module's full-step update runs
+                      when the module returns, instead of one grouped update per model call
   diffusers-ts2       diffusers' TaylorSeer hook (cache_interval 5, disable_cache_before_step 2,
                       max_order 2) on the same modules, each call in CacheMixin.cache_context,
                       reset per generation as CacheMixin._reset_stateful_cache does
@@ -114,9 +116,10 @@ def _stub(base):
     return model, _plain, lambda: None
 
 
-def _fk(base, method):
+def _fk(base, method, **options):
     model = copy.deepcopy(base)
-    enable_cache(model, CacheConfig(interval=INTERVAL, warmup=WARMUP, method=method, num_inference_steps=STEPS))
+    enable_cache(model, CacheConfig(interval=INTERVAL, warmup=WARMUP, method=method, num_inference_steps=STEPS,
+                                    **options))
     fresh, _ = _new_generation_fn()
     return model, _plain, lambda: fresh(model)
 
@@ -195,6 +198,8 @@ def test_host_skipped_and_full_step(benchmark):
     rows: Dict[str, tuple] = {"uncached": _uncached(base), "stub": _stub(base)}
     for m in FK_METHODS:
         rows[f"fk-{m}"] = _fk(base, m)
+    # the default with each module's full-step update run when it returns (no grouped update)
+    rows["fk-foca-per-module"] = _fk(base, "foca", max_pending_bytes=0)
     rows["diffusers-ts2"] = _diffusers(base)
     fk_skip = _fk_skipped_mask()
     computed: Dict[str, List[Optional[bool]]] = {}
@@ -249,3 +254,4 @@ def test_host_skipped_and_full_step(benchmark):
                                  "full_table": full_table, "schedules": schedules, "generation_marker": marker})
     for name in FK_METHODS:
         disable_cache(rows[f"fk-{name}"][0])
+    disable_cache(rows["fk-foca-per-module"][0])

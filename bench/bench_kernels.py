@@ -315,3 +315,61 @@ def test_step(benchmark, op, size, dtype, provider, foca_bench_rows):
     }
     benchmark.extra_info.update(info)
     foca_bench_rows.append({"op": op, "size": size, "dtype": dtype, "provider": provider, **info})
+
+
+# ---- a model's full step: many streams in one grouped update (update_group_) vs one update_ each ----
+# DiT-XL/2: 28 blocks x (attention, feed-forward) = 56 cached outputs of [2, 256, 1152] (batch 2:
+# the two CFG halves); on CPU 32 tokens instead of 256 (the per-stream host work is what differs).
+GROUP_STREAMS = 56
+GROUP_SHAPE = (2, 256, 1152) if DEVICE.type == "cuda" else (2, 32, 1152)
+GROUP_OPS = ("foca_calibrated_full", "foca_r3_full")  # the default (copy + fit) and a closed form (copy)
+
+
+def _group_cases():
+    dtypes = [d.strip() for d in os.environ.get("FOCA_BENCH_DTYPES", "bf16,fp32").split(",") if d.strip()]
+    return [pytest.param(op, dtype, provider, id=f"{op}-x{GROUP_STREAMS}-{dtype}-{provider}")
+            for op in GROUP_OPS for dtype in dtypes for provider in ("group", "loop")]
+
+
+@pytest.mark.parametrize("op,dtype,provider", _group_cases())
+def test_full_step_of_many_streams(benchmark, op, dtype, provider, foca_bench_rows):
+    """provider "group": fk.update_group_ over every stream (O(1) launches per step); "loop": one
+    fk.update_ per stream, as the hooks did before. Both in the steady state (the fit runs at
+    every calibrated full step); bytes are the fused launches' (fit at its two-pass floor)."""
+    method, options, _ = OPS[op]
+    torch_dtype = DTYPES[dtype]
+    backend = "triton" if DEVICE.type == "cuda" else "torch"
+    numel = math.prod(GROUP_SHAPE)
+    base = _features(GROUP_SHAPE, torch_dtype)[1]
+    xs = [base * (1.0 + 0.01 * i) for i in range(GROUP_STREAMS)]
+    states = [fk.allocate(x, method, **options) for x in xs]
+    for i in range(FULL_WARMUP):
+        fk.update_group_(states, [x * (1.0 + 0.1 * i) for x in xs], 1.0, backend=backend)
+    tensors_moved = _steady_launch(op, GROUP_SHAPE, torch_dtype).tensors_moved
+    nbytes = GROUP_STREAMS * tensors_moved * numel * xs[0].element_size()
+    if provider == "group":
+        fn = lambda: fk.update_group_(states, xs, 1.0, backend=backend)  # noqa: E731
+    else:
+        def fn():
+            for st, x in zip(states, xs):
+                fk.update_(st, x, 1.0, backend=backend)
+
+    iterations, rounds = _plan(fn)
+    benchmark.group = f"{op} x{GROUP_STREAMS} {GROUP_SHAPE} {dtype}"
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    stats = benchmark.stats.stats
+    del fn
+    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
+    info = {
+        "device": str(DEVICE), "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
+        "backend": backend, "streams": GROUP_STREAMS, "numel": numel, "tensors_moved": tensors_moved,
+        "bytes_moved": nbytes, "min_s": stats.min, "median_s": stats.median, "gb_per_s": nbytes / stats.min / 1e9,
+        "copy_floor_s": floor, "fraction_of_copy_floor": floor / stats.min, "page_faults_per_call": faults,
+    }
+    benchmark.extra_info.update(info)
+    size = f"x{GROUP_STREAMS} " + "x".join(map(str, GROUP_SHAPE))
+    foca_bench_rows.append({"op": op, "size": size, "dtype": dtype, "provider": provider, **info})
