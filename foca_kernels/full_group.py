@@ -63,21 +63,42 @@ def update_group_(states: Sequence[CacheState], features: Sequence[torch.Tensor]
         check_tensor(st, f, f"features[{i}]")
         check_writable(st)
     _check_aliasing(states, features)
-    hs = _step_sizes(h, n)
+    _run_group(states, features, _step_sizes(h, n), backend)
+    return states
+
+
+def update_group_shared_(states: List[CacheState], features: List[torch.Tensor], hs: List[float], *,
+                         backend: Optional[str] = None) -> None:
+    """:func:`update_group_` for callers that already guarantee what it checks per pair (the
+    hooks: each feature is a fresh module output of its state's shape, dtype and device, held
+    by no state; distinct states; every h > 0 by construction), as :func:`~foca_kernels.api.update_shared_`
+    is for update_. What can still fail (a coefficient that does not fit float32) is refused
+    before anything is written. Per pair it only hands over the feature."""
+    _run_group(states, features, hs, backend)
+
+
+def _run_group(states: List[CacheState], features: List[torch.Tensor], hs: List[float], backend) -> None:
     classes = _classes(states, hs)
     launches = [_plan(states[rep], True, t_new, hs[rep]) for rep, t_new, _ in classes]  # may refuse: nothing written
-    flats = [f.detach().contiguous().view(-1) for f in features]
+    flats = [f if f.is_contiguous() else f.contiguous() for f in features]  # kernels read raw storage
     with torch.no_grad():
         for launch, (rep, _, members) in zip(launches, classes):
             name = get_backend(states[rep].device, backend)
-            if name == "triton":
-                _run_triton(launch, [states[i] for i in members], [flats[i] for i in members])
+            if len(classes) == 1:
+                ss, fs = states, flats
             else:
-                _run_torch(launch, [states[i] for i in members], [flats[i] for i in members])
+                ss, fs = [states[i] for i in members], [flats[i] for i in members]
+            if name == "triton":
+                _run_triton(launch, ss, fs)
+            else:
+                _run_torch(launch, ss, [f.view(-1) for f in fs])
     for launch, (_, t_new, members) in zip(launches, classes):
-        for i in members:
-            states[i].commit(launch, t_new, full=True)
-    return states
+        if len(classes) == 1:
+            for st in states:
+                st.commit(launch, t_new, full=True)
+        else:
+            for i in members:
+                states[i].commit(launch, t_new, full=True)
 
 
 # ---- checks ----------------------------------------------------------------------------------------------
@@ -109,10 +130,15 @@ def _check_aliasing(states, features) -> None:
 def _classes(states, hs) -> List[tuple]:
     """(representative index, t_new, member indices) per set of states with equal history."""
     first = states[0]
-    if first._launch is not None and hs.count(hs[0]) == len(hs) and all(
-            s._launch is first._launch and s.t == first.t and s.dtype == first.dtype and s.io_dtype == first.io_dtype
-            and s.device == first.device and _same_method(s.method, first.method) for s in states):
-        return [(0, next_time(first, hs[0]), list(range(len(states))))]  # one history: one check
+    launch, t, dtype, io_dtype, method = first._launch, first.t, first.dtype, first.io_dtype, first.method
+    if launch is not None and hs.count(hs[0]) == len(hs):
+        device = first.device
+        for s in states:  # (a plain loop: every state of a model, at every full step)
+            if not (s._launch is launch and s.t == t and s.dtype is dtype and s.io_dtype is io_dtype
+                    and (s.method is method or _same_method(s.method, method)) and s.slots.device == device):
+                break
+        else:  # one history: one check
+            return [(0, next_time(first, hs[0]), range(len(states)))]
     classes: List[list] = []
     for i, (st, hi) in enumerate(zip(states, hs)):
         t_new = next_time(st, hi)

@@ -1,5 +1,5 @@
 """Full steps through the hooks: each computed module's output is recorded at after_module and
-every recorded update of the model call runs as ONE ``update_group_`` at its end
+every recorded update of the model call runs as ONE ``update_group_shared_`` (update_group_ without its per-pair checks) at its end
 (hooks/pending.py).
 
 * launches per full step do not grow with the number of cached modules (a toy with 2 and with
@@ -142,8 +142,8 @@ def test_launches_per_full_step_do_not_grow_with_the_modules(method_options, mon
 @pytest.mark.parametrize("method_options", [{}, {"reading": "r7"}], ids=["foca-calibrated", "foca-r7"])
 def test_grouped_full_steps_equal_per_module_updates(granularity, method_options, backend, monkeypatch):
     calls = []
-    real = pending_mod.update_group_
-    monkeypatch.setattr(pending_mod, "update_group_", lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
+    real = pending_mod.update_group_shared_
+    monkeypatch.setattr(pending_mod, "update_group_shared_", lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
     targets = TARGETS if granularity == "module" else None
     out = {}
     for limit in (0, 256 << 20):
@@ -236,8 +236,8 @@ def test_aborted_call_drops_its_updates():
 # ---- memory bound -----------------------------------------------------------------------------------------------
 def test_max_pending_bytes_flushes_early(monkeypatch):
     sizes = []
-    real = pending_mod.update_group_
-    monkeypatch.setattr(pending_mod, "update_group_", lambda s, *a, **k: (sizes.append(len(s)), real(s, *a, **k)))
+    real = pending_mod.update_group_shared_
+    monkeypatch.setattr(pending_mod, "update_group_shared_", lambda s, *a, **k: (sizes.append(len(s)), real(s, *a, **k)))
     held = []
     real_record = pending_mod.PendingUpdates.record
 
@@ -273,8 +273,8 @@ def test_max_pending_bytes_refused():
 @pytest.mark.parametrize("case", ["inference-output", "inference-residual", "rfc"])
 def test_per_module_path(case, monkeypatch):
     calls = []
-    real = pending_mod.update_group_
-    monkeypatch.setattr(pending_mod, "update_group_", lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
+    real = pending_mod.update_group_shared_
+    monkeypatch.setattr(pending_mod, "update_group_shared_", lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
     cfg = dict(targets=TARGETS, **SCHEDULE)
     if case == "inference-residual":
         cfg = dict(granularity="block", **SCHEDULE)

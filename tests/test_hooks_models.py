@@ -51,7 +51,7 @@ def test_every_step_computed_is_bit_identical(family, cfg, granularity, monkeypa
     # Same with the states fed on every step (a mask that never skips still updates them): each
     # stream once per step, in the call's grouped update (or on its own).
     calls = {"update_": 0}
-    orig, orig_group = foca_kernels.api.update_, pending_mod.update_group_
+    orig, orig_group = foca_kernels.api.update_, pending_mod.update_group_shared_
 
     def counted(*a, **k):
         calls["update_"] += 1
@@ -62,7 +62,7 @@ def test_every_step_computed_is_bit_identical(family, cfg, granularity, monkeypa
         return orig_group(states, *a, **k)
 
     monkeypatch.setattr(foca_kernels.api, "update_", counted)
-    monkeypatch.setattr(pending_mod, "update_group_", counted_group)
+    monkeypatch.setattr(pending_mod, "update_group_shared_", counted_group)
     enable_cache(m, mask=lambda step, n: True, granularity=granularity)
     assert torch.equal(T.sample(case, m, steps=4, batch=2, cfg=cfg), ref)
     info = cache_info(m)
@@ -142,7 +142,7 @@ def test_skipped_steps_do_not_run_cached_modules_and_use_the_fused_ops(family, m
     monkeypatch.setattr(torch_group, "group_torch", counting("launch", torch_group.group_torch))
     monkeypatch.setattr(triton_group, "group_triton", counting("launch", triton_group.group_triton))
     # A full step: every stream's update in one grouped call at the end of the model call.
-    monkeypatch.setattr(pending_mod, "update_group_", counting("full", pending_mod.update_group_))
+    monkeypatch.setattr(pending_mod, "update_group_shared_", counting("full", pending_mod.update_group_shared_))
     target = m.transformer_blocks[0].ff
     counting_forward = target.forward = counting("module", target.forward)
 

@@ -3,7 +3,8 @@
 On a full step each cached module's output is recorded here instead of being written into its
 state at once; at the end of the model call (or earlier, when the recorded features hold more
 than ``CacheConfig.max_pending_bytes``) every recorded update runs as ONE
-``foca_kernels.update_group_`` call, which updates all states that share a history in a fixed
+``foca_kernels.update_group_`` call (its trusted form ``update_group_shared_``: the hooks
+guarantee the per-pair checks), which updates all states that share a history in a fixed
 number of launches. Until then the recorded outputs are kept alive.
 
 A recorded output the model changes in place after its module returned would be cached with
@@ -21,7 +22,7 @@ from typing import Dict, List
 
 import torch
 
-from ..full_group import update_group_
+from ..full_group import update_group_shared_
 
 
 class PendingUpdates:
@@ -42,8 +43,8 @@ class PendingUpdates:
             self.nbytes += feature.numel() * feature.element_size()
 
     def flush(self, backend) -> None:
-        """Run every recorded update (one update_group_ call). Refused (an error from
-        update_group_, which writes nothing then): every recorded module steps back to its
+        """Run every recorded update (one update_group_shared_ call). Refused (an error from
+        it, which writes nothing then): every recorded module steps back to its
         time before this call, as if it had not been computed, and the error propagates."""
         entries, taus = self.entries, self.taus
         self.entries, self.taus, self.nbytes = [], {}, 0
@@ -62,8 +63,8 @@ class PendingUpdates:
         if not keep:
             return
         try:
-            update_group_([s.state for _, s, _, _, _ in keep], [f for _, _, f, _, _ in keep],
-                          [h for _, _, _, h, _ in keep], backend=backend)
+            update_group_shared_([s.state for _, s, _, _, _ in keep], [f for _, _, f, _, _ in keep],
+                                 [h for _, _, _, h, _ in keep], backend=backend)
         except BaseException:
             for g, tau in taus.items():
                 if g not in changed:

@@ -154,13 +154,16 @@ _TABLES: dict = {}  # (slot pointers, strides, sizes, block, device) -> (table, 
 _TABLE_CACHE = 64
 
 
-def _table(slots: Sequence[torch.Tensor], numels: Sequence[int], block: int):
+def _table(slots: Sequence[torch.Tensor], numels: Sequence[int], block: int, ptrs: Optional[Sequence[int]] = None):
     """The grouped kernel's table for these members (cached by what it is made of: pointers,
-    strides and sizes, so a reused allocation can never get a stale table)."""
+    strides and sizes, so a reused allocation can never get a stale table). ``ptrs``: the members'
+    byte offsets from the first one's data, if the caller has them."""
     s0 = slots[0]
-    ptrs = tuple(s.data_ptr() for s in slots)
-    strides = tuple(s.stride(0) for s in slots)
-    key = (tuple(p - ptrs[0] for p in ptrs), strides, tuple(numels), block, s0.device)
+    if ptrs is None:
+        ptrs = [s.data_ptr() - s0.data_ptr() for s in slots]
+    ptrs = tuple(ptrs)
+    strides = tuple([s.stride(0) for s in slots])
+    key = (ptrs, strides, tuple(numels), block, s0.device)
     hit = _TABLES.get(key)
     if hit is None:
         es = s0.element_size()
@@ -176,6 +179,22 @@ def _table(slots: Sequence[torch.Tensor], numels: Sequence[int], block: int):
 
 def _upload(values: List[float], dtype, device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+_CONSTANTS: dict = {}  # (values, dtype, device) -> a device tensor nobody writes
+_CONSTANT_CACHE = 256
+
+
+def _constant(values: tuple, dtype, device) -> torch.Tensor:
+    """``values`` on the device, uploaded once: a method's full steps repeat a handful of
+    coefficient vectors, so most steps upload nothing."""
+    key = (values, dtype, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        if len(_CONSTANTS) >= _CONSTANT_CACHE:
+            _CONSTANTS.clear()
+        hit = _CONSTANTS[key] = _upload(list(values), dtype, device)
+    return hit
 
 
 def _bits(rows: Sequence[Sequence[float]]) -> int:
@@ -272,7 +291,9 @@ def full_group_triton(slots: Sequence[torch.Tensor], numels: Sequence[int], feat
     s0 = slots[0]
     device = s0.device
     has_feat_lc = bool(has_feature) and bool(writes)
-    slot_rel = [s.data_ptr() - s0.data_ptr() for s in slots]
+    ptrs = [s.data_ptr() for s in slots]
+    p0 = ptrs[0]
+    slot_rel = [p - p0 for p in ptrs]
     slot_vec = _vec(slot_rel, s0.element_size())
     feat_vec, feat_rel = 1, None
     if feats is not None:
@@ -286,7 +307,7 @@ def full_group_triton(slots: Sequence[torch.Tensor], numels: Sequence[int], feat
         block, num_warps = block_size(max(numels))
     else:
         block, num_warps = fit_block(max(numels)), FIT_WARPS
-    table, starts, n_programs = _table(slots, numels, block)
+    table, starts, n_programs = _table(slots, numels, block, slot_rel)
     feat_offs = None
     if feats is not None and (has_feat_lc or (fit is not None and (fit.has_feat or fit.feat2))):
         feat_offs = _upload([d // fes for d in feat_rel], torch.int64, device)
@@ -294,7 +315,8 @@ def full_group_triton(slots: Sequence[torch.Tensor], numels: Sequence[int], feat
     sums = None
     if fit is not None:
         assert fit.reads1 or fit.has_feat
-        step1 = _upload([c for row in fit.rows1 for c in row] + [float(r) for r in fit.reads1], torch.float32, device)
+        step1 = _constant(tuple(c for row in fit.rows1 for c in row) + tuple(float(r) for r in fit.reads1),
+                          torch.float32, device)
         partial = torch.empty(n_programs, 5, dtype=torch.float64, device=device)
         _fit_dots_kernel[(n_programs,)](
             s0, table, step1, feats[0] if fit.has_feat else s0, feat_offs if fit.has_feat else table, partial,
@@ -312,7 +334,7 @@ def full_group_triton(slots: Sequence[torch.Tensor], numels: Sequence[int], feat
         tuple(int(r) for r in reads), has_feat_lc, tuple(int(w) for w in writes), tuple(coef), fit)
     if fit is None and not writes:
         return launches
-    step = _upload(values, torch.float32, device)
+    step = _constant(tuple(values), torch.float32, device)
     group_triton(s0, s0, table, step, n_programs, pattern, len(all_reads), len(writes), False, block, num_warps,
                  feature0=feats[0] if has_feat else None, feat_offs=feat_offs if has_feat else None, sums=sums,
                  fit_nz=fit_nz, slot_vec=slot_vec, feat_vec=feat_vec)
