@@ -93,12 +93,7 @@ def _run_group(states: List[CacheState], features: List[torch.Tensor], hs: List[
             else:
                 _run_torch(launch, ss, [f.view(-1) for f in fs])
     for launch, (_, t_new, members) in zip(launches, classes):
-        if len(classes) == 1:
-            for st in states:
-                st.commit(launch, t_new, full=True)
-        else:
-            for i in members:
-                states[i].commit(launch, t_new, full=True)
+        CacheState.commit_all(states if len(classes) == 1 else [states[i] for i in members], launch, t_new, full=True)
 
 
 # ---- checks ----------------------------------------------------------------------------------------------

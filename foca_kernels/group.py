@@ -118,6 +118,9 @@ class StateGroup:
         self._tables: Dict[tuple, tuple] = {}  # member indices, block -> (table, n_programs)
         self._steps: Dict[tuple, torch.Tensor] = {}  # launch structure -> device step tensor
         self._merges: Dict[tuple, list] = {}  # member indices -> members after merging packed runs
+        self._consts: Dict[tuple, torch.Tensor] = {}  # step values -> a device tensor (eager launches)
+        self._split = None  # (unaligned, merged aligned) for the class of all members
+        self._stamp = None  # CacheState.stamp after this group's last commit (see _classes)
         self.launches = 0  # kernel launches (or grouped PyTorch updates) so far
 
     def __len__(self) -> int:
@@ -137,15 +140,21 @@ class StateGroup:
         launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
         for launch, (rep, t_new, members) in launches:
             self._run(launch, members, backend)
-        for launch, (rep, t_new, members) in launches:
-            for m in members:
-                m.state.commit(launch, t_new, full=False)
+        self._commit(launches)
         return self.outs
+
+    def _commit(self, launches) -> None:
+        for launch, (rep, t_new, members) in launches:
+            CacheState.commit_all([m.state for m in members], launch, t_new, full=False)
+        # nothing else changed any state since: the next step may skip the O(states) checks
+        self._stamp = CacheState.stamp if len(launches) == 1 and launches[0][1][2] is self.members else None
 
     def _check_current(self) -> None:
         if self._inference and not torch.is_inference_mode_enabled():
             for m in self.members:
                 check_writable(m.state, m.out)
+        if self._stamp == CacheState.stamp:  # unchanged since this group's last step
+            return
         for m in self.members:
             if m.state.slots is not m.slots:
                 raise RuntimeError(
@@ -166,11 +175,12 @@ class StateGroup:
     def _classes(self, hs: List[float]) -> List[list]:
         """[representative member, t_new, members] per set of states with equal history."""
         first = self.members[0].state
-        if first._launch is not None and hs.count(hs[0]) == len(hs) and all(
-                m.state._launch is first._launch and m.state.t == first.t for m in self.members):
-            # every state was last committed by the same launch: one history, one check
+        if first._launch is not None and hs.count(hs[0]) == len(hs) and (self._stamp == CacheState.stamp or all(
+                m.state._launch is first._launch and m.state.t == first.t for m in self.members)):
+            # every state was last committed by the same launch (this group's last step, and no
+            # state changed since, or checked here): one history, one check
             check_ready(first)
-            return [[self.members[0], next_time(first, hs[0]), list(self.members)]]
+            return [[self.members[0], next_time(first, hs[0]), self.members]]
         classes: List[list] = []
         for m, hm in zip(self.members, hs):
             check_ready(m.state)
@@ -189,16 +199,22 @@ class StateGroup:
             call.fn()
             self.launches += 1
 
-    def _prepare(self, launch: Launch, members: list, backend: Optional[str]) -> list:
+    def _prepare(self, launch: Launch, members: list, backend: Optional[str], graph: bool = False) -> list:
         """The launches of one class, ready to run (device-side inputs already uploaded)."""
         rep = members[0].state
         name = get_backend(rep.device, backend)
+        if members is self.members and self._split is not None:  # the usual class: all of them
+            unaligned, grouped = self._split
+        else:
+            unaligned = [m for m in members if not m.aligned]
+            grouped = [m for m in members if m.aligned]
+            grouped = self._merged(grouped) if grouped else grouped
+            if members is self.members:
+                self._split = (unaligned, grouped)
         calls = [_Call(lambda m=m: self._run_single(launch, m, name), None)  # own launch, as forecast_
-                 for m in members if not m.aligned]
-        grouped = [m for m in members if m.aligned]
+                 for m in unaligned]
         if not grouped:
             return calls
-        grouped = self._merged(grouped)
         pattern = row_pattern(launch.coef, len(launch.writes) + int(launch.has_out), len(launch.reads))
         if name == "torch":
             from .ops.torch_group import group_torch
@@ -206,24 +222,32 @@ class StateGroup:
             calls.append(_Call(lambda: group_torch(grouped, list(launch.reads), list(launch.writes), launch.has_out,
                                                    list(launch.coef), pattern), None))
         else:
-            calls.append(self._prepare_triton(launch, grouped, pattern))
+            calls.append(self._prepare_triton(launch, grouped, pattern, graph))
         return calls
 
     def _run_single(self, launch: Launch, m: _Member, backend: str) -> None:
         _run_into(m.state, launch, m.out, backend)
 
-    def _prepare_triton(self, launch: Launch, members: list, pattern) -> "_Call":
+    def _prepare_triton(self, launch: Launch, members: list, pattern, graph: bool = False) -> "_Call":
         from .ops import triton_group as tg
 
         block, num_warps = tg.block_size(max(m.numel for m in members))
         table, n_programs = self._table(members, block)
-        values = list(pattern.flat) + [float(r) for r in launch.reads] + [float(w) for w in launch.writes]
-        key = (len(values), members[0].index)
-        step = self._steps.get(key)
-        if step is None:
-            step = self._steps[key] = torch.empty(len(values), dtype=torch.float32, device=members[0].slots.device)
-        # From pageable host memory: copied to a staging buffer at once, no device sync.
-        step.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
+        values = (*pattern.flat, *map(float, launch.reads), *map(float, launch.writes))
+        device = members[0].slots.device
+        if graph:  # a captured graph reads one fixed tensor: the values are copied into it
+            key = (len(values), members[0].index)
+            step = self._steps.get(key)
+            if step is None:
+                step = self._steps[key] = torch.empty(len(values), dtype=torch.float32, device=device)
+            # From pageable host memory: copied to a staging buffer at once, no device sync.
+            step.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
+        else:  # eager: a method's skipped steps repeat a few coefficient vectors, each uploaded once
+            step = self._consts.get(values)
+            if step is None:
+                if len(self._consts) >= 64:
+                    self._consts.clear()
+                step = self._consts[values] = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
         nr, nw, ho = len(launch.reads), len(launch.writes), launch.has_out
 
         def fn():
@@ -283,7 +307,8 @@ class StateGroup:
         rows, _ = table_rows([(m.slots.data_ptr() - s0.data_ptr()) // se for m in members],
                              [(m.flat.data_ptr() - o0.data_ptr()) // oe for m in members],
                              [m.slots.stride(0) for m in members], [m.numel for m in members], block)
-        table = torch.tensor(rows, dtype=torch.int64).to(s0.device)
+        # non_blocking: from pageable memory the copy is staged at once, without waiting for the device
+        table = torch.tensor(rows, dtype=torch.int64).to(s0.device, non_blocking=True)
         hit = self._tables[key] = (table, len(rows))
         return hit
 
@@ -324,7 +349,7 @@ class GraphedForecast:
         g._check_current()
         classes = g._classes(hs)
         launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]
-        calls = [call for launch, c in launches for call in g._prepare(launch, c[2], "triton")]
+        calls = [call for launch, c in launches for call in g._prepare(launch, c[2], "triton", graph=True)]
         if any(call.graph_key is None for call in calls):
             raise RuntimeError("a member of this group cannot be captured (non-contiguous or misaligned out); "
                                "use group.forecast_ instead")
@@ -342,9 +367,7 @@ class GraphedForecast:
             graph.replay()
             self.replays += 1
         g.launches += len(calls)
-        for launch, (rep, t_new, members) in launches:
-            for m in members:
-                m.state.commit(launch, t_new, full=False)
+        g._commit(launches)
         return g.outs
 
 

@@ -79,6 +79,11 @@ class Launch(NamedTuple):
 class CacheState:
     """Stored tensors of one cached stream (one module output) for one method."""
 
+    # Bumped by every change of any state's bookkeeping or slots (commit, reset, move_to_): a
+    # caller that saw the value after its own change knows nothing changed since (StateGroup's
+    # per-step checks are then O(1) in its number of states).
+    stamp = 0
+
     def __init__(self, method: Method, shape, dtype: torch.dtype, device, io_dtype: Optional[torch.dtype] = None,
                  slots: Optional[torch.Tensor] = None):
         if dtype not in STORAGE_DTYPES:
@@ -119,6 +124,7 @@ class CacheState:
             raise ValueError(f"new slots need unit column stride and a row stride that is a multiple of {SLOT_ALIGN}")
         slots.copy_(self.slots)
         self.slots = slots
+        CacheState.stamp += 1
 
     # ---- bookkeeping -------------------------------------------------------------------
     def reset(self) -> None:
@@ -131,6 +137,7 @@ class CacheState:
         self.n_steps = 0
         self._memo: Any = None  # the method's host-side scalars (Transition.memo)
         self._launch: Optional[Launch] = None  # the launch last committed
+        CacheState.stamp += 1
 
     @property
     def device(self) -> torch.device:
@@ -265,14 +272,23 @@ class CacheState:
         # The launch's dicts are shared, never copied: nothing mutates them (plan builds new
         # ones), and states committed by one launch share them, which StateGroup uses to see
         # at a glance that they still share a history.
-        self._slot_of = launch.slot_of
-        self._time_of = launch.time_of
-        self._memo = launch.memo
-        self._launch = launch
-        self.t = t_new
-        self.n_steps += 1
-        if full:
-            self.n_full += 1
-            self.n_skip = 0
-        else:
-            self.n_skip += 1
+        CacheState.commit_all((self,), launch, t_new, full)
+
+    @staticmethod
+    def commit_all(states, launch: Launch, t_new: float, full: bool) -> None:
+        """:meth:`commit` for many states (one launch ran for all of them), in one tight loop:
+        grouped steps commit every state of a model at every step."""
+        slot_of, time_of, memo = launch.slot_of, launch.time_of, launch.memo
+        for st in states:
+            st._slot_of = slot_of
+            st._time_of = time_of
+            st._memo = memo
+            st._launch = launch
+            st.t = t_new
+            st.n_steps += 1
+            if full:
+                st.n_full += 1
+                st.n_skip = 0
+            else:
+                st.n_skip += 1
+        CacheState.stamp += 1

@@ -580,6 +580,41 @@ def test_stale_group_refused(how, backend, device):
         assert_bits(out, fk.forecast(b, 0.5, backend=backend), f"state {i} forecast from a new group")
 
 
+@pytest.mark.parametrize("change", ["update_", "reset", "move_to_"])
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_state_changed_after_a_group_step_is_seen(change, packed, backend, device):
+    """After a step of the group, its next step skips the per-state checks when no state
+    changed since (CacheState.stamp); a state changed by another call in between is seen: its
+    own class, bit-identical to forecast_ per state, or a refusal when it was moved."""
+    def make():
+        sts = [fk.allocate(torch.empty(5, 3, device=device), "foca", reading="r3") for _ in range(4)]
+        for k in range(3):
+            for i, st in enumerate(sts):
+                fk.update_(st, feature(st.shape, torch.float32, device, 10 * k + i), 1.0, backend=full_backend(backend))
+        return sts
+
+    states, twins = make(), make()
+    outs = pack_states_(states) if packed else [torch.empty(5, 3, device=device) for _ in states]
+    group = StateGroup(states, outs)
+    for h in (1.0, 0.5):  # the second step takes the O(1) path
+        group.forecast_(h, backend=backend)
+        for b in twins:
+            fk.forecast(b, h, backend=backend)
+    if change == "move_to_":
+        states[1].move_to_(torch.zeros_like(states[1].slots))
+        with pytest.raises(RuntimeError, match=r"stale StateGroup: state 1 was moved"):
+            group.forecast_(1.0, backend=backend)
+        return
+    for sts in (states, twins):
+        if change == "reset":
+            sts[1].reset()
+        for k in range(1 if change == "update_" else 2):
+            fk.update_(sts[1], feature(sts[1].shape, torch.float32, device, 55 + k), 1.0, backend=full_backend(backend))
+    group.forecast_(0.75, backend=backend)
+    for i, (b, out) in enumerate(zip(twins, outs)):
+        assert_bits(out, fk.forecast(b, 0.75, backend=backend), f"state {i} after state 1 changed ({change})")
+
+
 def test_inference_states_refused_outside_inference_mode(backend, device):
     with torch.inference_mode():
         states, twins, outs = _three(device, backend)
