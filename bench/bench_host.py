@@ -255,3 +255,80 @@ def test_host_skipped_and_full_step(benchmark):
     for name in FK_METHODS:
         disable_cache(rows[f"fk-{name}"][0])
     disable_cache(rows["fk-foca-per-module"][0])
+
+
+# ---- the grouped calls alone: host work of one step of every stream of a model ---------------
+GROUP_STREAMS = 56  # DiT-XL/2: attn1 and ff of 28 blocks
+GROUP_SHAPE = (2, 256, 1152)  # one stream's output at DiT-XL/2 size (CFG-batched, 256 tokens)
+
+
+@pytest.mark.parametrize("method,options", [("foca", {}), ("foca", {"reading": "r7"}), ("taylorseer", {}),
+                                            ("reuse", {})], ids=["foca", "foca-r7", "taylorseer", "reuse"])
+def test_host_grouped_step(benchmark, method, options, monkeypatch):
+    """Host time of ONE grouped skipped step (``StateGroup.forecast_``) and ONE grouped full step
+    (``update_group_shared_``, what the hooks run) over 56 streams, in a cycle of one full step
+    and four skipped ones (N = 5). On CUDA: wall-clock per call at DiT-XL/2 size, where the
+    kernels take a few microseconds and the call is host-bound. On CPU: the Triton path's host
+    work alone: its launches are replaced by no-ops (the interpreter would run the kernels), so
+    the figure is the package's Python plus the uploads, not Triton's own launch cost."""
+    import foca_kernels as fk
+    from foca_kernels.full_group import update_group_shared_
+    from foca_kernels.ops import triton_fit as tf, triton_group as tg
+
+    on_cuda = DEVICE.type == "cuda"
+    shape = GROUP_SHAPE if on_cuda else (2, 4, 8)
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    m = fk.make_method(method, **options)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    feats = [torch.randn(shape, generator=gen, device=DEVICE).to(dtype) for _ in range(GROUP_STREAMS)]
+    states = [fk.allocate(feats[0], m) for _ in range(GROUP_STREAMS)]
+    hs = [1.0] * GROUP_STREAMS
+    for _ in range(3):
+        update_group_shared_(states, feats, hs, backend="torch" if not on_cuda else "triton")
+    group = fk.StateGroup(states, fk.pack_states_(states))
+    if not on_cuda:  # the host's share only: launches are no-ops
+        class _NoLaunch:
+            def __getitem__(self, grid):
+                return lambda *a, **k: None
+
+        for name in ("_fit_dots_kernel", "_fit_sum_kernel"):
+            monkeypatch.setattr(tf, name, _NoLaunch())
+        monkeypatch.setattr(tf, "group_triton", lambda *a, **k: None)
+        monkeypatch.setattr(tg, "group_triton", lambda *a, **k: None)
+        monkeypatch.setattr(tg, "block_size", lambda n: (2048, 8))  # the CUDA choice, not the interpreter's
+        monkeypatch.setattr(tf, "block_size", lambda n: (2048, 8))
+        monkeypatch.setattr(tf, "fit_block", lambda n: 1024)
+        import foca_kernels.backend as be  # the Triton path on CPU tensors without the interpreter
+
+        monkeypatch.setattr(be, "interpreter_on", lambda: True)
+    full_t: List[float] = []
+    skip_t: List[float] = []
+
+    def clock() -> float:
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def cycle(record: bool):
+        t0 = clock()
+        update_group_shared_(states, feats, hs, backend="triton")
+        t1 = clock()
+        if record:
+            full_t.append(t1 - t0)
+        for _ in range(4):
+            t0 = clock()
+            group.forecast_(1.0, backend="triton")
+            t1 = clock()
+            if record:
+                skip_t.append(t1 - t0)
+
+    for _ in range(20):  # compiles (CUDA) and warms the caches
+        cycle(False)
+    benchmark.pedantic(lambda: [cycle(True) for _ in range(200)], rounds=1, iterations=1)
+    stats = {k: {"p10_us": _quantile(v, 0.1) * 1e6, "median_us": _quantile(v, 0.5) * 1e6}
+             for k, v in (("full", full_t), ("skipped", skip_t))}
+    what = "wall-clock (kernels included)" if on_cuda else "host work (Triton launches stubbed)"
+    print(f"\n{method}{options or ''}, {GROUP_STREAMS} streams of {list(shape)} {dtype}, {DEVICE}, {what}: "
+          f"full step p10 {stats['full']['p10_us']:.0f} / median {stats['full']['median_us']:.0f} us; "
+          f"skipped step p10 {stats['skipped']['p10_us']:.0f} / median {stats['skipped']['median_us']:.0f} us")
+    benchmark.extra_info.update(stats)
