@@ -16,21 +16,33 @@ to phi in [0, 3/2], theta in [0, 1] (ranges fixed before any measurement). When 
 (nearly) parallel or q = 0 (no curvature seen: a straight line), only phi is fitted
 (phi = ru / uu) and theta = 1/2. With three computed values the weights are r7's (1, 1/2); with
 two, the forecast is the secant line. The fitted weights are used until the next full step.
+
+Non-finite data: if any of the five sums is not finite (a nan or inf in r, u or q, which a nan
+or inf in one element of X0..X3 puts there), the fit is not made and the weights are r7's
+(1, 1/2), the reading's fixed weights, the ones it uses before four values exist. The bad
+element still carries its own non-finite value into the slope; every other element gets r7's
+finite slope instead of a slope whose weights are nan.
 """
 
 from __future__ import annotations
+
+import math
 
 from .foca import bdf2_derivative
 
 PHI_RANGE = (0.0, 1.5)
 THETA_RANGE = (0.0, 1.0)
 PARALLEL = 1e-9  # det <= PARALLEL * uu * qq: the two directions cannot be told apart
+R7_WEIGHTS = (1.0, 0.5)  # (phi, theta) of reading r7: before four values exist, and when a sum is not finite
 
 
 def fit_weights(r, u, q):
-    """Least-squares (phi, theta) of r ~ phi u + theta q over all elements, clipped; Python floats."""
+    """Least-squares (phi, theta) of r ~ phi u + theta q over all elements, clipped; Python floats.
+    r7's weights when a sum is not finite (a nan or inf in r, u or q)."""
     r, u, q = r.double().reshape(-1), u.double().reshape(-1), q.double().reshape(-1)
     uu, uq, qq, ru, rq = float(u @ u), float(u @ q), float(q @ q), float(r @ u), float(r @ q)
+    if not all(math.isfinite(s) for s in (uu, uq, qq, ru, rq)):
+        return R7_WEIGHTS
     det = uu * qq - uq * uq
     if det > PARALLEL * uu * qq:
         phi, theta = (ru * qq - rq * uq) / det, (rq * uu - ru * uq) / det
@@ -48,7 +60,7 @@ class FoCaCalibratedRef:
     def __init__(self):
         self.t = None
         self.computed = []  # [(x, t)] of the last four full computes, newest first
-        self.phi, self.theta = 1.0, 0.5
+        self.phi, self.theta = R7_WEIGHTS
         self.velocity = None  # phi A + theta (D - A), the forecast's slope in this window
         self.n_full = 0
 
