@@ -39,6 +39,7 @@ class SlotFit(NamedTuple):
     V: tuple
     phi_range: tuple
     theta_range: tuple
+    fixed: tuple  # (phi, theta) when a sum is not finite (methods.base.Fit)
     sharded: bool = False
 
     @property
@@ -232,7 +233,8 @@ class CacheState:
         combos = [tuple(self._in_slots(c).items()) for c in (fit.r, fit.u, fit.q, fit.U, fit.V)]
         if slot in reads or any(k == slot for c in combos for k, _ in c):
             raise AssertionError(f"{self.method.describe()}: the fitted role is read in the same step")
-        return SlotFit(slot, *combos, tuple(fit.phi_range), tuple(fit.theta_range), bool(fit.sharded))
+        return SlotFit(slot, *combos, tuple(fit.phi_range), tuple(fit.theta_range), tuple(fit.fixed),
+                       bool(fit.sharded))
 
     def plan_rotation(self, t_new: float) -> Launch:
         """The full step of a closed form (:class:`~foca_kernels.methods.RawHistory`) without

@@ -4,8 +4,9 @@ fitted from the data at every full step, on the device.
 Against the float64 reference (reference/foca_calibrated.py): exact on lines for random
 schedules and unequal steps, second order on smooth trajectories, every step of the package in
 fp32 / fp16 / bf16 against float64 applied to the package's own stored state, whole fp32
-sequences, the fit's branches (generic, straight line, parallel directions, clipping), the
-bytes each step moves, refusals that leave the state alone, torch.compile.
+sequences, the fit's branches (generic, straight line, parallel directions, clipping, a sum
+that is not finite: r7's weights), the bytes each step moves, refusals that leave the state
+alone, torch.compile. (A nan/inf feature on every path, grouped and sharded: test_nonfinite.py.)
 (Grouped skipped steps: tests/test_group.py; no host sync in a generation: test_hooks_nosync.py.)
 """
 
@@ -21,11 +22,12 @@ import torch._dynamo
 
 import foca_kernels as fk
 from foca_kernels.methods import FoCaCalibrated
-from foca_kernels.ops.fit import fit_weights as device_fit
+from foca_kernels.methods import foca_calibrated as calibrated_method
+from foca_kernels.ops.fit import fit_weights as device_fit, solve
 from helpers import DTYPE_IDS, DTYPES, assert_close, interval_schedule, make_steps, smooth_features, times_of
 from reference import make_ref
 from reference.foca import bdf2_derivative
-from reference.foca_calibrated import PHI_RANGE, THETA_RANGE, FoCaCalibratedRef, fit_weights
+from reference.foca_calibrated import PHI_RANGE, R7_WEIGHTS, THETA_RANGE, FoCaCalibratedRef, fit_weights
 
 OPTS = {"reading": "calibrated"}
 
@@ -217,12 +219,40 @@ def _fit_cases():
 def test_device_fit_agrees_with_reference(case):
     r, u, q = _fit_cases()[case]
     exp = fit_weights(r, u, q)
-    phi, theta = device_fit(r.float(), u.float(), q.float(), PHI_RANGE, THETA_RANGE)
+    phi, theta = device_fit(r.float(), u.float(), q.float(), PHI_RANGE, THETA_RANGE, R7_WEIGHTS)
     assert phi.dtype == theta.dtype == torch.float64 and phi.dim() == 0
     assert (float(phi), float(theta)) == pytest.approx(exp, abs=1e-5)
     expected = {"generic": (0.9, 0.3), "line": (1.0, 0.5), "parallel": (1.5, 0.5), "still": (0.0, 0.5),
                 "clip-low": (0.0, 0.0), "clip-high": (1.5, 1.0)}[case]
     assert exp == pytest.approx(expected, abs=0.02), f"reference gives {exp}"
+
+
+def test_constants_match_the_reference():
+    assert (calibrated_method.PHI_RANGE, calibrated_method.THETA_RANGE) == (PHI_RANGE, THETA_RANGE)
+    assert calibrated_method.R7_WEIGHTS == R7_WEIGHTS == (1.0, 0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_nonfinite_sum_takes_r7_weights(bad):
+    """A sum that is not finite (any one of the five, or a bad element in r, u or q of the data):
+    exactly r7's (1, 1/2), on the device and in the reference; before, the solve's nan (or, where
+    the parallel branch caught it, a clipped value) went into the slope of every element."""
+    r, u, q = _fit_cases()["generic"]
+    good = device_fit(r, u, q, PHI_RANGE, THETA_RANGE, R7_WEIGHTS)
+    assert (float(good[0]), float(good[1])) != R7_WEIGHTS  # the control: a real fit
+    sums = torch.stack((u @ u, u @ q, q @ q, r @ u, r @ q))
+    for i in range(5):
+        s = sums.clone()
+        s[i] = bad
+        phi, theta = solve(s, PHI_RANGE, THETA_RANGE, R7_WEIGHTS)
+        assert (float(phi), float(theta)) == R7_WEIGHTS, f"sum {i}"
+    for name, t in (("r", r), ("u", u), ("q", q)):
+        t0 = t.clone()
+        t[7] = bad
+        assert fit_weights(r, u, q) == R7_WEIGHTS, f"reference, {name}"
+        phi, theta = device_fit(r, u, q, PHI_RANGE, THETA_RANGE, R7_WEIGHTS)
+        assert (float(phi), float(theta)) == R7_WEIGHTS, f"device, {name}"
+        t.copy_(t0)
 
 
 # ---- 5. traffic, refusals, compile ----------------------------------------------------------------
@@ -289,12 +319,16 @@ def test_compiled_sequence_matches_eager(gen):
         assert_close(outs[1][i], outs[0][i], torch.float32, name=f"step {i}")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on inf
+@pytest.mark.parametrize("bad", [None, float("inf")], ids=["finite", "inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_three_fit_paths_agree(dtype, monkeypatch):
+def test_three_fit_paths_agree(dtype, bad, monkeypatch):
     """The fit has three implementations: the compiled two-pass C loop (CPU, ops/cpu_codegen.py:
     foca_fit), the two Triton kernels (ops/triton_fit.py; here through the interpreter) and plain
     PyTorch ops (the fallback). The first two form r, u, q in fp32, the last in fp64, so they
-    agree within the dtype's tolerance; none touches another slot."""
+    agree within the dtype's tolerance; none touches another slot. With an inf in one element of
+    the feature all three take r7's weights: the same slope within the tolerance, non-finite in
+    that element only, and the float64 slope with r7's weights (the PyTorch ops)."""
     from foca_kernels.ops import cpu_codegen
     from foca_kernels.ops.fit import run_fit
     if cpu_codegen.load() is None:
@@ -307,7 +341,10 @@ def test_three_fit_paths_agree(dtype, monkeypatch):
     from foca_kernels.api import _plan
     from foca_kernels.ops.fit import flatten
     launch = _plan(buf, True, buf.t + 2.0, 2.0)
-    *args, sharded = (buf.numel, xs[4].reshape(-1), launch.fit.slot, *flatten(launch.fit))
+    feature = xs[4].clone()
+    if bad is not None:
+        feature[2, 17] = bad
+    *args, sharded = (buf.numel, feature.reshape(-1), launch.fit.slot, *flatten(launch.fit))
     assert sharded is False
     slots_c, slots_t = buf.slots.clone(), buf.slots.clone()
     assert cpu_codegen.fit_cpu(slots_c, *args, 1e-9)
@@ -317,7 +354,16 @@ def test_three_fit_paths_agree(dtype, monkeypatch):
     run_fit(slots_t, *args)
     for name, got in (("compiled C", slots_c), ("Triton", slots_g)):
         assert_close(got[launch.fit.slot, :buf.numel], slots_t[launch.fit.slot, :buf.numel].double(), dtype,
-                     name=f"slope, {name} vs PyTorch ops")
+                     name=f"slope, {name} vs PyTorch ops", nonfinite="kind" if bad is None else "position")
+    if bad is not None:
+        y = slots_t[launch.fit.slot, :buf.numel]
+        assert int((~torch.isfinite(y)).sum()) == 1 and not torch.isfinite(y[2 * 301 + 17])
+        held = [feature.double()] + [buf.role(r).double() for r in ("X0", "X1")]
+        a = (held[0] - held[1]) / 2.0
+        d = bdf2_derivative(held[0], held[1], held[2], 2.0, 1.5)
+        phi, theta = R7_WEIGHTS
+        assert_close(y, (phi * a + theta * (d - a)).reshape(-1), dtype, name="slope with r7's weights",
+                     nonfinite="position")
     others = [s for s in range(buf.slots.shape[0]) if s != launch.fit.slot]
     for got in (slots_c, slots_g, slots_t):
         assert torch.equal(got[others], buf.slots[others])

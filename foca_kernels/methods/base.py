@@ -40,9 +40,12 @@ class Fit:
     """Role ``role`` (kept in its slot) is overwritten with ``phi * U + theta * V``, where
     (phi, theta) is the least-squares fit of ``r ~ phi u + theta q`` over the whole tensor,
     solved on the device (no host sync) and clipped to ``phi_range`` / ``theta_range``; when u
-    and q are (nearly) parallel only phi is fitted and theta = 1/2. All five are combinations
-    of the roles *before* the step (and :data:`FEATURE`). The one data-dependent update in the
-    package: FoCa's reading "calibrated" (methods/foca_calibrated.py)."""
+    and q are (nearly) parallel only phi is fitted and theta = 1/2; when one of the five sums is
+    not finite (a nan or inf in some element of r, u or q) the fit is not made and (phi, theta)
+    = ``fixed``, the method's fixed weights, so that the bad element stays the only non-finite
+    one of the slope. All five are combinations of the roles *before* the step (and
+    :data:`FEATURE`). The one data-dependent update in the package: FoCa's reading
+    "calibrated" (methods/foca_calibrated.py)."""
 
     role: str
     r: Combo
@@ -52,6 +55,7 @@ class Fit:
     V: Combo
     phi_range: tuple
     theta_range: tuple
+    fixed: tuple  # (phi, theta) when a sum is not finite
     # the tensor is one shard of the whole (tokens split over the default process group): the
     # five dot products are all-reduced (summed) first, so every shard fits the unsharded pair
     sharded: bool = False

@@ -12,7 +12,8 @@ roles  X0, X1, X2   the last three computed values (newest first)
        Y            the window's slope, phi A + theta (D - A)
 full   X0 <- feature, X1, X2 re-pointed; Y refitted in place (a :class:`Fit`, run before the
        copy: it reads the feature and the old X0..X2), or r7's slope while fewer than four
-       computed values exist
+       computed values exist; r7's slope too when the fit's sums are not finite (a nan/inf in
+       one element stays in that element)
 skip   out = X0 + x Y: 2 reads, 1 write, the state does not move (TaylorSeer-2: 3 reads)
 """
 
@@ -23,6 +24,8 @@ from .history import bdf2_derivative, secant
 
 PHI_RANGE = (0.0, 1.5)  # set before any measurement (docs/fidelity.md); reference/ pins the same
 THETA_RANGE = (0.0, 1.0)
+R7_WEIGHTS = (1.0, 0.5)  # (phi, theta) of reading r7: before four values exist, and when the fit's sums
+# are not finite (a nan/inf in the data: docs/method.md, "Non-finite features")
 
 
 def _slopes(vals, times):
@@ -69,12 +72,13 @@ class FoCaCalibrated(Method):
             return Transition(roles)
         a, d = _slopes(vals, times)
         if len(vals) < 4:  # no finished window to learn from yet: r7's weights (1, 1/2)
-            roles["Y"] = added(a, scaled(_minus(d, a), 0.5))
+            roles["Y"] = added(scaled(a, R7_WEIGHTS[0]), scaled(_minus(d, a), R7_WEIGHTS[1]))
             return Transition(roles)
         a1, d1 = _slopes(vals[1:], times[1:])  # the slopes the window that just ended used
         g = times[0] - times[1]
         fit = Fit("Y", r=_minus(vals[0], vals[1]), u=scaled(a1, g), q=scaled(_minus(d1, a1), g),
-                  U=a, V=_minus(d, a), phi_range=PHI_RANGE, theta_range=THETA_RANGE, sharded=self.sharded)
+                  U=a, V=_minus(d, a), phi_range=PHI_RANGE, theta_range=THETA_RANGE, fixed=R7_WEIGHTS,
+                  sharded=self.sharded)
         roles["Y"] = Keep("Y")
         return Transition(roles, fit=fit)
 

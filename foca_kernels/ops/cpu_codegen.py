@@ -48,6 +48,7 @@ SOURCE = r"""/* The fused linear-combination update for CPU tensors, as one loop
    With stream != 0 (large tensors) stores bypass the cache (non-temporal), as the libc copy the
    benchmarks call the floor does; otherwise every written cache line would first be read. */
 
+#include <math.h> /* isfinite: a macro, no libm */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -340,8 +341,9 @@ static void form_row(float *acc, const float *cr, int n_in, void *const *in, con
    coef: five rows of n_in coefficients over the inputs: r, u, q, U, V. Pass 1 forms r, u, q in
    fp32 block by block and sums the five products u.u, u.q, q.q, r.u, r.q in double; the 2x2
    normal system is solved as reference/foca_calibrated.py does (parallel test det <= par uu qq:
-   phi = r.u / u.u alone, theta = 1/2) and clipped to bounds (phi lo, hi, theta lo, hi); pass 2
-   writes phi U + theta V, rounded once to dst's dtype.
+   phi = r.u / u.u alone, theta = 1/2) and clipped to bounds (phi lo, hi, theta lo, hi); when a
+   sum is not finite (a nan/inf in r, u or q) phi, theta = bounds[4], bounds[5] (the method's
+   fixed weights) instead; pass 2 writes phi U + theta V, rounded once to dst's dtype.
    Returns 0, or -1 when the block buffers cannot be allocated. */
 int foca_fit(int64_t n, int n_in, void *const *in, const int *in_dt, const float *coef, const double *bounds,
              double par, void *dst, int dst_dt) {
@@ -383,6 +385,10 @@ int foca_fit(int64_t n, int n_in, void *const *in, const int *in_dt, const float
     }
     phi = phi < bounds[0] ? bounds[0] : (phi > bounds[1] ? bounds[1] : phi);
     theta = theta < bounds[2] ? bounds[2] : (theta > bounds[3] ? bounds[3] : theta);
+    if (!(isfinite(uu) && isfinite(uq) && isfinite(qq) && isfinite(ru) && isfinite(rq))) {
+        phi = bounds[4];
+        theta = bounds[5];
+    }
     const float fphi = (float)phi, ftheta = (float)theta;
     for (int64_t s = 0; s < n; s += BLOCK) {
         int64_t m = n - s < BLOCK ? n - s : BLOCK;
@@ -737,7 +743,7 @@ def fit_cpu(slots, numel: int, feature, slot: int, inputs, coef, bounds, paralle
     lay = _fit_layouts.get(key)
     if lay is None:  # the ctypes arrays of a call structure, made once
         lay = ((ctypes.c_int * len(inputs))(*([code] * len(inputs))), (ctypes.c_float * len(coef))(*coef),
-               (ctypes.c_double * 4)(*bounds))
+               (ctypes.c_double * 6)(*bounds))
         if len(_fit_layouts) >= _LAYOUT_CACHE:
             _fit_layouts.clear()
         _fit_layouts[key] = lay

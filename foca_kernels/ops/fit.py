@@ -6,6 +6,13 @@ ranges; if u and q cannot be told apart (det <= 1e-9 uu qq, e.g. q = 0 on a stra
 phi = r.u / u.u alone and theta = 1/2 (the rule: reference/foca_calibrated.py, fit_weights).
 r, u, q, U, V are combinations of the feature and stored slots (methods.base.Fit).
 
+Non-finite data: when one of the five sums is not finite (a nan or inf in some element of r, u
+or q, after the all-reduce when sharded, so every shard decides alike) the weights are the
+method's fixed ones (``Fit.fixed``; the calibrated reading: r7's (1, 1/2)) instead of the solve's
+nan. The bad element keeps its own non-finite value in the slope (the data are not cleaned);
+every other element stays finite. The test is a select on the five sums on the device (no host
+read, no pass over the data), the same on every path.
+
 Nothing is read on the host, so a full step does not sync with the GPU. The five dot products
 are summed in fp64: the determinant cancels, and fp32 products would put fp32 noise (~1e-7
 relative) into the parallel test instead of its 1e-9 threshold, so an exactly parallel case
@@ -42,7 +49,8 @@ def flatten(fit):
     """A state.SlotFit in the dense form every path takes (the custom op's arguments):
     ``inputs``, the distinct slots read in ascending order, then FEATURE_KEY if the feature is
     read; ``coef``, the five combinations r, u, q, U, V as rows of len(inputs) coefficients
-    (row-major); the four clip bounds (phi lo, hi, theta lo, hi); ``sharded``. Cached: the
+    (row-major); six bounds: the clip box (phi lo, hi, theta lo, hi), then the fixed weights
+    (phi, theta) taken when a sum is not finite; ``sharded``. Cached: the
     streams of a model share one fit per step (hooks: api.update_shared_)."""
     combos = (fit.r, fit.u, fit.q, fit.U, fit.V)
     keys = {FEATURE_KEY if isinstance(k, str) else int(k) for c in combos for k, _ in c}
@@ -52,7 +60,8 @@ def flatten(fit):
     for row, c in enumerate(combos):
         for k, v in c:
             coef[row * len(inputs) + col[FEATURE_KEY if isinstance(k, str) else int(k)]] += float(v)
-    return inputs, coef, [*map(float, fit.phi_range), *map(float, fit.theta_range)], bool(fit.sharded)
+    bounds = [*map(float, fit.phi_range), *map(float, fit.theta_range), *map(float, fit.fixed)]
+    return inputs, coef, bounds, bool(fit.sharded)
 
 
 def _combo(slots, numel, feature, inputs, coefs, dtype=torch.float32) -> torch.Tensor:
@@ -76,9 +85,11 @@ def dots(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.stack((u @ u, u @ q, q @ q, r @ u, r @ q))
 
 
-def solve(sums: torch.Tensor, phi_range, theta_range):
+def solve(sums: torch.Tensor, phi_range, theta_range, fixed):
     """(phi, theta) as 0-dim float64 tensors from the five sums (the branches of
-    reference/foca_calibrated.py as selects), clipped."""
+    reference/foca_calibrated.py as selects), clipped; ``fixed`` (phi, theta) when a sum is not
+    finite."""
+    finite = torch.isfinite(sums).all()
     uu, uq, qq, ru, rq = sums.unbind()
     det = uu * qq - uq * uq
     ok = det > PARALLEL * uu * qq
@@ -86,20 +97,24 @@ def solve(sums: torch.Tensor, phi_range, theta_range):
     slope_only = torch.where(uu > 0, ru / torch.where(uu > 0, uu, torch.ones_like(uu)), torch.zeros_like(uu))
     phi = torch.where(ok, (ru * qq - rq * uq) / safe, slope_only)
     theta = torch.where(ok, (rq * uu - ru * uq) / safe, torch.full_like(det, 0.5))
-    return phi.clamp(*phi_range), theta.clamp(*theta_range)
+    phi = torch.where(finite, phi.clamp(*phi_range), torch.full_like(det, fixed[0]))
+    theta = torch.where(finite, theta.clamp(*theta_range), torch.full_like(det, fixed[1]))
+    return phi, theta
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range, sharded: bool = False):
-    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64).
-    ``sharded``: the five dot products are summed over the default process group first."""
+def fit_weights(r: torch.Tensor, u: torch.Tensor, q: torch.Tensor, phi_range, theta_range, fixed,
+                sharded: bool = False):
+    """(phi, theta) as 0-dim float64 tensors on r's device (r, u, q are cast to float64);
+    ``fixed`` when a sum is not finite. ``sharded``: the five dot products are summed over the
+    default process group first."""
     sums = dots(r, u, q)
     if sharded and _distributed():
         torch.distributed.all_reduce(sums)
-    return solve(sums, phi_range, theta_range)
+    return solve(sums, phi_range, theta_range, fixed)
 
 
 def _rows(inputs, coef) -> list:
@@ -138,7 +153,7 @@ def run_fit(slots: torch.Tensor, numel: int, feature, slot: int, inputs: List[in
     sums = _sums_torch(slots, numel, feature, inputs, rows)
     if sharded and _distributed():
         torch.distributed.all_reduce(sums)
-    phi, theta = solve(sums, bounds[:2], bounds[2:])
+    phi, theta = solve(sums, bounds[0:2], bounds[2:4], bounds[4:6])
     _apply_torch(slots, numel, feature, slot, inputs, rows, phi, theta)
 
 
@@ -158,6 +173,6 @@ def run_fit_group_torch(members, slot: int, inputs: List[int], coef: List[float]
     if _distributed():
         torch.distributed.all_reduce(sums)
     for (slots, numel, feature), row in zip(members, sums):
-        phi, theta = solve(row, bounds[:2], bounds[2:])
+        phi, theta = solve(row, bounds[0:2], bounds[2:4], bounds[4:6])
         _apply_torch(slots, numel, feature, slot, inputs, rows, phi, theta)
     return len(members)

@@ -210,11 +210,12 @@ def _bits(rows: Sequence[Sequence[float]]) -> int:
 
 class FitSpec(NamedTuple):
     """A fit in dense form (ops/fit.py ``flatten``: ``inputs``, five coefficient rows r, u, q, U,
-    V, four clip bounds), split into what each pass reads: pass 1 the inputs r, u, q use (slots
-    ascending, the feature last), pass 2 those U, V use. Build it with :func:`fit_spec`."""
+    V, six bounds: the clip box, then the fixed weights taken when a sum is not finite), split
+    into what each pass reads: pass 1 the inputs r, u, q use (slots ascending, the feature
+    last), pass 2 those U, V use. Build it with :func:`fit_spec`."""
 
     slot: int
-    bounds: tuple
+    bounds: tuple  # phi lo, hi, theta lo, hi, fixed phi, fixed theta
     parallel: float
     sharded: bool
     has_feat: bool  # pass 1 reads the feature

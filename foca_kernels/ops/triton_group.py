@@ -16,8 +16,9 @@ gives the member). With ``FIT`` the launch also stores the calibrated reading's 
 (ops/fit.py) into one more slot: it reads the member's five fp64 dot products (ops/triton_fit.py,
 pass 1), solves the 2x2 system and writes phi U + theta V, where U and V are two more rows over
 the same inputs (the feature rounded to the state's dtype first, so the fit sees stored values);
-their coefficients, the fitted slot, the clip bounds and the parallel threshold follow the slot
-indices in ``step``. Every input is loaded once per block whatever reads it, and every store
+their coefficients, the fitted slot, the clip bounds, the fixed weights (used when a sum is not
+finite: a nan/inf in the data) and the parallel threshold follow the slot indices in ``step``.
+Every input is loaded once per block whatever reads it, and every store
 comes after every load of its block, so a written slot may be one that is read.
 
 Body blocks are masked against each member's ``body_end`` (a multiple of 16 elements) and the
@@ -36,7 +37,9 @@ import triton.language as tl
 from .triton_lincomb import _form_rows, _load_inputs, _store_rows, interpreted
 
 TABLE_COLS = 7  # slot_off, out_off, stride, start, body_end, n, member
-FIT_TAIL = 6  # step entries after a fit's two coefficient rows: slot, phi lo, phi hi, theta lo, theta hi, threshold
+# step entries after a fit's two coefficient rows: slot, phi lo, phi hi, theta lo, theta hi, the fixed
+# phi and theta (taken when a sum is not finite), threshold
+FIT_TAIL = 8
 
 
 @triton.jit
@@ -78,22 +81,26 @@ def _fit_row(xf, coef, BASE: tl.constexpr, NZ: tl.constexpr, NUM_IN: tl.constexp
 
 
 @triton.jit
-def _solve(sums_ptr, lo_phi, hi_phi, lo_theta, hi_theta, parallel):
+def _solve(sums_ptr, lo_phi, hi_phi, lo_theta, hi_theta, fixed_phi, fixed_theta, parallel):
     """(phi, theta) in fp32 from the five fp64 sums u.u, u.q, q.q, r.u, r.q: the 2x2 normal
-    system, or phi alone (theta 1/2) when u and q are parallel; clipped (ops/fit.py)."""
+    system, or phi alone (theta 1/2) when u and q are parallel; clipped (ops/fit.py); the fixed
+    weights when a sum is not finite."""
     uu = tl.load(sums_ptr + 0)
     uq = tl.load(sums_ptr + 1)
     qq = tl.load(sums_ptr + 2)
     ru = tl.load(sums_ptr + 3)
     rq = tl.load(sums_ptr + 4)
+    # s * 0 is 0 for a finite s and nan for nan or +-inf (IEEE; the kernels carry no fast-math
+    # flags, so it is not folded), so the total is 0 exactly when all five sums are finite
+    finite = (uu * 0.0 + uq * 0.0 + qq * 0.0 + ru * 0.0 + rq * 0.0) == 0.0
     det = uu * qq - uq * uq
     ok = det > parallel * uu * qq
     safe = tl.where(ok, det, 1.0)
     slope_only = tl.where(uu > 0, ru / tl.where(uu > 0, uu, 1.0), 0.0)
     phi = tl.where(ok, (ru * qq - rq * uq) / safe, slope_only)
     theta = tl.where(ok, (rq * uu - ru * uq) / safe, 0.5)
-    phi = tl.minimum(tl.maximum(phi, lo_phi), hi_phi).to(tl.float32)
-    theta = tl.minimum(tl.maximum(theta, lo_theta), hi_theta).to(tl.float32)
+    phi = tl.where(finite, tl.minimum(tl.maximum(phi, lo_phi), hi_phi), fixed_phi).to(tl.float32)
+    theta = tl.where(finite, tl.minimum(tl.maximum(theta, lo_theta), hi_theta), fixed_theta).to(tl.float32)
     return phi, theta
 
 
@@ -168,9 +175,9 @@ def _group_kernel(
             fit_coef = fit_coef + (tl.load(step_ptr + base + k),)
         fit_slot = tl.load(step_ptr + base + 2 * NUM_IN).to(tl.int64)
         fit_off = tl.multiple_of(slot_off + fit_slot * stride, SLOT_VEC)
-        phi, theta = _solve(sums_ptr + member * 5, tl.load(step_ptr + base + 2 * NUM_IN + 1),
-                            tl.load(step_ptr + base + 2 * NUM_IN + 2), tl.load(step_ptr + base + 2 * NUM_IN + 3),
-                            tl.load(step_ptr + base + 2 * NUM_IN + 4), tl.load(step_ptr + base + 2 * NUM_IN + 5))
+        tail = step_ptr + base + 2 * NUM_IN
+        phi, theta = _solve(sums_ptr + member * 5, tl.load(tail + 1), tl.load(tail + 2), tl.load(tail + 3),
+                            tl.load(tail + 4), tl.load(tail + 5), tl.load(tail + 6), tl.load(tail + 7))
 
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     _update_block(slots_ptr, feat, out, offs, offs < body_end, read_offs, write_offs, coef, fit_coef, fit_off,
