@@ -304,6 +304,42 @@ def test_nonfinite_feature_propagates_like_reference(method, opts, backend, devi
     assert torch.isfinite(out).all(), "the inf/nan must have left the state by the end"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on inf
+def test_nonfinite_feature_calibrated_like_reference(backend, device, gen):
+    """The calibrated reading (default): inf, -inf and nan in three elements of one computed
+    feature, unequal steps. While the value is among the values a full step's fit reads, its
+    sums are not finite and the fit takes r7's weights (reference/foca_calibrated.py), so every
+    forecast and stored slope equals the float64 reference's within fp32's tolerance, with
+    nan/inf in exactly the reference's positions (the three elements, not the whole tensor);
+    once the value has left the state, everything is finite again."""
+    n = 20
+    full = [True, True, False, True, True, False, True, True, False, True, False, True, True, False, True, True,
+            False, True, False, False]
+    steps = make_steps(n, random.Random(11))
+    xs = smooth_features((6, 7), times_of(steps), gen)
+    bad_at = 6  # the fifth computed value: fits before and after it
+    xs[bad_at] = xs[bad_at].clone()
+    xs[bad_at][1, 1], xs[bad_at][2, 5], xs[bad_at][4, 0] = float("inf"), float("-inf"), float("nan")
+    buf = fk.allocate(xs[0].float().to(device), "foca", reading="calibrated")
+    ref = make_ref("foca", reading="calibrated")
+    fell_back = 0
+    for i, is_full in enumerate(full):
+        h = steps[i] if i else 1.0
+        if is_full:
+            fk.update_(buf, xs[i].float().to(device), h, backend=backend)
+            ref.full(xs[i], h)
+            if ref.velocity is not None:
+                assert_close(buf.role("Y"), ref.velocity, torch.float32, name=f"step {i} slope", nonfinite="position")
+                fell_back += i >= bad_at and (ref.phi, ref.theta) == (1.0, 0.5)
+        else:
+            out = fk.forecast(buf, h, backend=backend)
+            exp = ref.forecast(h)
+            assert int((~torch.isfinite(exp)).sum()) in (0, 3)
+            assert_close(out, exp, torch.float32, name=f"step {i} forecast", nonfinite="position")
+    assert fell_back == 4  # the four full steps whose fit reads the bad value
+    assert torch.isfinite(out).all() and torch.isfinite(buf.role("Y")).all()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_compiled_kernel(dtype, gen):
