@@ -273,6 +273,10 @@ def cells_of(runs) -> Tuple[Dict[Cell, Dict[str, dict]], List[str]]:
             if nonfinite:
                 problems.append(f"{model}/{setting}/steps{steps} N={n}: samples with non-finite values "
                                 f"(judged clipped): {nonfinite}")
+            computed = {m: by[m].get("calls_computed") for m in CANDIDATES}
+            if len(set(computed.values())) > 1:
+                problems.append(f"{model}/{setting}/steps{steps} N={n}: the candidates computed different numbers "
+                                f"of module calls (not equal compute): {computed}")
             cells[(model, setting, steps, n)] = {m: by[m] for m in CANDIDATES}
     return cells, problems
 
