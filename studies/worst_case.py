@@ -389,18 +389,27 @@ def cmd_aggregate(args) -> int:
                   + " | " + " | ".join(fmt_d(diff[c][m]) for m in others) + f" | {LABEL[best]} |")
         print()
 
-    print(f"## The default ({DEFAULT}) against TaylorSeer-2, TaylorSeer-1 and reuse: "
-          "mean paired difference dB [95%], N = 3 / 5 / 7 / 9\n")
-    print("| model | setting | steps | calibrated PSNR | − TS-2 | − TS-1 | − reuse |")
-    print("|---|---|---|---|---|---|---|")
-    for key in sorted({c[:3] for c in cells}, key=lambda k: (k[0], k[1] != BASE_SETTING, k[1], k[2])):
-        ns = [c for c in order if c[:3] == key]
-        cols = []
-        for other in ("taylorseer2", "taylorseer1", "reuse"):
-            cols.append("<br>".join(f"{c[3]}: {fmt_d(pair(cells[c][DEFAULT], cells[c][other]))}" for c in ns))
-        psnrs = " / ".join(f"{mean[c][DEFAULT]:.1f}" for c in ns)
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {psnrs} | " + " | ".join(cols) + " |")
+    keys = sorted({c[:3] for c in cells}, key=lambda k: (k[0], k[1] != BASE_SETTING, k[1], k[2]))
+    head = "| model | setting | steps | " + " | ".join(f"N = {n}" for n in INTERVALS) + " |"
+    rule = "|---" * (3 + len(INTERVALS)) + "|"
+    print("## Mean PSNR dB of each candidate, N = " + " / ".join(map(str, INTERVALS)) + "\n")
+    print("| model | setting | steps | " + " | ".join(LABEL[m] for m in CANDIDATES) + " |")
+    print("|---" * (3 + len(CANDIDATES)) + "|")
+    for key in keys:
+        ns = [(*key, n) for n in INTERVALS]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(
+            " / ".join(f"{mean[c][m]:.1f}" if c in cells else "-" for c in ns) for m in CANDIDATES) + " |")
     print()
+    for other in ("taylorseer2", "taylorseer1", "reuse"):
+        print(f"## The default minus {other}: mean paired difference dB [95%]\n")
+        print(head)
+        print(rule)
+        for key in keys:
+            ns = [(*key, n) for n in INTERVALS]
+            print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(
+                (fmt_d(pair(cells[c][DEFAULT], cells[c][other])) if c in cells else
+                 ("missing" if c in expected else "-")) for c in ns) + " |")
+        print()
 
     print("## Per candidate: worst case and worst-case regret over all cells\n")
     print("| candidate | stored tensors | worst mean difference to TS-2, dB [95%] | cell | worst-case regret dB | cell "
