@@ -3,6 +3,8 @@
     foca-kernels demo                      # short fidelity run on the shipped digits DiT (< 2 min on 2 CPU cores)
     foca-kernels demo --full               # the full table of docs/fidelity.md
     foca-kernels demo --model mnist        # the same on the 28x28 MNIST DiT (196 tokens)
+    foca-kernels demo --model textures --model-dir /work/models/textures   # a trained model that is not shipped
+    foca-kernels demo --sampler dpm --unconditional                        # DPM-Solver++(2M), null label, no CFG
     foca-kernels demo --n 5 9 --methods reuse taylorseer2 foca-r0 foca-r3 foca-r4 --samples 200
 """
 
@@ -42,8 +44,19 @@ def _parser() -> argparse.ArgumentParser:
             f"{{{', '.join(map(str, _demo_defaults()['intervals']))}}}, {_demo_defaults()['samples']} samples."
         ),
     )
-    d.add_argument("--model", choices=("digits", "mnist"), default="digits",
-                   help="shipped model: digits (8x8, 64 tokens, fast; default) or mnist (28x28, 196 tokens)")
+    d.add_argument("--model", default=None, metavar="NAME",
+                   help="shipped model: digits (8x8, 64 tokens, fast; default) or mnist (28x28, 196 tokens); with "
+                        "--model-dir, the name of the model in that directory (its files are NAME_dit.json and "
+                        "NAME_dit.safetensors; default: the directory's only one)")
+    d.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
+                   help="load the model (and its classifier and held-out images, when there) from a model directory "
+                        "written by a training script (studies/, bench/third_model.py) instead of the package")
+    d.add_argument("--sampler", choices=("euler", "dpm"), default="euler",
+                   help="euler: rectified-flow Euler (FlowMatchEulerDiscreteScheduler, default); dpm: DPM-Solver++(2M) "
+                        "on flow sigmas (DPMSolverMultistepScheduler); both one model call per step")
+    d.add_argument("--unconditional", action="store_true",
+                   help="sample with the null label only, no classifier-free guidance (one model call per step); "
+                        "accuracy is not measured")
     d.add_argument("--full", action="store_true",
                    help=f"the full table: every method, N in {{2, 3, 5, 7, 9}}, {FULL_SAMPLES} samples "
                         "(7-10 minutes on 2 shared CPU cores; the tables of docs/fidelity.md)")
@@ -113,6 +126,9 @@ def demo(args) -> int:
         **({} if args.warmup is None else {"warmup": args.warmup}),
         **({} if args.final is None else {"final": args.final}),
         model=args.model,
+        model_dir=None if args.model_dir is None else str(args.model_dir),
+        sampler=args.sampler,
+        unconditional=args.unconditional,
         granularity=args.granularity,
         **({} if args.compute_blocks is None else {"compute_blocks": tuple(args.compute_blocks + [0])[:2]}),
         backend=None if args.backend == "auto" else args.backend,
@@ -121,7 +137,9 @@ def demo(args) -> int:
         progress=not args.no_progress,
     )
     model = _untrained_model() if args.untrained else None
-    what = "UNTRAINED (seeded random) digits DiT" if args.untrained else f"shipped {args.model} DiT"
+    what = ("UNTRAINED (seeded random) digits DiT" if args.untrained else f"shipped {args.model} DiT"
+            if args.model_dir is None else f"{args.model} DiT from {args.model_dir}")
+    what += f", {cfg.sampler} sampler" + (", unconditional" if cfg.unconditional else "")
     print(f"foca-kernels demo: {what}, {cfg.samples} samples x {cfg.num_steps} steps, "
           f"warm-up {cfg.warmup}, final {cfg.final}, {cfg.granularity} granularity"
           + (f", compute_blocks {cfg.compute_blocks}" if any(cfg.compute_blocks) else "") + "; "
@@ -189,6 +207,22 @@ def _validate_args(ap: argparse.ArgumentParser, args) -> None:
         if value is not None and value < low:
             demo_ap.error(f"--{name} must be >= {low}{note}, got {value}")
 
+    from .demo.specs import MODEL_NAMES, resolve_spec
+
+    if args.model_dir is None:
+        args.model = "digits" if args.model is None else args.model
+        if args.model not in MODEL_NAMES:
+            demo_ap.error(f"--model: {args.model!r} is not a shipped model ({', '.join(MODEL_NAMES)}); a model "
+                          "trained elsewhere needs --model-dir DIR")
+    else:
+        try:
+            args.model = resolve_spec(args.model, args.model_dir).name
+        except ValueError as e:
+            demo_ap.error(f"--model-dir: {e}")
+    if args.unconditional and args.guidance_scale is not None and args.guidance_scale != 1.0:
+        demo_ap.error(f"--unconditional has no guidance; --guidance-scale {args.guidance_scale} makes no sense with it")
+    if args.untrained and (args.model != "digits" or args.model_dir is not None):
+        demo_ap.error("--untrained builds the digits DiT; it takes no --model/--model-dir")
     at_least("samples", args.samples, 1)
     at_least("steps", args.steps, 1)
     at_least("warmup", args.warmup, 1, " (the first step has nothing to forecast from)")

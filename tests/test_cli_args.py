@@ -33,6 +33,10 @@ BAD = [
     (["--repeats", "0"], r"--repeats must be >= 1, got 0"),
     (["--compute-blocks", "-1"], r"--compute-blocks: every count must be >= 0, got -1"),
     (["--compute-blocks", "1", "1", "1"], r"--compute-blocks takes K or K J, got 3 numbers"),
+    (["--sampler", "heun"], r"argument --sampler: invalid choice: 'heun'"),
+    (["--unconditional", "--guidance-scale", "2"], r"--unconditional has no guidance; --guidance-scale 2.0"),
+    (["--model", "textures"], r"--model: 'textures' is not a shipped model \(digits, mnist\); a model trained "
+                              r"elsewhere needs --model-dir DIR"),
 ]
 
 
@@ -98,3 +102,69 @@ def test_legend_names_the_steps_run_and_nothing_is_written_into_the_package(tmp_
     assert "of the 6-step compute" in text and "50-step" not in text
     after = {p: p.read_bytes() for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert after == before, "the demo wrote into the installed package"
+
+
+def _model_dir(d, name="tiny", config=None):
+    """The two files a model directory needs (their content is not read before sampling)."""
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dict(sample_size=8, patch_size=2, in_channels=1, num_embeds_ada_norm=10) if config is None else config
+    (d / f"{name}_dit.json").write_text(json.dumps({"config": cfg}))
+    (d / f"{name}_dit.safetensors").write_bytes(b"")
+    return d
+
+
+@pytest.fixture
+def fresh_specs(monkeypatch):
+    from foca_kernels.demo import specs
+
+    monkeypatch.setattr(specs, "SPECS", dict(specs.SPECS))
+    return specs
+
+
+def test_bad_model_directories_give_a_usage_error(no_work, fresh_specs, capsys, tmp_path):
+    _model_dir(tmp_path / "two", "a")
+    _model_dir(tmp_path / "two", "b")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    _model_dir(tmp_path / "five", config=dict(sample_size=8, patch_size=2, in_channels=1, num_embeds_ada_norm=5))
+    cases = [
+        (["--model-dir", str(tmp_path / "nowhere")], "does not exist"),
+        (["--model-dir", str(tmp_path / "file")], "is not a directory"),
+        (["--model-dir", str(tmp_path / "empty")], "no <name>_dit.json in it"),
+        (["--model-dir", str(tmp_path / "two")], "several models (a, b); give the name"),
+        (["--model-dir", str(tmp_path / "two"), "--model", "c"], "no c_dit.json (models there: a, b)"),
+        (["--model-dir", str(tmp_path / "five")], "the demo sampler needs 10 classes"),
+        (["--untrained", "--model-dir", str(tmp_path / "two"), "--model", "a"], "--untrained builds the digits DiT"),
+    ]
+    for argv, match in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["demo", *argv, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: foca-kernels demo" in err and match in err, (argv, err)
+
+
+def test_new_options_reach_the_harness(monkeypatch, fresh_specs, tmp_path):
+    from foca_kernels.demo import harness
+
+    seen = []
+
+    def stop(cfg, model=None):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_harness", stop)
+    d = _model_dir(tmp_path / "m", "tex")
+    runs = [([], ("digits", None, "euler", False)),  # the defaults are unchanged
+            (["--model", "mnist", "--sampler", "dpm"], ("mnist", None, "dpm", False)),
+            (["--model-dir", str(d), "--unconditional"], ("tex", str(d), "euler", True)),  # the directory's only model
+            (["--model-dir", str(d), "--model", "tex", "--sampler", "dpm"], ("tex", str(d), "dpm", False))]
+    for argv, expected in runs:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["demo", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+        cfg = seen[-1]
+        assert (cfg.model, cfg.model_dir, cfg.sampler, cfg.unconditional) == expected, argv
+        assert cfg.sample_options() == dict(guidance_scale=None, sampler=expected[2], unconditional=expected[3])
+    assert fresh_specs.get_spec("tex").tokens == 16 and fresh_specs.get_spec("tex").directory == str(d.resolve())

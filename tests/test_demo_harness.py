@@ -232,3 +232,226 @@ def test_cli_help(capsys):
         main(["demo", "--help"])
     assert e.value.code == 0
     assert "--full" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------
+# the second sampler, unconditional sampling, models from a model directory (issue 19)
+
+class _Calls:
+    """Counts model calls and records their class labels and timesteps."""
+
+    def __init__(self, model):
+        self.labels, self.timesteps = [], []
+        self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self.labels.append(kwargs["class_labels"].clone())
+        self.timesteps.append(kwargs["timestep"].clone())
+
+    def remove(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm"])
+@pytest.mark.parametrize("unconditional", [False, True])
+def test_one_model_call_per_step(model, sampler, unconditional):
+    from foca_kernels.demo.sampler import NULL_CLASS, sample, timesteps_and_sigmas
+
+    calls = _Calls(model)
+    try:
+        a = sample(model, [1, 2, 3], seed=5, num_steps=7, sampler=sampler, unconditional=unconditional)
+    finally:
+        calls.remove()
+    b = sample(model, [1, 2, 3], seed=5, num_steps=7, sampler=sampler, unconditional=unconditional)
+    assert torch.equal(a, b)  # deterministic
+    assert len(calls.labels) == 7
+    if unconditional:  # batch B, every row the null label
+        assert all(y.tolist() == [NULL_CLASS] * 3 for y in calls.labels)
+    else:  # batched CFG: cond rows, then null rows
+        assert all(y.tolist() == [1, 2, 3] + [NULL_CLASS] * 3 for y in calls.labels)
+    ts, sigmas = timesteps_and_sigmas(7, sampler)
+    assert len(ts) == 7 and len(sigmas) == 8 and float(sigmas[-1]) == 0.0
+    # the model sees 1000 * sigma (a float) with either sampler
+    got = torch.stack([t[0] for t in calls.timesteps])
+    torch.testing.assert_close(got, (sigmas[:-1] * 1000).float(), rtol=1e-6, atol=1e-3)
+    assert got.dtype == torch.float32 and float(got[0]) > float(got[-1])
+
+
+def test_dpm_and_unconditional_change_the_samples_and_the_defaults_do_not(model):
+    from foca_kernels.demo.sampler import sample
+
+    base = sample(model, [0, 5], seed=0, num_steps=6)
+    assert torch.equal(base, sample(model, [0, 5], seed=0, num_steps=6, sampler="euler", unconditional=False))
+    assert not torch.equal(base, sample(model, [0, 5], seed=0, num_steps=6, sampler="dpm"))
+    unc = sample(model, [0, 5], seed=0, num_steps=6, unconditional=True)
+    assert not torch.equal(base, unc)
+    # unconditional ignores the labels (only the seeds matter) and equals guidance 1 on the null label
+    assert torch.equal(unc, sample(model, [7, 9], seed=0, num_steps=6, unconditional=True))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample(model, [0], num_steps=3, sampler="heun")
+    with pytest.raises(ValueError, match="unconditional sampling has no guidance"):
+        sample(model, [0], num_steps=3, unconditional=True, guidance_scale=2.0)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="needs the shipped digits weights")
+def test_dpm_samples_the_trained_model_like_euler(model, classifier):
+    """DPM-Solver++(2M) solves the same ODE: on the shipped digits DiT its 20-step samples are
+    within 35 dB of Euler's at 50 steps (10 samples; 100 samples measured 44.4 dB against Euler
+    at 200 steps, Euler's own 50 steps 48.6 dB) and read back as the requested digits."""
+    from foca_kernels.demo.metrics import classifier_accuracy, psnr
+    from foca_kernels.demo.sampler import sample
+
+    labels = torch.arange(10)
+    euler = sample(model, labels, seed=0, num_steps=50)
+    dpm = sample(model, labels, seed=0, num_steps=20, sampler="dpm")
+    assert psnr(dpm, euler) > 35.0
+    assert classifier_accuracy(classifier, dpm, labels) == 1.0
+
+
+def test_harness_runs_unconditional_and_dpm(model, classifier, test_digits):
+    res = run_harness(_tiny(intervals=(3,), methods=["reuse", "foca"], sampler="dpm", unconditional=True),
+                      model=model, classifier=classifier, fid_reference=test_digits)
+    assert res.config.sampler == "dpm" and res.config.unconditional
+    for r in res.runs:
+        assert math.isnan(r.accuracy)  # no class was requested
+        assert r.fid_test >= 0.0
+    assert math.isfinite(res.runs[1].psnr) and res.runs[1].calls_forecast > 0
+    # the reference is full compute sampled the same way
+    from foca_kernels.demo.sampler import sample
+
+    ref = sample(model, res.labels, seed=0, num_steps=8, sampler="dpm", unconditional=True)
+    assert torch.equal(res.full.images, ref)
+    doc = res.to_json()
+    assert doc["config"]["sampler"] == "dpm" and doc["config"]["unconditional"] is True
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        HarnessConfig(sampler="heun")
+    with pytest.raises(ValueError, match="unconditional sampling has no guidance"):
+        HarnessConfig(unconditional=True, guidance_scale=3.0)
+
+
+TINY_DIT = dict(in_channels=1, out_channels=1, num_layers=2, dropout=0.0, norm_num_groups=1, attention_bias=True,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=10, upcast_attention=False,
+                norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-5, num_attention_heads=2,
+                attention_head_dim=8, sample_size=8, patch_size=2)
+
+
+@pytest.fixture
+def fresh_specs(monkeypatch):
+    """Names registered by a test do not outlive it."""
+    from foca_kernels.demo import specs
+
+    monkeypatch.setattr(specs, "SPECS", dict(specs.SPECS))
+    return specs
+
+
+def _write_model_dir(d, name="tiny", *, classifier=False, test_split=True, config=None):
+    """A model directory as the study scripts write it (seeded random weights, float32)."""
+    from safetensors.torch import save_file
+
+    from foca_kernels.demo import specs
+    from foca_kernels.demo.model import build_digits_dit
+
+    torch.manual_seed(1)
+    m = build_digits_dit(config or TINY_DIT, init=False)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / f"{name}_dit.safetensors"))
+    (d / f"{name}_dit.json").write_text(json.dumps(dict(model=name, config=config or TINY_DIT)))
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    y = torch.arange(20) % 10
+    if test_split:
+        specs.save_split(d, name, "test", x, y)
+    if classifier:
+        from foca_kernels.demo.classifier import DigitsClassifier, save_classifier
+
+        specs.register(specs.DemoSpec(name=name, image_size=8, dit_config=config or TINY_DIT, classifier_size=4,
+                                      loader=None, train_steps=0, train_batch_size=0, directory=str(d)))
+        save_classifier(DigitsClassifier(image_size=4), {}, d, name=name)
+    return m
+
+
+def test_model_directory_runs_in_the_harness(fresh_specs, tmp_path):
+    from foca_kernels.demo.model import load_demo_dit
+
+    d = tmp_path / "tiny-model"
+    m = _write_model_dir(d, classifier=True)
+    spec = fresh_specs.spec_from_dir(d)  # the only model there
+    assert spec.name == "tiny" and spec.tokens == 16 and spec.classifier_size == 4 and spec.has_data("test")
+    assert fresh_specs.get_spec("tiny") is spec  # registered
+    loaded = load_demo_dit("tiny", directory=d)
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    res = run_harness(_tiny(intervals=(3,), methods=["reuse", "foca"], model="tiny", model_dir=str(d)))
+    assert res.full.images.shape == (4, 1, 8, 8) and len(res.probe_modules) == 4  # 2 blocks x (attn1, ff)
+    assert res.runs[1].calls_forecast > 0
+    assert all(0.0 <= r.accuracy <= 1.0 and math.isfinite(r.fid_test) for r in res.runs)  # its classifier, its split
+    assert res.to_json()["config"]["model_dir"] == str(d)
+
+
+def test_model_directory_without_classifier_measures_psnr_only(fresh_specs, tmp_path):
+    d = tmp_path / "bare"
+    _write_model_dir(d, name="bare", test_split=False)
+    res = run_harness(_tiny(intervals=(3,), methods=["taylorseer2"], model="bare", model_dir=str(d)))
+    assert all(math.isnan(r.accuracy) and math.isnan(r.fid_test) and math.isnan(r.fid_full) for r in res.runs)
+    assert math.isfinite(res.runs[1].psnr) and res.runs[1].psnr_per_image
+    assert not fresh_specs.get_spec("bare").has_data("test")
+    with pytest.raises(FileNotFoundError, match="bare_test.safetensors is missing"):
+        fresh_specs.get_spec("bare").load_data("test")
+
+
+def test_bad_model_directories_are_refused(fresh_specs, tmp_path):
+    spec_from_dir = fresh_specs.spec_from_dir
+    with pytest.raises(ValueError, match="does not exist"):
+        spec_from_dir(tmp_path / "nowhere")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        spec_from_dir(tmp_path / "f")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no <name>_dit.json"):
+        spec_from_dir(empty)
+    two = tmp_path / "two"
+    _write_model_dir(two, name="a")
+    _write_model_dir(two, name="b")
+    with pytest.raises(ValueError, match="several models \\(a, b\\); give the name"):
+        spec_from_dir(two)
+    assert spec_from_dir(two, "b").name == "b"
+    with pytest.raises(ValueError, match="no c_dit.json \\(models there: a, b\\)"):
+        spec_from_dir(two, "c")
+    (two / "a_dit.safetensors").unlink()
+    with pytest.raises(ValueError, match="no a_dit.safetensors"):
+        spec_from_dir(two, "a")
+    with pytest.raises(ValueError, match="a model name must be"):
+        spec_from_dir(two, "../b")
+    bad = tmp_path / "bad"
+    _write_model_dir(bad, name="m")
+    (bad / "m_dit.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        spec_from_dir(bad)
+    (bad / "m_dit.json").write_text(json.dumps({"model": "m"}))
+    with pytest.raises(ValueError, match="has no 'config'"):
+        spec_from_dir(bad)
+    (bad / "m_dit.json").write_text(json.dumps({"config": dict(TINY_DIT, num_embeds_ada_norm=5)}))
+    with pytest.raises(ValueError, match="needs 10 classes"):
+        spec_from_dir(bad)
+    with pytest.raises(ValueError, match="model directory .* does not exist"):
+        HarnessConfig(model="x", model_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown demo model 'x'"):
+        HarnessConfig(model="x")
+    with pytest.raises(ValueError, match="is a shipped demo model"):
+        fresh_specs.register(fresh_specs.DemoSpec(name="mnist", image_size=8, dit_config=TINY_DIT, classifier_size=8,
+                                                  loader=None, train_steps=0, train_batch_size=0))
+
+
+def test_demo_command_on_a_model_directory(fresh_specs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from foca_kernels.cli import main
+
+    d = tmp_path / "tiny-model"
+    _write_model_dir(d, classifier=True)
+    out = tmp_path / "out"
+    assert main(["demo", "--model-dir", str(d), "--samples", "2", "--steps", "6", "--n", "3", "--methods", "reuse",
+                 "--sampler", "dpm", "--unconditional", "--out", str(out), "--no-progress", "--backend", "torch",
+                 "--threads", "1"]) == 0
+    assert "tiny DiT from" in capsys.readouterr().out
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert (cfg["model"], cfg["model_dir"], cfg["sampler"], cfg["unconditional"]) == ("tiny", str(d), "dpm", True)

@@ -52,6 +52,7 @@ import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -61,7 +62,7 @@ from ..backend import get_backend
 from ..hooks import CacheConfig, cache_info, cached
 from ..hooks.schedule import Schedule
 from ..hooks.targets import select_sites
-from .specs import get_spec
+from .specs import resolve_spec
 from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS, make_method
 
 BASELINES = ("full", "steps")
@@ -143,7 +144,10 @@ class HarnessConfig:
     probe_samples: int = 10  # samples of the (untimed) recording run for the replay
     progress: bool = True  # tqdm bar over all sampling steps
     fid_reference: str = "test"  # data split the FID is measured against
-    model: str = "digits"  # which shipped demo model: "digits" (8x8) or "mnist" (28x28)
+    model: str = "digits"  # which demo model: "digits" (8x8), "mnist" (28x28), or a model directory's name
+    model_dir: Optional[str] = None  # a model directory (specs.spec_from_dir): the model's files come from here
+    sampler: str = "euler"  # "euler" (FlowMatchEulerDiscreteScheduler) or "dpm" (DPM-Solver++(2M), flow sigmas)
+    unconditional: bool = False  # null label only, no guidance (one call per step); accuracy is not measured
     rcs_options: Dict[str, object] = field(default_factory=dict)  # extra CacheConfig fields of the RCS runs
     rcs_calibration: str = "samples"  # RCS threshold calibrated on "samples" (the evaluated batch: equal
     # compute) or "probe" (the first probe_samples: cheaper, RCS may then compute a step more or less)
@@ -166,7 +170,14 @@ class HarnessConfig:
             raise ValueError("samples must be >= 2 (the FID needs a covariance)")
         if self.num_steps < 2 or self.warmup < 1 or self.repeats < 1:
             raise ValueError("need num_steps >= 2, warmup >= 1, repeats >= 1")
-        get_spec(self.model)  # validates the model name
+        from .sampler import check_sampler
+
+        if self.model_dir is not None:
+            self.model_dir = str(self.model_dir)
+        resolve_spec(self.model, self.model_dir)  # validates the model name (and directory)
+        check_sampler(self.sampler)
+        if self.unconditional and self.guidance_scale is not None and float(self.guidance_scale) != 1.0:
+            raise ValueError(f"unconditional sampling has no guidance; got guidance_scale={self.guidance_scale}")
         self.compute_blocks = CacheConfig(compute_blocks=self.compute_blocks).compute_blocks  # validates, (k, j)
         if self.rcs_calibration not in ("samples", "probe"):
             raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
@@ -182,6 +193,10 @@ class HarnessConfig:
                            granularity=self.granularity, compute_blocks=self.compute_blocks,
                            num_inference_steps=self.num_steps, backend=self.backend,
                            **rcs)
+
+    def sample_options(self) -> Dict[str, object]:
+        """The sampler's keyword arguments of every run (guidance, sampler, conditioning)."""
+        return dict(guidance_scale=self.guidance_scale, sampler=self.sampler, unconditional=self.unconditional)
 
     def schedule(self, interval: int) -> str:
         """The planned full/skip pattern at ``interval`` ('F' computed, 's' skipped)."""
@@ -490,10 +505,11 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 fid_reference: Optional[torch.Tensor] = None, log: Optional[Callable[[str], None]] = None,
                 **fields) -> HarnessResult:
     """Run every (method, interval) of ``config`` (or ``HarnessConfig(**fields)``) on ``model``
-    (default: the shipped DiT named by ``config.model``) and judge the samples with ``classifier``
-    (default: that model's shipped one) against ``fid_reference`` images (default: its held-out
-    test images)."""
-    from .classifier import load_digits_classifier
+    (default: the DiT named by ``config.model``, shipped or from ``config.model_dir``) and judge
+    the samples with ``classifier`` (default: that model's, from ``config.model_dir`` when it has
+    one there, else the shipped one; a model directory without a classifier: none, and accuracy
+    and FID are NaN) against ``fid_reference`` images (default: its held-out test images, when
+    it has them). Accuracy is NaN for unconditional runs (no class was requested)."""
     from .metrics import classifier_accuracy, frechet_distance, psnr, relative_l2
     from .model import load_demo_dit
     from .sampler import sample
@@ -507,16 +523,18 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
     if config.threads:
         torch.set_num_threads(int(config.threads))
     try:
-        spec = get_spec(config.model)
-        model = load_demo_dit(spec.name) if model is None else model
-        classifier = load_digits_classifier(name=spec.name) if classifier is None else classifier
-        if fid_reference is None:
+        spec = resolve_spec(config.model, config.model_dir)
+        model = load_demo_dit(spec.name, directory=config.model_dir) if model is None else model
+        if classifier is None:
+            classifier = _default_classifier(spec, config.model_dir)
+        if fid_reference is None and classifier is not None and spec.has_data(config.fid_reference):
             fid_reference = spec.load_data(config.fid_reference)[0]
         device = next(model.parameters()).device
         backend = get_backend(device, config.backend)
         machine = machine_info(torch.get_num_threads(), backend)
         labels = torch.arange(config.samples) % 10
-        ref_feats = classifier.features(fid_reference)
+        ref_feats = classifier.features(fid_reference) if classifier is not None and fid_reference is not None \
+            else None
 
         bar = _progress(config.total_model_steps(), config.progress)
 
@@ -536,14 +554,14 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 if method in BASELINES:
                     t0, c0 = time.perf_counter(), time.process_time()
                     x = sample(model, labels, seed=config.seed, num_steps=steps,
-                               guidance_scale=config.guidance_scale, callback=cb)
+                               callback=cb, **config.sample_options())
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
                     inf = None
                 else:
                     with cached(model, config.cache_config(method, interval, thresholds.get((method, interval)))):
                         t0, c0 = time.perf_counter(), time.process_time()
                         x = sample(model, labels, seed=config.seed, num_steps=steps,
-                                   guidance_scale=config.guidance_scale, callback=cb)
+                                   callback=cb, **config.sample_options())
                         dt, dc = time.perf_counter() - t0, time.process_time() - c0
                         inf = cache_info(model)
                 best, best_cpu = min(best, dt), min(best_cpu, dc)
@@ -558,7 +576,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
         probe = _Probe(model, config.cache_config("reuse", 2), config.probe_elements, config.seed)
         with probe:
             sample(model, labels[:config.probe_samples], seed=config.seed, num_steps=config.num_steps,
-                   guidance_scale=config.guidance_scale)
+                   **config.sample_options())
         probe_names, records = probe.stacked()
 
         thresholds: Dict[Tuple[str, int], float] = {}
@@ -568,14 +586,15 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 thresholds[(method, interval)] = calibrate_rcs(model, config, method, interval, cal)
 
         full_x, full_v, _, full_t, _ = run("full", None)
-        full_feats = classifier.features(full_x)
+        full_feats = classifier.features(full_x) if classifier is not None else None
 
         def judge(method, interval, x, vel, info, times, steps) -> RunResult:
             secs, cpu = times
+            nan = float("nan")
             nonfinite = int((~torch.isfinite(x)).flatten(1).any(1).sum())
             if nonfinite:  # a diverged forecast: judge it as the clipped image it would be shown as
                 x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
-            feats = classifier.features(x)
+            feats = classifier.features(x) if classifier is not None else None
             if method == "full":
                 skipped, traj = 0.0, [0.0] * len(vel)
             elif method == "steps":
@@ -594,8 +613,9 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 speedup=full_t[0] / secs, cpu_seconds=cpu, cpu_speedup=full_t[1] / max(cpu, 1e-9),
                 psnr=psnr(x, full_x), rel_l2=relative_l2(x, full_x),
                 psnr_per_image=[float(v) for v in psnr(x, full_x, reduction="none")],
-                accuracy=classifier_accuracy(classifier, x, labels), fid_test=frechet_distance(feats, ref_feats),
-                fid_full=frechet_distance(feats, full_feats) if method != "full" else 0.0,
+                accuracy=nan if feats is None or config.unconditional else classifier_accuracy(classifier, x, labels),
+                fid_test=nan if feats is None or ref_feats is None else frechet_distance(feats, ref_feats),
+                fid_full=nan if feats is None else frechet_distance(feats, full_feats) if method != "full" else 0.0,
                 traj_err=traj, fcst_err=fc, nonfinite=nonfinite,
                 calls_computed=info.calls_computed if info else 0, calls_forecast=info.calls_forecast if info else 0,
                 calls_forced=info.calls_forced if info else 0, state_bytes=info.state_bytes if info else 0,
@@ -622,6 +642,19 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                          seconds_total=time.perf_counter() - t_start)
 
 
+def _default_classifier(spec, model_dir):
+    """The classifier of a model: from its model directory when it has one there, else the
+    shipped one of a shipped model, else None."""
+    from .classifier import classifier_files, load_digits_classifier
+    from .specs import MODEL_NAMES
+
+    if model_dir is not None and all((Path(model_dir) / f).is_file() for f in classifier_files(spec.name)):
+        return load_digits_classifier(directory=model_dir, name=spec.name)
+    if spec.name in MODEL_NAMES:
+        return load_digits_classifier(name=spec.name)
+    return None
+
+
 def calibrate_rcs(model, config: HarnessConfig, method: str, interval: int, labels, iters: int = 10) -> float:
     """The RCS threshold at which ``method`` computes as many steps of one generation as the
     fixed schedule at ``interval`` does (bisection on log(threshold) in [1e-4, 10] over sampling
@@ -632,7 +665,7 @@ def calibrate_rcs(model, config: HarnessConfig, method: str, interval: int, labe
 
     def full_steps(th: float) -> int:
         with cached(model, config.cache_config(method, interval, th)):
-            sample(model, labels, seed=config.seed, num_steps=config.num_steps, guidance_scale=config.guidance_scale)
+            sample(model, labels, seed=config.seed, num_steps=config.num_steps, **config.sample_options())
             return cache_info(model).pattern.count("F")
 
     lo, hi = math.log(1e-4), math.log(10.0)  # full_steps falls as the threshold grows

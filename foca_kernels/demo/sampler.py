@@ -3,6 +3,21 @@
 model (caching hooks on its blocks, call counters) sees exactly one transformer call per step
 (batched classifier-free guidance, the default) or two (``cfg="separate"``).
 
+Two samplers (``sampler=``), both one model call per step:
+
+* ``"euler"`` (default): ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)``,
+  sigma from 1 down to ``1/num_steps``-ish, then 0 (first order).
+* ``"dpm"``: DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with flow sigmas
+  (``use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction"``, solver order 2,
+  ``final_sigmas_type="zero"``, first order at the last step below 15 steps): a second-order
+  multistep solver on the same rectified-flow ODE, the scheduler diffusers' flow pipelines
+  (e.g. Wan) offer beside Euler. Its sigmas run linearly from 0.999 to ``0.999/num_steps``,
+  then 0. The model is given the timestep ``1000 * sigma`` as a float, as in training and as
+  the Euler scheduler's timesteps are (the scheduler's own timesteps are truncated to integers).
+
+``unconditional=True`` samples with the null label only and no guidance: one call of batch B
+per step under the context name "uncond".
+
     model = load_digits_dit()
     x = sample(model, labels=[3, 3, 7], seed=0)          # (3, 1, 8, 8) in [-1, 1]
 
@@ -37,6 +52,8 @@ evaluation samples (50 steps) were classified as requested. 1.0 (no CFG) scores 
 lower classifier-FID at half the cost; see docs/demo-model.md."""
 
 CFG_MODES = ("batched", "separate")
+SAMPLERS = ("euler", "dpm")
+DEFAULT_SAMPLER = "euler"
 
 
 @dataclass
@@ -52,19 +69,49 @@ class StepInfo:
     velocity: torch.Tensor    # the guided model output used for the step
 
 
-def make_scheduler(num_steps: int = DEFAULT_NUM_STEPS):
-    """A fresh ``FlowMatchEulerDiscreteScheduler`` (1000 train steps, shift 1) set to ``num_steps``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+def make_scheduler(num_steps: int = DEFAULT_NUM_STEPS, sampler: str = DEFAULT_SAMPLER):
+    """A fresh scheduler set to ``num_steps``: ``FlowMatchEulerDiscreteScheduler`` (1000 train
+    steps, shift 1) for "euler", DPM-Solver++(2M) on flow sigmas for "dpm" (module doc)."""
+    check_sampler(sampler)
+    if sampler == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:
+        import warnings
+
+        from diffusers import DPMSolverMultistepScheduler
+
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction",
+            algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+            final_sigmas_type="zero")
+        with warnings.catch_warnings():  # diffusers' unused DDPM sigmas: numpy 2's __array__ copy notice
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"__array__ implementation")
+            scheduler.set_timesteps(num_steps, device="cpu")
+        return scheduler
     scheduler.set_timesteps(num_steps, device="cpu")
     return scheduler
 
 
-def timesteps_and_sigmas(num_steps: int = DEFAULT_NUM_STEPS):
+def model_timesteps(scheduler, sampler: str = DEFAULT_SAMPLER) -> torch.Tensor:
+    """The timesteps given to the model at each step: the scheduler's own for Euler (they are
+    ``1000 * sigma``), ``1000 * sigma`` in float32 for DPM-Solver (its own are integers)."""
+    if check_sampler(sampler) == "euler":
+        return scheduler.timesteps
+    return (scheduler.sigmas[:-1] * 1000.0).to(torch.float32)
+
+
+def timesteps_and_sigmas(num_steps: int = DEFAULT_NUM_STEPS, sampler: str = DEFAULT_SAMPLER):
     """The model timesteps (``num_steps``) and sigmas (``num_steps + 1``, last 0) of a run."""
-    s = make_scheduler(num_steps)
-    return s.timesteps.clone(), s.sigmas.clone()
+    s = make_scheduler(num_steps, sampler)
+    return model_timesteps(s, sampler).clone(), s.sigmas.clone()
 
 
 def initial_noise(batch: int, seed: Union[int, Sequence[int]] = 0, *, size: int = IMAGE_SIZE,
@@ -93,7 +140,7 @@ def _default_context(model) -> Callable:
 def sample(model, labels, seed: Union[int, Sequence[int]] = 0, num_steps: int = DEFAULT_NUM_STEPS,
            guidance_scale: Optional[float] = None, callback: Optional[Callable[[StepInfo], None]] = None,
            *, cfg: str = "batched", context: Optional[Callable] = None, noise: Optional[torch.Tensor] = None,
-           clip: bool = True) -> torch.Tensor:
+           clip: bool = True, sampler: str = DEFAULT_SAMPLER, unconditional: bool = False) -> torch.Tensor:
     """Generate one image per label; returns ``(B, 1, 8, 8)`` float32 on CPU, in [-1, 1].
 
     ``labels``: class ids 0..9 (sequence or tensor). ``guidance_scale``: classifier-free
@@ -102,11 +149,19 @@ def sample(model, labels, seed: Union[int, Sequence[int]] = 0, num_steps: int = 
     cond first, like diffusers' DiT pipeline) or "separate" (two calls per step, cond then
     uncond). ``context(name, **info)`` wraps every transformer call (see the module doc).
     ``noise`` overrides the seeded starting noise. ``clip=False`` returns the raw final latent.
-    ``callback(StepInfo)`` is called after every step.
+    ``callback(StepInfo)`` is called after every step. ``sampler``: "euler" (default) or "dpm"
+    (module doc). ``unconditional``: every sample gets the null label and no guidance (one call
+    of batch B per step; ``labels`` then only give the batch size; ``guidance_scale`` must be
+    None or 1).
     """
     if cfg not in CFG_MODES:
         raise ValueError(f"cfg must be one of {CFG_MODES}, got {cfg!r}")
-    gs = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+    check_sampler(sampler)
+    if unconditional and guidance_scale is not None and float(guidance_scale) != 1.0:
+        raise ValueError(f"unconditional sampling has no guidance; got guidance_scale={guidance_scale}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    gs = 1.0 if unconditional else DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     y = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -124,12 +179,15 @@ def sample(model, labels, seed: Union[int, Sequence[int]] = 0, num_steps: int = 
     context = context or _default_context(model)
     guided = gs != 1.0
 
-    scheduler = make_scheduler(num_steps)
+    scheduler = make_scheduler(num_steps, sampler)
     sigmas = scheduler.sigmas
-    for i, t in enumerate(scheduler.timesteps):
+    for i, (t, t_sched) in enumerate(zip(model_timesteps(scheduler, sampler), scheduler.timesteps)):
         info = dict(step_index=i, num_inference_steps=num_steps, timestep=t, sigma=float(sigmas[i]))
         tb = t.to(device=device, dtype=dtype).expand(b)
-        if not guided:
+        if unconditional:
+            with context("uncond", **info):
+                v = model(x, timestep=tb, class_labels=y_null).sample
+        elif not guided:
             with context("cond", **info):
                 v = model(x, timestep=tb, class_labels=y).sample
         elif cfg == "batched":
@@ -144,14 +202,15 @@ def sample(model, labels, seed: Union[int, Sequence[int]] = 0, num_steps: int = 
             with context("uncond", **info):
                 v_uncond = model(x, timestep=tb, class_labels=y_null).sample
             v = v_uncond + gs * (v_cond - v_uncond)
-        x = scheduler.step(v, t, x, return_dict=False)[0]
+        x = scheduler.step(v, t_sched, x, return_dict=False)[0]
         if callback is not None:
             callback(StepInfo(i, num_steps, float(t), float(sigmas[i]), float(sigmas[i + 1]), x, v))
     x = x.float().cpu()
     return x.clamp(-1.0, 1.0) if clip else x
 
 
-def transformer_calls_per_step(guidance_scale: Optional[float] = None, cfg: str = "batched") -> int:
+def transformer_calls_per_step(guidance_scale: Optional[float] = None, cfg: str = "batched",
+                               unconditional: bool = False) -> int:
     """How many transformer calls ``sample`` makes per step with these settings."""
     gs = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
-    return 2 if (gs != 1.0 and cfg == "separate") else 1
+    return 2 if (not unconditional and gs != 1.0 and cfg == "separate") else 1
