@@ -89,7 +89,12 @@ def side_settings(help_text: str) -> List[Tuple[str, List[str]]]:
         out.append(("uncond", ["--unconditional"]))
     if "--sampler" in help_text:
         choices = _choices(help_text, "--sampler")
-        default = _default_choice(help_text, "--sampler")
+        try:  # the default sampler as the package names it
+            from foca_kernels.demo.sampler import DEFAULT_SAMPLER as default
+        except ImportError:
+            default = _default_choice(help_text, "--sampler")
+        if default is None:
+            raise SystemExit("cannot tell the default --sampler from `foca-kernels demo --help`")
         for c in choices:
             if c != default:
                 out.append((f"sampler-{c}", ["--sampler", c]))
