@@ -5,6 +5,10 @@ Euler, 50 steps) under full compute and under every caching method, side by side
     res = run_harness(HarnessConfig(intervals=(3, 5), samples=50))
     print(res.to_markdown())
 
+Every run samples the same way: ``sampler`` "euler" (default) or "dpm" (DPM-Solver++(2M)),
+classifier-free guidance or ``unconditional`` (null label, no guidance), on a shipped model or
+on one from a model directory (``model_dir``, see ``specs.spec_from_dir``).
+
 Runs (each from the same seeds, one batch of ``samples`` images, labels ``i % 10``):
 
 * ``full``: every step computed: the reference every other run is compared with.
@@ -39,7 +43,8 @@ Measured for each run:
   those recordings with the package's own ``allocate``/``update_``/``forecast_`` and the same
   schedule. Forecasts are elementwise, so a subset forecasts exactly like the whole tensor.
   Mean over modules of the relative L2 error; the table gives the mean over skipped steps.
-* ``accuracy``: the shipped digits classifier's accuracy on the requested classes;
+* ``accuracy``: the model's classifier's accuracy on the requested classes (NaN when
+  unconditional, or for a model directory without a classifier, which also has no FID);
   ``fid_test``: Fréchet distance in the classifier's 64-d feature space to the held-out test
   images (359 digits, or 1,000 MNIST digits); ``fid_full``: the same against the full-compute samples.
 """
