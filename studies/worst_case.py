@@ -433,16 +433,20 @@ def cmd_aggregate(args) -> int:
         print(line)
     print()
     for m in [x for x in (choice, DEFAULT) if x] if choice != DEFAULT else [DEFAULT]:
-        loses = []
+        loses, by_other = [], {o: 0 for o in CANDIDATES if o != m}
         for c in order:
+            beats = []
             for o in CANDIDATES:
                 if o == m:
                     continue
                 d = pair(cells[c][o], cells[c][m])
                 if d[0] > LOSS and d[1] > 0:
-                    loses.append(f"{cell_name(c)}: {o} {fmt_d(d)}")
+                    beats.append(f"{o} {fmt_d(d)}")
+                    by_other[o] += 1
+            if beats:
+                loses.append(f"{cell_name(c)}: " + "; ".join(beats))
         print(f"Cells where another candidate beats {m} by more than {LOSS} dB (paired interval above zero): "
-              f"{len(loses)} of {len(cells)}")
+              f"{len(loses)} of {len(cells)} (" + ", ".join(f"{o} in {k}" for o, k in by_other.items()) + ")")
         for line in loses:
             print(f"- {line}")
         print()
