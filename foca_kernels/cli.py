@@ -173,7 +173,7 @@ def _load(v) -> str:
 def _summary(res) -> List[str]:
     from .demo.harness import BASELINES, canonical_method, paired_psnr_difference
 
-    default = canonical_method("foca")
+    default = canonical_method("taylorseer2")  # what CacheConfig() runs (tests/test_cli_args.py pins it)
     lines = []
     for n in res.config.intervals:
         rows = [r for r in res.runs if r.interval == n and r.method not in BASELINES]

@@ -168,3 +168,21 @@ def test_new_options_reach_the_harness(monkeypatch, fresh_specs, tmp_path):
         assert (cfg.model, cfg.model_dir, cfg.sampler, cfg.unconditional) == expected, argv
         assert cfg.sample_options() == dict(guidance_scale=None, sampler=expected[2], unconditional=expected[3])
     assert fresh_specs.get_spec("tex").tokens == 16 and fresh_specs.get_spec("tex").directory == str(d.resolve())
+
+
+def test_summary_compares_the_hooks_default_method():
+    """The demo's summary line reports the paired differences of the method CacheConfig() runs."""
+    from types import SimpleNamespace
+
+    from foca_kernels.hooks import CacheConfig
+
+    assert CacheConfig().make_method().describe() == "taylorseer(order=2)"
+
+    def run(method, per_image):
+        return SimpleNamespace(interval=5, method=method, psnr=sum(per_image) / len(per_image), rel_l2=0.01,
+                               psnr_per_image=per_image)
+
+    res = SimpleNamespace(config=SimpleNamespace(intervals=(5,)),
+                          runs=[run("taylorseer2", [30.0, 31.0, 32.0]), run("foca-calibrated", [29.0, 30.5, 31.0])])
+    lines = cli._summary(res)
+    assert any("\n  taylorseer2 minus (paired" in line and "foca-calibrated +0.83" in line for line in lines)

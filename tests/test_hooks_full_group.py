@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D = 16
 TARGETS = [r"layers\.\d+\.(attn|mlp)"]
 TIMESTEPS = torch.tensor([999.0, 950.0, 850.0, 700.0, 560.0, 400.0, 300.0, 150.0, 60.0, 10.0])
-SCHEDULE = dict(interval=3, warmup=2)  # F F s s F s s F s s: full steps 0, 1, 4, 7
+SCHEDULE = dict(interval=3, warmup=2, method="foca")  # F F s s F s s F s s: full steps 0, 1, 4, 7 (FoCa calibrated: its fit)
 FULL = [0, 1, 4, 7]
 
 

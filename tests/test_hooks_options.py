@@ -12,10 +12,10 @@ from test_hooks_plain import Toy, sample, toy
 
 
 @pytest.mark.parametrize("kw,described", [
-    (dict(anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),
+    (dict(method="foca", anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),
     (dict(method="taylorseer", order=3), "taylorseer(order=3)"),
     (dict(method="foca", method_options={"anchor": "bdf2"}), "foca(reading=r0, anchor=bdf2)"),
-    (dict(method_options={"anchor": "secant"}, anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),  # keyword wins
+    (dict(method="foca", method_options={"anchor": "secant"}, anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),  # keyword wins
 ])
 def test_method_options_as_keywords(kw, described):
     m = toy()
@@ -38,9 +38,10 @@ def test_options_on_top_of_a_config_and_in_cached():
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(nosuch=1), TypeError, r"unknown option\(s\) \['nosuch'\]: neither CacheConfig fields nor options of method 'foca'"),
+    (dict(nosuch=1), TypeError, r"unknown option\(s\) \['nosuch'\]: neither CacheConfig fields nor options of method 'taylorseer'"),
+    (dict(anchor="bdf2"), TypeError, r"unknown option\(s\) \['anchor'\]: neither CacheConfig fields nor options of method 'taylorseer'"),
     (dict(method="reuse", anchor="bdf2"), TypeError, r"reuse takes no options"),
-    (dict(anchor="bdf3"), ValueError, r"FoCa anchor must be one of"),
+    (dict(method="foca", anchor="bdf3"), ValueError, r"FoCa anchor must be one of"),
     (dict(method="taylorseer", order=True), TypeError, r"order must be an int"),
 ])
 def test_bad_method_keywords(kw, exc, match):

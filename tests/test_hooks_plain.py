@@ -192,7 +192,7 @@ def test_schedule_patterns():
 def test_explicit_mask_and_not_ready_modules_are_computed():
     m = toy()
     mask = [True, False, True, False, False, True, False, True, True, False]
-    enable_cache(m, mask=mask)
+    enable_cache(m, mask=mask, method="foca")
     sample(m)
     info = cache_info(m)
     assert info.steps_skipped == mask.count(False)

@@ -45,9 +45,13 @@ class CacheConfig:
       A module that has not seen enough full steps for its method (FoCa: 2) is computed on a
       skipped step, so the first forecasts of a generation may come one step later.
 
-    Method: ``method`` "foca" | "taylorseer" | "reuse" | "duca" (or a :class:`foca_kernels.Method`),
-      ``method_options`` e.g. ``{"reading": "r7"}`` (FoCa: "calibrated" (default) | "r7" | "r3" | "r6" | "r4" | "r0", see
-      docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``) or ``{"order": 2}`` (TaylorSeer).
+    Method: ``method`` "taylorseer" (default: order 2) | "foca" | "reuse" | "rfc" | "duca" (or a
+      :class:`foca_kernels.Method`), ``method_options`` e.g. ``{"order": 1}`` (TaylorSeer) or
+      ``{"reading": "r7"}`` (FoCa: "calibrated" (FoCa's default) | "r7" | "r3" | "r6" | "r4" | "r0", see
+      docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``). TaylorSeer-2 is the default because it
+      has the best worst case over the models, step counts and intervals measured (docs/fidelity.md,
+      "The default by its worst case"); FoCa calibrated is better on some of them and up to 1.8 dB
+      worse on others.
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
       for an fp32 model); None keeps the features' dtype.
 
@@ -118,7 +122,7 @@ class CacheConfig:
     interval: int = 3
     warmup: int = 2
     final: int = 0
-    method: Union[str, Method] = "foca"
+    method: Union[str, Method] = "taylorseer"
     method_options: Dict[str, Any] = field(default_factory=dict)
     state_dtype: Optional[torch.dtype] = None
     granularity: str = "module"
