@@ -189,6 +189,30 @@ def test_fallback_without_a_compiler(monkeypatch):
     assert cpu_codegen.lincomb_cpu(slots, None, out, 100, [0], [], [1.0]) is False
 
 
+def test_missing_c_source_is_named(monkeypatch, tmp_path):
+    """The C source is package data: if an install dropped it, the reason names the file and
+    the PyTorch ops run."""
+    if not cpu_codegen._compilers():
+        pytest.skip("no C compiler: the compiler check comes first")
+    monkeypatch.setattr(cpu_codegen, "SOURCE_PATH", str(tmp_path / "lincomb.c"))
+    lib, reason = cpu_codegen._build()
+    assert lib is None and "lincomb.c is missing" in reason
+
+
+def test_c_source_is_package_data():
+    """pyproject ships the .c file cpu_codegen compiles (a wheel without it falls back silently)."""
+    from pathlib import Path
+
+    import foca_kernels
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    rel = Path(cpu_codegen.SOURCE_PATH).relative_to(Path(foca_kernels.__file__).parent).as_posix()
+    assert Path(cpu_codegen.SOURCE_PATH).is_file()
+    assert any(Path(rel).match(pattern) for pattern in data["foca_kernels"]), (rel, data)
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(cpu_codegen.ENV, "0")
     slots = torch.randn(2, 10)
