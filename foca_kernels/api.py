@@ -7,21 +7,12 @@ from typing import Optional
 import torch
 
 from .backend import get_backend
-import contextlib
-
-from .methods import RFC, Method, RawHistory, make_method
-from .ops import lincomb_, run_lincomb
-from .ops.dispatch import run_lincomb_checked
-from .ops.custom_op import fit_ as fit_op
-from .ops.fit import flatten as flatten_fit, run_fit
+from .methods import RFC, Method, make_method
+from .fp8 import Fp8State, fp8_nbytes, is_fp8
 from .rfc import RFCState, forecast_rfc_, update_rfc_
-
-_NO_CONTEXT = contextlib.nullcontext()
-from .state import CacheState, Launch, slot_stride
-from .validation import (
-    check_coefficients, check_finite_values, check_method_options, check_no_alias, check_no_overlap, check_out_grad_free, check_ready,
-    check_state, check_step, check_tensor, check_writable, next_time,
-)
+from .state import CacheState, slot_stride
+from .step import forecast_state_, run_full, update_state_
+from .validation import check_finite_values, check_method_options, check_state
 
 
 def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtype] = None,
@@ -37,6 +28,10 @@ def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtyp
     if not isinstance(example, torch.Tensor):
         raise TypeError(f"example must be a torch.Tensor, got {type(example).__name__}")
     m = make_method(method, **check_method_options(options))
+    if is_fp8(dtype):  # anchor + e4m3 increments (fp8.py); refuses methods it does not apply to
+        if input is not None and not isinstance(m, RFC):
+            raise TypeError(f"input= is an option of method 'rfc', not of {m.describe()}")
+        return Fp8State(m, example.shape, example.device, example.dtype)
     if isinstance(m, RFC):
         if not isinstance(input, torch.Tensor):
             raise TypeError("method 'rfc' needs input=, an example of the module's input (its history is stored too)")
@@ -52,6 +47,9 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
         return example.nbytes
     inp = options.pop("input", None)
     m: Method = make_method(method, **check_method_options(options))
+    if is_fp8(dtype):  # the anchor is 2 bytes per element whatever the feature's dtype
+        shape = example.shape if isinstance(example, torch.Tensor) else torch.Size(example)
+        return fp8_nbytes(m, shape, example.dtype if isinstance(example, torch.Tensor) else torch.float32)
     if isinstance(m, RFC):  # output history + input history
         if inp is None:
             raise TypeError("method 'rfc' needs input= (the module's input, a tensor or a shape)")
@@ -64,75 +62,6 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
         shape, dtype = torch.Size(example), dtype or torch.float32
     n = shape.numel()
     return m.n_slots * slot_stride(n) * torch.empty((), dtype=dtype).element_size()
-
-
-def _plan(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
-    """The launch of one step, refused (ValueError naming h) if its coefficients do not fit
-    float32: nothing has been written yet."""
-    if full and isinstance(buf.method, RawHistory):
-        return buf.plan_rotation(t_new)  # a copy into one slot: no coefficient to check
-    rule = buf.method.full if full else buf.method.skip
-    try:
-        launch = buf.plan(rule(buf.context(t_new)), t_new)
-    except (ZeroDivisionError, OverflowError) as e:
-        raise ValueError(f"step size h={h!r} gives a forecast coefficient that cannot be computed ({e})") from None
-    check_coefficients(launch.coef, h)
-    if launch.fit is not None:
-        check_coefficients(launch.fit.coef, h)
-    return launch
-
-
-def copy_row(buf: CacheState, slot: int, feature: torch.Tensor) -> None:
-    """One launch that copies ``feature`` into a slot (rounding once to the state's dtype)."""
-    buf.row(slot).copy_(feature.detach())
-
-
-def _run(buf: CacheState, launch: Launch, feature, out, backend: str) -> None:
-    # The custom op is what torch.compile sees; eager calls skip its dispatcher. No autograd
-    # history is ever recorded: the cache is for inference, and a graph kept in the slots
-    # would grow with every step (and out= ops refuse inputs that require grad).
-    if torch.compiler.is_compiling():
-        op = lincomb_
-    elif backend == "torch" and launch.coef == (1.0,) and launch.has_feature and not launch.has_out:
-        # a closed form's full step: the feature copied into one slot (what lincomb_torch would
-        # do, minus its layers of Python: this runs for every stream at every full step)
-        copy_row(buf, launch.writes[0], feature)
-        return
-    else:  # eager: the caller has checked aliasing already (check_no_alias / StateGroup)
-        op = run_lincomb_checked
-    with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:
-        op(
-            buf.slots,
-            None if feature is None else feature.detach(),
-            out,
-            buf.numel,
-            list(launch.reads),
-            list(launch.writes),
-            list(launch.coef),
-            backend,
-        )
-
-
-def _run_full(buf: CacheState, launch: Launch, feature: torch.Tensor, backend: str) -> None:
-    """A full step's launch; a refitted role first, while the slots still hold what it reads."""
-    flat = feature.contiguous().view(-1)
-    if launch.fit is not None:
-        if torch.compiler.is_compiling():  # traced: the cache wrapper is not (Dynamo warns)
-            fit_op(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit.__wrapped__(launch.fit), backend)
-        else:
-            run_fit(buf.slots, buf.numel, flat.detach(), launch.fit.slot, *flatten_fit(launch.fit), backend)
-    if launch.writes or launch.has_out:
-        _run(buf, launch, flat, None, backend)
-
-
-def _run_into(buf: CacheState, launch: Launch, out: torch.Tensor, backend: str) -> None:
-    """A skipped step's launch into ``out``, whatever its strides."""
-    if out.is_contiguous():
-        _run(buf, launch, None, out.view(-1), backend)
-    else:  # write contiguously, then scatter into the caller's strides
-        tmp = torch.empty(buf.shape, dtype=out.dtype, device=out.device)
-        _run(buf, launch, None, tmp.view(-1), backend)
-        out.copy_(tmp)
 
 
 def update_(
@@ -152,19 +81,7 @@ def update_(
         return buf
     if input is not None:
         raise TypeError("input= is for states of method 'rfc'")
-    check_state(buf)
-    h = check_step(h)
-    check_tensor(buf, feature, "feature")
-    check_no_alias(buf, feature, "feature")
-    check_writable(buf)
-    if check_finite:
-        check_finite_values(feature, "feature")
-    t_new = next_time(buf, h)
-    launch = _plan(buf, True, t_new, h)
-    backend = get_backend(buf.device, backend)
-    _run_full(buf, launch, feature, backend)
-    buf.commit(launch, t_new, full=True)
-    return buf
+    return update_state_(buf, feature, h, backend, check_finite)
 
 
 def update_shared_(buf: CacheState, feature: torch.Tensor, h: float, plans: dict, *, backend: Optional[str] = None) -> None:
@@ -180,7 +97,7 @@ def update_shared_(buf: CacheState, feature: torch.Tensor, h: float, plans: dict
         if prev is not None:
             plans[(id(prev), h)] = (prev, t_before, buf._launch)
         return
-    _run_full(buf, hit[2], feature, get_backend(buf.device, backend))
+    run_full(buf, hit[2], feature, get_backend(buf.device, backend))
     buf.commit(hit[2], t_before + h, full=True)
 
 
@@ -193,20 +110,7 @@ def forecast_(buf: CacheState, out: torch.Tensor, h=1.0, *, backend: Optional[st
         return forecast_rfc_(buf, out, input, h, backend)
     if input is not None:
         raise TypeError("input= is for states of method 'rfc'")
-    check_state(buf)
-    h = check_step(h)
-    check_tensor(buf, out, "out")
-    check_no_overlap(out, "out")
-    check_no_alias(buf, out, "out")
-    check_out_grad_free(out)
-    check_writable(buf, out)
-    check_ready(buf)
-    t_new = next_time(buf, h)
-    launch = _plan(buf, False, t_new, h)
-    backend = get_backend(buf.device, backend)
-    _run_into(buf, launch, out, backend)
-    buf.commit(launch, t_new, full=False)
-    return out
+    return forecast_state_(buf, out, h, backend)
 
 
 def forecast(buf: CacheState, h=1.0, *, backend: Optional[str] = None,

@@ -29,7 +29,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .api import _plan
 from .backend import get_backend
 from .group import _same_history, _same_method
 from .ops.aliasing import overlaps
@@ -37,6 +36,7 @@ from .ops.fit import PARALLEL, flatten as flatten_fit, run_fit_group_torch
 from .ops.torch_lincomb import lincomb_torch
 from .rfc import RFCState
 from .state import CacheState, Launch
+from .step import plan_step
 from .validation import check_state, check_step, check_tensor, check_writable, next_time
 
 
@@ -79,7 +79,7 @@ def update_group_shared_(states: List[CacheState], features: List[torch.Tensor],
 
 def _run_group(states: List[CacheState], features: List[torch.Tensor], hs: List[float], backend) -> None:
     classes = _classes(states, hs)
-    launches = [_plan(states[rep], True, t_new, hs[rep]) for rep, t_new, _ in classes]  # may refuse: nothing written
+    launches = [plan_step(states[rep], True, t_new, hs[rep]) for rep, t_new, _ in classes]  # may refuse: nothing written
     flats = [f if f.is_contiguous() else f.contiguous() for f in features]  # kernels read raw storage
     with torch.no_grad():
         for launch, (rep, _, members) in zip(launches, classes):

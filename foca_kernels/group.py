@@ -21,11 +21,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .api import _plan, _run_into
 from .backend import get_backend
 from .ops.pattern import row_pattern
 from .ops.aliasing import _extent, overlaps
+from .fp8 import Fp8State, run_skip as run_fp8_skip
 from .state import CacheState, Launch
+from .step import plan_step, run_into
 from .validation import (
     check_no_alias, check_no_overlap, check_out_grad_free, check_ready, check_state, check_step, check_tensor,
     check_writable, next_time,
@@ -137,7 +138,7 @@ class StateGroup:
         hs = self._steps_sizes(h)
         self._check_current()
         classes = self._classes(hs)
-        launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
+        launches = [(plan_step(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
         for launch, (rep, t_new, members) in launches:
             self._run(launch, members, backend)
         self._commit(launches)
@@ -203,6 +204,10 @@ class StateGroup:
         """The launches of one class, ready to run (device-side inputs already uploaded)."""
         rep = members[0].state
         name = get_backend(rep.device, backend)
+        if isinstance(rep, Fp8State):  # anchor + e4m3 increments (fp8.py): one launch for the class on Triton
+            if graph:
+                raise RuntimeError("fp8 states are not captured in CUDA graphs; use group.forecast_")
+            return [_Call(lambda: _run_fp8(launch, members, name), None)]
         if members is self.members and self._split is not None:  # the usual class: all of them
             unaligned, grouped = self._split
         else:
@@ -226,7 +231,7 @@ class StateGroup:
         return calls
 
     def _run_single(self, launch: Launch, m: _Member, backend: str) -> None:
-        _run_into(m.state, launch, m.out, backend)
+        run_into(m.state, launch, m.out, backend)
 
     def _prepare_triton(self, launch: Launch, members: list, pattern, graph: bool = False) -> "_Call":
         from .ops import triton_group as tg
@@ -313,6 +318,15 @@ class StateGroup:
         return hit
 
 
+def _run_fp8(launch: Launch, members: list, backend: str) -> None:
+    flats = [m.flat if m.flat is not None else torch.empty(m.numel, dtype=m.out.dtype, device=m.out.device)
+             for m in members]
+    run_fp8_skip(launch, [m.state for m in members], flats, backend)
+    for m, f in zip(members, flats):
+        if m.flat is None:  # a non-contiguous out: written contiguously, then scattered
+            m.out.copy_(f.view(m.out.shape))
+
+
 class _Call:
     """One launch ready to run; ``graph_key`` is None when it cannot be captured in a CUDA
     graph (its coefficients are baked into the launch arguments)."""
@@ -348,7 +362,7 @@ class GraphedForecast:
         hs = g._steps_sizes(h)
         g._check_current()
         classes = g._classes(hs)
-        launches = [(_plan(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]
+        launches = [(plan_step(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]
         calls = [call for launch, c in launches for call in g._prepare(launch, c[2], "triton", graph=True)]
         if any(call.graph_key is None for call in calls):
             raise RuntimeError("a member of this group cannot be captured (non-contiguous or misaligned out); "
@@ -384,6 +398,9 @@ def pack_states_(states: Sequence[CacheState]) -> List[torch.Tensor]:
         raise ValueError("pack_states_ got the same state twice")
     kinds: Dict[tuple, list] = {}
     for i, st in enumerate(check_state(s) for s in states):
+        if isinstance(st, Fp8State):  # keeps its own allocation (anchor, increments, scales)
+            outs[i] = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
+            continue
         kinds.setdefault((st.slots.shape[0], st.dtype, st.io_dtype, st.device), []).append(i)
     outs: List[Optional[torch.Tensor]] = [None] * len(states)
     for (n_slots, dtype, io_dtype, device), idx in kinds.items():

@@ -24,6 +24,7 @@ import torch
 
 from .methods.rfc import RFC
 from .state import CacheState, slot_stride
+from .step import forecast_state_, update_state_
 
 TINY = 1e-30  # floor of a norm in a denominator (fp32)
 
@@ -168,20 +169,16 @@ def scale(st: RFCState, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
 def update_rfc_(st: RFCState, feature: torch.Tensor, x: torch.Tensor, h: float, backend: Optional[str]) -> None:
     """A full step: output and input stored in one step each (refused before any write if
     the input does not fit)."""
-    from . import api
-
     check_input(st, x)
-    api.update_(st.out, feature, h, backend=backend)
-    api.update_(st.inp, x, h, backend=backend)
+    update_state_(st.out, feature, h, backend)
+    update_state_(st.inp, x, h, backend)
 
 
 def forecast_rfc_(st: RFCState, out: torch.Tensor, x: torch.Tensor, h: float, backend: Optional[str]) -> torch.Tensor:
     """A skipped step: ``out`` <- RFE forecast from the module's input ``x``."""
-    from . import api
-
     check_input(st, x)
-    api.forecast_(st.out, out, h, backend=backend)  # Y^ (checks out, readiness, h)
-    api.forecast_(st.inp, st.scratch(), h, backend=backend)  # X^, same coefficients
+    forecast_state_(st.out, out, h, backend)  # Y^ (checks out, readiness, h)
+    forecast_state_(st.inp, st.scratch(), h, backend)  # X^, same coefficients
     s = scale(st, x, out)
     y0 = st.out.role(st.method.latest)
     with torch.no_grad():

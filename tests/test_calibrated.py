@@ -263,11 +263,11 @@ def test_bytes_moved_per_step():
     assert isinstance(buf.method, FoCaCalibrated) and buf.method.n_slots == 4
     for k in range(4):
         fk.update_(buf, torch.full((8,), float(k * k)), 1.0)
-    from foca_kernels.api import _plan
-    skip = _plan(buf, False, buf.t + 1.0, 1.0)
+    from foca_kernels.step import plan_step
+    skip = plan_step(buf, False, buf.t + 1.0, 1.0)
     assert (len(skip.reads), skip.has_feature, len(skip.writes), skip.has_out) == (2, False, 0, True)
     assert skip.tensors_moved == 3 and skip.fit is None
-    full = _plan(buf, True, buf.t + 1.0, 1.0)
+    full = plan_step(buf, True, buf.t + 1.0, 1.0)
     assert (full.reads, full.has_feature, len(full.writes)) == ((), True, 1)
     assert full.fit is not None and full.fit.slot == full.slot_of["Y"] and full.fit.slot not in full.writes
     # the fit at its two-pass floor: reads feature, X0, X1, X2 (dots), then feature, X0, X1 (slope), writes Y
@@ -338,9 +338,9 @@ def test_three_fit_paths_agree(dtype, bad, monkeypatch):
     buf = fk.allocate(xs[0], "foca", **OPTS)
     for x, h in zip(xs[:4], [1.0, 1.0, 1.5, 1.5]):
         fk.update_(buf, x, h)
-    from foca_kernels.api import _plan
+    from foca_kernels.step import plan_step
     from foca_kernels.ops.fit import flatten
-    launch = _plan(buf, True, buf.t + 2.0, 2.0)
+    launch = plan_step(buf, True, buf.t + 2.0, 2.0)
     feature = xs[4].clone()
     if bad is not None:
         feature[2, 17] = bad

@@ -31,7 +31,7 @@ from test_ptx import (  # noqa: E402,F401
 from test_group_ptx import _REG, _param_taint  # noqa: E402
 
 import foca_kernels as fk  # noqa: E402
-from foca_kernels.api import _plan  # noqa: E402
+from foca_kernels.step import plan_step  # noqa: E402
 from foca_kernels.ops import triton_fit as tf  # noqa: E402
 from foca_kernels.ops import triton_group as tg  # noqa: E402
 from foca_kernels.ops.fit import PARALLEL, flatten  # noqa: E402
@@ -56,7 +56,7 @@ def _launches(dtypes: str, method="foca", options=None, members=3, alone=False):
     for _ in range(4):  # bookkeeping only: four computed values, so the next full step fits
         t = 0.0 if buf.t is None else buf.t + 1.0
         buf.commit(buf.plan(buf.method.full(buf.context(t)), t), t, full=True)
-    launch = _plan(buf, True, buf.t + 1.0, 1.0)
+    launch = plan_step(buf, True, buf.t + 1.0, 1.0)
     recs = {"dots": _Recorder(), "sum": _Recorder(), "group": _Recorder()}
     mp = pytest.MonkeyPatch()
     try:

@@ -155,14 +155,14 @@ def test_fit_really_runs_in_the_group(monkeypatch):
     """The calibrated parity above covers fitted steps: from the fourth computed value on, each
     full step refits (the launch carries a fit) and the slope moves."""
     seen = []
-    orig = full_group._plan
+    orig = full_group.plan_step
 
     def spy(*a, **k):
         launch = orig(*a, **k)
         seen.append(launch.fit is not None)
         return launch
 
-    monkeypatch.setattr(full_group, "_plan", spy)
+    monkeypatch.setattr(full_group, "plan_step", spy)
     drive("foca", {}, "fp32", "torch", shapes=[(5,), (9,)], extra=())
     assert seen[:3] == [False, False, False] and all(seen[3:]) and len(seen) == 7
 

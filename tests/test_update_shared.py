@@ -8,6 +8,7 @@ import torch
 
 import foca_kernels as fk
 import foca_kernels.api as api
+import foca_kernels.step as step
 
 
 @pytest.mark.parametrize("method,opts", [("foca", {}), ("foca", {"reading": "r0"}), ("taylorseer", {"order": 2}),
@@ -19,13 +20,13 @@ def test_shared_full_steps_equal_update_and_plan_once(method, opts, monkeypatch)
     group = fk.StateGroup(b, fk.pack_states_(b))
     outs_a = [torch.empty(s) for s in shapes]
     plans_made = {"n": 0}
-    real_plan = api._plan
+    real_plan = step.plan_step
 
     def counting(*args, **kwargs):
         plans_made["n"] += 1
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(api, "_plan", counting)
+    monkeypatch.setattr(step, "plan_step", counting)
     planned = []
     for k, kind in enumerate("FFFssFsssFsF"):
         h = 1.0 + 0.25 * (k % 3)
