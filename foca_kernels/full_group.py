@@ -34,6 +34,7 @@ from .group import _same_history, _same_method
 from .ops.aliasing import overlaps
 from .ops.fit import PARALLEL, flatten as flatten_fit, run_fit_group_torch
 from .ops.torch_lincomb import lincomb_torch
+from .fp8 import Fp8State, run_full as run_fp8_full
 from .rfc import RFCState
 from .state import CacheState, Launch
 from .step import plan_step
@@ -88,7 +89,9 @@ def _run_group(states: List[CacheState], features: List[torch.Tensor], hs: List[
                 ss, fs = states, flats
             else:
                 ss, fs = [states[i] for i in members], [flats[i] for i in members]
-            if name == "triton":
+            if isinstance(ss[0], Fp8State):  # anchor + e4m3 increments (fp8.py)
+                run_fp8_full(ss, [f.view(-1) for f in fs], name)
+            elif name == "triton":
                 _run_triton(launch, ss, fs)
             else:
                 _run_torch(launch, ss, [f.view(-1) for f in fs])

@@ -397,12 +397,12 @@ def pack_states_(states: Sequence[CacheState]) -> List[torch.Tensor]:
     if len({id(s) for s in states}) != len(states):
         raise ValueError("pack_states_ got the same state twice")
     kinds: Dict[tuple, list] = {}
+    outs: List[Optional[torch.Tensor]] = [None] * len(states)
     for i, st in enumerate(check_state(s) for s in states):
         if isinstance(st, Fp8State):  # keeps its own allocation (anchor, increments, scales)
             outs[i] = torch.empty(st.shape, dtype=st.io_dtype, device=st.device)
             continue
         kinds.setdefault((st.slots.shape[0], st.dtype, st.io_dtype, st.device), []).append(i)
-    outs: List[Optional[torch.Tensor]] = [None] * len(states)
     for (n_slots, dtype, io_dtype, device), idx in kinds.items():
         cols = [states[i].slots.shape[1] for i in idx]
         total = sum(cols)

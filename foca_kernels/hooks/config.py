@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ..methods import Method, make_method
+from ..fp8 import FP8_DTYPES, check_fp8_method, is_fp8
 from ..state import STORAGE_DTYPES
 from ..validation import check_method_options
 
@@ -161,8 +162,13 @@ class CacheConfig:
             raise ValueError(f"final must be >= 0, got {self.final}")
         self.method_options = dict(self.method_options or {})
         self.make_method()  # validates method + options now rather than at the first step
-        if self.state_dtype is not None and self.state_dtype not in STORAGE_DTYPES:
-            raise TypeError(f"state_dtype must be None or one of {STORAGE_DTYPES}, got {self.state_dtype}")
+        if is_fp8(self.state_dtype):  # anchor + e4m3 increments: closed-form methods only (foca_kernels/fp8.py)
+            if isinstance(self.method, str) and self.method.lower() == "duca":
+                raise ValueError("fp8 state storage applies to closed-form methods (taylorseer, foca reading r3 / "
+                                 "r6 / r7); DuCa caches tokens of its stored value; use state_dtype=torch.bfloat16")
+            check_fp8_method(self.make_method())
+        elif self.state_dtype is not None and self.state_dtype not in STORAGE_DTYPES:
+            raise TypeError(f"state_dtype must be None or one of {STORAGE_DTYPES + FP8_DTYPES}, got {self.state_dtype}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.block_cache not in CACHE_MODES:
