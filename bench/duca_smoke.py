@@ -19,7 +19,7 @@ import foca_kernels as fk  # noqa: E402
 from foca_kernels.demo.metrics import psnr  # noqa: E402
 from foca_kernels.demo.model import load_digits_dit  # noqa: E402
 from foca_kernels.demo.sampler import sample  # noqa: E402
-from foca_kernels.hooks.duca import duca_info  # noqa: E402
+from foca_kernels.hooks import duca_info  # noqa: E402
 
 VARIANTS = {
     "duca": {},

@@ -15,7 +15,7 @@ import foca_kernels as fk
 from foca_kernels.demo.metrics import psnr
 from foca_kernels.demo.model import load_demo_dit
 from foca_kernels.demo.sampler import sample
-from foca_kernels.hooks.duca import duca_info
+from foca_kernels.hooks import duca_info
 
 VARIANTS = {
     "reuse": ("reuse", {}),

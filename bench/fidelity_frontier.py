@@ -38,7 +38,7 @@ METHODS = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4
 
 
 def _duca_tokens(model) -> int:
-    from foca_kernels.hooks.duca import duca_info
+    from foca_kernels.hooks import duca_info
 
     return duca_info(model)["tokens_computed"]
 

@@ -10,7 +10,7 @@ import torch
 
 import foca_kernels.hooks.duca as hd
 from foca_kernels.duca import pattern
-from foca_kernels.hooks import Schedule, cache_info, cache_states, disable_cache, enable_cache
+from foca_kernels.hooks import Schedule, cache_info, cache_states, disable_cache, duca_info, enable_cache
 
 import hooks_tiny as T  # noqa: E402  (skips the module when diffusers is missing)
 
@@ -85,7 +85,7 @@ def test_conservative_step_feeds_only_the_fresh_tokens(family):
     try:
         enable_cache(m, method="duca", interval=4, method_options=CONST, num_inference_steps=STEPS)
         T.sample(case, m, steps=STEPS, batch=batch, cfg="none")
-        info = hd.duca_info(m)
+        info = duca_info(m)
         disable_cache(m)
     finally:
         for h in hooks:
@@ -191,7 +191,7 @@ def test_digits_dit_runs_partially():
     ref = sample(m, [3, 7], seed=0, num_steps=12)
     enable_cache(m, method="duca", interval=3, num_inference_steps=12)  # the ratio schedule needs the step count
     x = sample(m, [3, 7], seed=0, num_steps=12)
-    info = hd.duca_info(m)
+    info = duca_info(m)
     disable_cache(m)
     assert torch.isfinite(x).all() and not torch.equal(x, ref)
     assert 0 < info["tokens_computed"] < info["tokens_total"]  # conservative steps ran, partially
@@ -221,7 +221,7 @@ def test_plain_module_and_torch_compile():
     opts = {**CONST, "score": "random", "spatial_bonus": 0.0}  # 5 tokens: no grid
     enable_cache(m, method="duca", interval=4, method_options=opts, num_inference_steps=len(TIMESTEPS))
     eager = sample(m)
-    assert hd.duca_info(m)["tokens_computed"] > 0
+    assert duca_info(m)["tokens_computed"] > 0
     disable_cache(m)
     enable_cache(m, method="duca", interval=4, method_options=opts, num_inference_steps=len(TIMESTEPS))
     torch._dynamo.reset()
@@ -267,7 +267,7 @@ def test_forecast_variant_refreshes_on_top_of_taylorseer():
     info = cache_info(m)
     assert info.method == "duca+taylorseer(order=1)"
     assert all(st.slots.shape[0] == 2 for st in cache_states(m))
-    assert hd.duca_info(m)["tokens_computed"] == pattern(Schedule(4, 2), STEPS).count("c") * 2 * 4 * 4
+    assert duca_info(m)["tokens_computed"] == pattern(Schedule(4, 2), STEPS).count("c") * 2 * 4 * 4
     disable_cache(m)
     assert torch.isfinite(got).all() and not torch.equal(got, ts)
     with pytest.raises(ValueError, match="forecast must be one of"):
@@ -290,12 +290,12 @@ def test_forecast_foca_is_plain_foca_without_fresh_tokens():
     info = cache_info(m)
     assert info.method == "duca+foca(reading=r7)"
     assert all(st.slots.shape[0] == 3 for st in cache_states(m))
-    assert hd.duca_info(m)["tokens_computed"] == 0
+    assert duca_info(m)["tokens_computed"] == 0
     disable_cache(m)
     assert torch.equal(same, foca)
     enable_cache(m, method="duca", method_options={**CONST, "forecast": "foca"}, interval=4, num_inference_steps=STEPS)
     got = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
-    assert hd.duca_info(m)["tokens_computed"] == pattern(Schedule(4, 2), STEPS).count("c") * 2 * 4 * 4
+    assert duca_info(m)["tokens_computed"] == pattern(Schedule(4, 2), STEPS).count("c") * 2 * 4 * 4
     disable_cache(m)
     assert torch.isfinite(got).all() and (got - foca).abs().max() > 1e-4
 
@@ -309,6 +309,6 @@ def test_fresh_ratio_0_is_reuse_bit_for_bit(family):
     disable_cache(m)
     enable_cache(m, method="duca", interval=3, method_options={"fresh_ratio": 0.0, "ratio_schedule": "constant"})
     got = T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
-    assert hd.duca_info(m)["tokens_computed"] == 0 and hd.duca_info(m)["tokens_total"] > 0
+    assert duca_info(m)["tokens_computed"] == 0 and duca_info(m)["tokens_total"] > 0
     disable_cache(m)
     assert torch.equal(got, reuse)

@@ -17,6 +17,7 @@ from .apply import (
     cache_states,
     cached,
     disable_cache,
+    duca_info,
     enable_cache,
     generation,
     is_cache_enabled,
@@ -30,6 +31,6 @@ from .schedule import Schedule
 
 __all__ = [
     "FAMILIES", "CacheConfig", "CacheInfo", "FocaCacheWarning", "Rule", "Schedule", "cache_context",
-    "cache_info", "cache_states", "cached", "device_like", "disable_cache", "enable_cache", "family_of",
+    "cache_info", "cache_states", "cached", "device_like", "disable_cache", "duca_info", "enable_cache", "family_of",
     "generation", "is_cache_enabled", "new_generation", "reset_cache",
 ]

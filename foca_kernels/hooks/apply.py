@@ -356,6 +356,18 @@ def cache_info(model_or_pipeline) -> CacheInfo:
     return info
 
 
+def duca_info(model_or_pipeline) -> dict:
+    """DuCa's token counts so far (method "duca"; zeros otherwise): rows the partial calls
+    computed and rows they covered, for fractional-compute accounting."""
+    out = {"tokens_computed": 0, "tokens_total": 0}
+    for _, ctl in _controllers(model_or_pipeline):
+        rt = getattr(ctl, "duca", None)
+        if rt is not None:
+            out["tokens_computed"] += rt.tokens_computed
+            out["tokens_total"] += rt.tokens_total
+    return out
+
+
 def cache_states(model_or_pipeline) -> list:
     """All allocated :class:`~foca_kernels.CacheState` objects (for inspection)."""
     return [st for _, ctl in _controllers(model_or_pipeline) for st in ctl.states()]

@@ -260,16 +260,3 @@ class PartialCall:
 _skip_for_dynamo(PartialCall.run)
 PartialCall._prepare = torch.compiler.disable(PartialCall._prepare)
 PartialCall._finish = torch.compiler.disable(PartialCall._finish)
-
-
-def duca_info(model) -> dict:
-    """Token counts of the conservative calls so far (for fractional-compute accounting)."""
-    from .apply import _controllers
-
-    out = {"tokens_computed": 0, "tokens_total": 0}
-    for _, ctl in _controllers(model):
-        rt = getattr(ctl, "duca", None)
-        if rt is not None:
-            out["tokens_computed"] += rt.tokens_computed
-            out["tokens_total"] += rt.tokens_total
-    return out
