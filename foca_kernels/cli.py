@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,18 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--n", "--intervals", dest="intervals", type=int, nargs="+", metavar="N",
                    help="cache intervals N (every N-th step computed)")
     d.add_argument("--methods", nargs="+", metavar="M",
-                   help="runs: full, steps (fewer steps, same cost), reuse, taylorseer1, taylorseer2, taylorseer3, "
-                        "foca (package default reading, calibrated), foca-calibrated, foca-r0 (= foca-secant), foca-r3, foca-r4, "
-                        "foca-r6, foca-r7, "
-                        "foca-bdf2, duca, rfc (RFE over FoCa r7), foca-rcs, rfc-rcs (adaptive RCS schedule, threshold "
-                        "calibrated per N to the fixed schedule's compute) ('full' is always run)")
-    d.add_argument("--samples", type=int, help="images per run (labels i %% 10)")
-    d.add_argument("--steps", type=int, default=None, help="sampling steps of the full run (default 50)")
-    d.add_argument("--seed", type=int, default=0)
+                   help=f"runs, any of: {_method_choices()}; steps = fewer steps at the same cost, foca-bdf2 = r0 "
+                        "with the bdf2 anchor, rfc = RFE over FoCa r7, *-rcs = the adaptive RCS schedule (threshold "
+                        "calibrated per N to the fixed schedule's compute); 'full' is always run")
+    d.add_argument("--samples", type=int,
+                   help="images per run (labels i %% 10; >= 2: the FID and the paired intervals need two)")
+    d.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps of the full run, >= 2 (default {_demo_defaults()['steps']})")
+    d.add_argument("--seed", type=int, default=0, help="sample i starts from the noise of seed SEED + i (default 0)")
     d.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance (default: the sampler's)")
+                   help="classifier-free guidance, a finite number >= 0 (1: none; default: the sampler's)")
     d.add_argument("--warmup", type=int, default=None,
-                   help="first steps always computed (default: CacheConfig's)")
+                   help="first steps always computed, fewer than --steps (default: CacheConfig's)")
     d.add_argument("--final", type=int, default=None, help="last steps always computed (default: CacheConfig's)")
     d.add_argument("--granularity", choices=("module", "block"), default="module",
                    help="cache attention/feed-forward modules (default) or whole blocks' residuals")
@@ -82,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="K [J]: compute the first K (and last J) blocks at every step, DBCache's Fn (and Bn) "
                         "(CacheConfig.compute_blocks; default 0)")
     d.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="fused-op implementation (auto: Triton on CUDA or with TRITON_INTERPRET=1, else PyTorch)")
+                   help="fused-op implementation (auto: Triton on CUDA or with TRITON_INTERPRET=1, else the C loop "
+                        "on CPU when it compiles, else PyTorch; triton on CPU needs TRITON_INTERPRET=1)")
     d.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared machine two OpenMP threads fighting other "
                         "jobs were measured 3-4x slower than one; 0 = torch's choice)")
@@ -94,9 +97,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo_defaults():
-    from .demo.harness import DEMO_INTERVALS, DEMO_METHODS, DEMO_SAMPLES
+    """The short run's methods (canonical names, table order: as the banner prints them), N and samples."""
+    from .demo.harness import DEMO_INTERVALS, DEMO_METHODS, DEMO_SAMPLES, DEMO_STEPS, ordered_methods
 
-    return dict(methods=DEMO_METHODS, intervals=DEMO_INTERVALS, samples=DEMO_SAMPLES)
+    return dict(methods=ordered_methods(DEMO_METHODS), intervals=DEMO_INTERVALS, samples=DEMO_SAMPLES,
+                steps=DEMO_STEPS)
+
+
+def _method_choices() -> str:
+    from .demo.harness import method_choices
+
+    return method_choices()
+
+
+def _run_settings(args):
+    """(methods, intervals, samples, steps, warmup, final) the demo runs with: the arguments given,
+    else the defaults of the short run (or of --full)."""
+    from .demo.harness import ALL_METHODS, DEFAULT_INTERVALS, HarnessConfig
+
+    defaults = _demo_defaults()
+    if args.full:
+        methods, intervals, samples = ALL_METHODS, DEFAULT_INTERVALS, FULL_SAMPLES
+    else:
+        methods, intervals, samples = defaults["methods"], defaults["intervals"], defaults["samples"]
+    return (args.methods or methods, args.intervals or intervals, FULL_SAMPLES if args.samples is None and args.full
+            else args.samples if args.samples is not None else samples,
+            defaults["steps"] if args.steps is None else args.steps,
+            HarnessConfig.warmup if args.warmup is None else args.warmup,
+            HarnessConfig.final if args.final is None else args.final)
 
 
 def _untrained_model():
@@ -109,22 +137,18 @@ def _untrained_model():
 
 
 def demo(args) -> int:
-    from .demo.harness import ALL_METHODS, DEFAULT_INTERVALS, HarnessConfig, run_harness, write_outputs
+    from .demo.harness import HarnessConfig, prepare_fused_ops, run_harness, write_outputs
 
-    defaults = _demo_defaults()
-    if args.full:
-        methods, intervals, samples = ALL_METHODS, DEFAULT_INTERVALS, FULL_SAMPLES
-    else:
-        methods, intervals, samples = defaults["methods"], defaults["intervals"], defaults["samples"]
+    methods, intervals, samples, steps, warmup, final = _run_settings(args)
     cfg = HarnessConfig(
-        methods=args.methods or methods,
-        intervals=args.intervals or intervals,
-        samples=args.samples or samples,
-        num_steps=args.steps or 50,
+        methods=methods,
+        intervals=intervals,
+        samples=samples,
+        num_steps=steps,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
-        **({} if args.warmup is None else {"warmup": args.warmup}),
-        **({} if args.final is None else {"final": args.final}),
+        warmup=warmup,
+        final=final,
         model=args.model,
         model_dir=None if args.model_dir is None else str(args.model_dir),
         sampler=args.sampler,
@@ -145,13 +169,15 @@ def demo(args) -> int:
           + (f", compute_blocks {cfg.compute_blocks}" if any(cfg.compute_blocks) else "") + "; "
           f"runs: {', '.join(cfg.methods)}; N in {{{', '.join(map(str, cfg.intervals))}}}", flush=True)
     t0 = time.perf_counter()
+    fused, seconds = prepare_fused_ops("cpu", cfg.backend)  # the demo's models run on the CPU
+    print(f"fused ops: {fused}" + (" (now, before the timed runs)" if seconds >= 0.05 else ""), flush=True)
     res = run_harness(cfg, model=model)
     files = write_outputs(res, args.out)
     m = res.machine
     print()
     print(res.to_text(), end="")
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"fused ops: {m['backend']}; load average at start {_load(m.get('loadavg_start'))}")
+          f"fused ops: {m['fused_ops']}; load average at start {_load(m.get('loadavg_start'))}")
     print(f"columns: skipped = fraction of cached-module calls forecast (steps: of the {cfg.num_steps}-step compute "
           "not done); "
           "speed-up = full time / run time;\n  PSNR, rel-L2 = final samples vs full compute (same seeds); "
@@ -200,7 +226,8 @@ def _summary(res) -> List[str]:
 
 def _validate_args(ap: argparse.ArgumentParser, args) -> None:
     """Refuse bad demo arguments with a usage message before any work (no `x or default`
-    may turn a 0 into the default, no run may fail at the end on its output folder)."""
+    may turn a 0 into the default, no run may fail halfway or at the end, nothing may be
+    accepted that makes the run measure nothing)."""
     demo_ap = ap._subparsers._group_actions[0].choices["demo"]  # for the subcommand's usage line
 
     def at_least(name, value, low, note=""):
@@ -219,22 +246,25 @@ def _validate_args(ap: argparse.ArgumentParser, args) -> None:
             args.model = resolve_spec(args.model, args.model_dir).name
         except ValueError as e:
             demo_ap.error(f"--model-dir: {e}")
-    if args.unconditional and args.guidance_scale is not None and args.guidance_scale != 1.0:
-        demo_ap.error(f"--unconditional has no guidance; --guidance-scale {args.guidance_scale} makes no sense with it")
+    g = args.guidance_scale
+    if g is not None and not 0.0 <= g < math.inf:  # nan fails both comparisons
+        demo_ap.error(f"--guidance-scale must be a finite number >= 0 (1: no guidance; a negative scale steers "
+                      f"away from the requested class, which the accuracy column measures), got {g}")
+    if args.unconditional and g is not None and g != 1.0:
+        demo_ap.error(f"--unconditional has no guidance; --guidance-scale {g} makes no sense with it")
     if args.untrained and (args.model != "digits" or args.model_dir is not None):
         demo_ap.error("--untrained builds the digits DiT; it takes no --model/--model-dir")
-    at_least("samples", args.samples, 1)
-    at_least("steps", args.steps, 1)
+    at_least("samples", args.samples, 2, " (the FID and the paired intervals need two samples)")
+    at_least("steps", args.steps, 2, " (one step leaves nothing to cache)")
     at_least("warmup", args.warmup, 1, " (the first step has nothing to forecast from)")
     at_least("final", args.final, 0)
     at_least("threads", args.threads, 0, " (0: torch's choice)")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        demo_ap.error(f"--threads {args.threads}: more than this machine's {cores} cores (extra threads only "
+                      "compete with each other)")
     at_least("repeats", args.repeats, 1)
-    if args.compute_blocks is not None:
-        if len(args.compute_blocks) > 2:
-            demo_ap.error(f"--compute-blocks takes K or K J, got {len(args.compute_blocks)} numbers")
-        for v in args.compute_blocks:
-            if v < 0:
-                demo_ap.error(f"--compute-blocks: every count must be >= 0, got {v}")
+    at_least("seed", args.seed, 0)
     for n in args.intervals or ():
         if n < 1:
             demo_ap.error(f"--n: every interval must be >= 1, got {n}")
@@ -246,9 +276,56 @@ def _validate_args(ap: argparse.ArgumentParser, args) -> None:
                 canonical_method(m)
             except ValueError as e:
                 demo_ap.error(f"--methods: {e}")
+
+    methods, intervals, samples, steps, warmup, final = _run_settings(args)
+    if args.seed + samples > 2 ** 63:
+        demo_ap.error(f"--seed {args.seed}: sample i uses seed SEED + i, which must stay below 2**63 "
+                      f"({samples} samples)")
+    if warmup + final >= steps:
+        what = f"--warmup {warmup}" + (f" + --final {final}" if final else "")
+        demo_ap.error(f"{what}: the warm-up and final steps together must be fewer than the {steps} steps "
+                      f"(--steps), or nothing is cached")
+    free = steps - warmup  # steps after the warm-up: an interval longer than this computes none of them
+    long = [n for n in intervals if n > free]
+    if long:
+        given = "" if args.intervals else " (the default --n)"
+        demo_ap.error(f"--n {' '.join(map(str, long))}{given}: an interval N longer than the {free} steps after the "
+                      f"{warmup} warm-up step(s) of {steps} computes none of them (the run would extrapolate the "
+                      f"warm-up to the end); use N <= {free}")
+    if args.compute_blocks is not None:
+        if len(args.compute_blocks) > 2:
+            demo_ap.error(f"--compute-blocks takes K or K J, got {len(args.compute_blocks)} numbers")
+        for v in args.compute_blocks:
+            if v < 0:
+                demo_ap.error(f"--compute-blocks: every count must be >= 0, got {v}")
+        blocks = _model_blocks(resolve_spec(args.model, args.model_dir))
+        if blocks is not None and sum(args.compute_blocks) >= blocks:
+            demo_ap.error(f"--compute-blocks {' '.join(map(str, args.compute_blocks))}: the {args.model} DiT has "
+                          f"{blocks} blocks, so every block would be computed and nothing cached")
+    if args.backend == "triton":
+        from .backend import get_backend
+
+        try:
+            get_backend("cpu", "triton")  # the demo's models run on the CPU
+        except RuntimeError as e:
+            demo_ap.error(f"--backend triton: {e} (e.g. TRITON_INTERPRET=1 foca-kernels demo --backend triton ...)")
     problem = _unwritable(args.out)
     if problem:
         demo_ap.error(f"--out {args.out}: {problem}")
+
+
+def _model_blocks(spec) -> Optional[int]:
+    """Transformer blocks of a demo model (its config's num_layers, else diffusers' default);
+    None when diffusers is missing (the demo then reports the missing extra)."""
+    if "num_layers" in spec.dit_config:
+        return int(spec.dit_config["num_layers"])
+    try:
+        import inspect
+
+        from diffusers import DiTTransformer2DModel
+    except ModuleNotFoundError:
+        return None
+    return int(inspect.signature(DiTTransformer2DModel.__init__).parameters["num_layers"].default)
 
 
 def _unwritable(out: Path) -> Optional[str]:

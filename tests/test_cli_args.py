@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,31 @@ def no_work(monkeypatch):
 
 
 BAD = [
-    (["--samples", "0"], r"--samples must be >= 1, got 0"),
-    (["--samples", "-3"], r"--samples must be >= 1, got -3"),
-    (["--steps", "0"], r"--steps must be >= 1, got 0"),
+    (["--samples", "0"], r"--samples must be >= 2 \(the FID and the paired intervals need two samples\), got 0"),
+    (["--samples", "-3"], r"--samples must be >= 2 .*, got -3"),
+    (["--samples", "1"], r"--samples must be >= 2 .*, got 1"),
+    (["--steps", "0"], r"--steps must be >= 2 \(one step leaves nothing to cache\), got 0"),
+    (["--steps", "1"], r"--steps must be >= 2 .*, got 1"),
+    (["--guidance-scale", "nan"], r"--guidance-scale must be a finite number >= 0 .*, got nan"),
+    (["--guidance-scale", "inf"], r"--guidance-scale must be a finite number >= 0 .*, got inf"),
+    (["--guidance-scale", "-1"], r"--guidance-scale must be a finite number >= 0 .*, got -1.0"),
+    (["--n", "100"], r"--n 100: an interval N longer than the 48 steps after the 2 warm-up step\(s\) of 50 "
+                     r"computes none of them .*use N <= 48"),
+    (["--n", "3", "49"], r"--n 49: .*use N <= 48"),
+    (["--steps", "10", "--n", "9"], r"--n 9: .*the 8 steps after the 2 warm-up step\(s\) of 10 .*use N <= 8"),
+    (["--steps", "5"], r"--n 5 7 \(the default --n\): .*use N <= 3"),
+    (["--warmup", "20", "--steps", "10"], r"--warmup 20: the warm-up and final steps together must be fewer than "
+                                          r"the 10 steps \(--steps\), or nothing is cached"),
+    (["--warmup", "10", "--steps", "10"], r"--warmup 10: .*fewer than the 10 steps"),
+    (["--warmup", "5", "--final", "5", "--steps", "10"], r"--warmup 5 \+ --final 5: .*fewer than the 10 steps"),
+    (["--final", "50"], r"--warmup 2 \+ --final 50: .*fewer than the 50 steps"),
+    (["--seed", "-1"], r"--seed must be >= 0, got -1"),
+    (["--seed", str(2 ** 63 - 10), "--samples", "20"], r"--seed 9223372036854775798: sample i uses seed SEED \+ i, "
+                                                        r"which must stay below 2\*\*63 \(20 samples\)"),
+    (["--threads", "100000"], r"--threads 100000: more than this machine's \d+ cores"),
+    (["--compute-blocks", "6"], r"--compute-blocks 6: the digits DiT has 6 blocks, so every block would be computed"),
+    (["--compute-blocks", "3", "3"], r"--compute-blocks 3 3: the digits DiT has 6 blocks"),
+    (["--model", "mnist", "--compute-blocks", "4", "2"], r"--compute-blocks 4 2: the mnist DiT has 6 blocks"),
     (["--n", "0"], r"--n: every interval must be >= 1, got 0"),
     (["--n", "3", "-2"], r"--n: every interval must be >= 1, got -2"),
     (["--methods", "nosuch"], r"--methods: unknown harness method 'nosuch'"),
@@ -47,8 +70,6 @@ def test_bad_arguments_give_a_usage_error(argv, match, no_work, capsys, tmp_path
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "usage: foca-kernels demo" in err
-    import re
-
     assert re.search(match, err), err
 
 
@@ -66,10 +87,87 @@ def test_unwritable_out_is_refused_before_sampling(no_work, capsys, tmp_path):
 def test_good_arguments_pass_validation(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(cli, "demo", lambda args: seen.setdefault("args", args) and 0)
-    argv = ["demo", "--samples", "1", "--steps", "2", "--n", "1", "5", "--methods", "fora", "taylorseer3", "foca",
-            "--warmup", "1", "--final", "0", "--threads", "0", "--out", str(tmp_path / "new" / "dir")]
+    argv = ["demo", "--samples", "2", "--steps", "6", "--n", "1", "5", "--methods", "fora", "taylorseer3", "foca",
+            "--warmup", "1", "--final", "0", "--threads", "0", "--guidance-scale", "0", "--seed", "7",
+            "--compute-blocks", "2", "3", "--out", str(tmp_path / "new" / "dir")]
     assert cli.main(argv) == 0
-    assert seen["args"].samples == 1 and not (tmp_path / "new").exists()  # validation creates nothing
+    assert seen["args"].samples == 2 and not (tmp_path / "new").exists()  # validation creates nothing
+    # the limits themselves are accepted: N = steps - warm-up, warm-up + final = steps - 1
+    for argv in (["--steps", "10", "--n", "8"], ["--steps", "10", "--warmup", "5", "--final", "4", "--n", "1"],
+                 ["--steps", "2", "--warmup", "1", "--n", "1"], ["--guidance-scale", "1e6"]):
+        assert cli.main(["demo", *argv, "--out", str(tmp_path / "o")]) == 0, argv
+
+
+def test_methods_error_lists_every_accepted_name(no_work, capsys, tmp_path):
+    """The message lists each name the harness accepts (its own table) and each alias."""
+    from foca_kernels.demo.harness import METHOD_ALIASES, METHOD_NAMES, canonical_method
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--methods", "nosuch", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    listed = capsys.readouterr().err.split("expected one of", 1)[1]
+    names = re.findall(r"[a-z][a-z0-9-]*", listed.replace("aliases", ""))
+    assert set(METHOD_NAMES) | set(METHOD_ALIASES) <= set(names)
+    for name in ("foca-calibrated", "foca-r7", "taylorseer3"):  # accepted, and once missing from the message
+        assert canonical_method(name) == name and name in names
+
+
+def _banner(monkeypatch, capsys, tmp_path, *argv):
+    """The lines the demo prints before the harness runs (run_harness is stopped at its start)."""
+    from foca_kernels.demo import harness
+
+    def stop(cfg, model=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_harness", stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["demo", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    return capsys.readouterr().out
+
+
+def test_help_and_banner_list_the_default_methods_alike(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    shown = re.search(r"Without options a short run: methods (.*?), N in", help_text).group(1)
+    banner = _banner(monkeypatch, capsys, tmp_path)
+    assert re.search(r"runs: (.*?); N in", banner).group(1) == shown
+    assert "foca-calibrated" in shown and "foca," not in shown  # canonical names, as the table prints them
+
+
+def test_banner_names_the_fused_op_path_that_runs(monkeypatch, capsys, tmp_path):
+    from foca_kernels.ops import cpu_codegen
+
+    monkeypatch.delenv("FOCA_KERNELS_BACKEND", raising=False)
+    line = next(ln for ln in _banner(monkeypatch, capsys, tmp_path, "--backend", "torch").splitlines()
+                if ln.startswith("fused ops:"))
+    if cpu_codegen.status().startswith("in use"):
+        assert line.startswith("fused ops: C loop, compiled with ") and "torch" not in line.split(",")[0], line
+    else:
+        assert line.startswith("fused ops: PyTorch ops ("), line
+    monkeypatch.setenv("FOCA_KERNELS_CPU_CODEGEN", "0")
+    line = next(ln for ln in _banner(monkeypatch, capsys, tmp_path, "--backend", "torch").splitlines()
+                if ln.startswith("fused ops:"))
+    assert line.startswith("fused ops: PyTorch ops (off"), line
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    line = next(ln for ln in _banner(monkeypatch, capsys, tmp_path, "--backend", "triton").splitlines()
+                if ln.startswith("fused ops:"))
+    assert line == "fused ops: Triton interpreter", line
+
+
+def test_triton_on_cpu_without_the_interpreter_says_how_to_enable_it(no_work, monkeypatch, capsys, tmp_path):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--backend", "triton", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: foca-kernels demo" in err and "--backend triton:" in err and "TRITON_INTERPRET=1" in err, err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = {}
+    monkeypatch.setattr(cli, "demo", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["demo", "--backend", "triton", "--out", str(tmp_path / "o")]) == 0  # with it: accepted
 
 
 @pytest.mark.parametrize("given,expected", [([], (0, 0)), (["--compute-blocks", "1"], (1, 0)),

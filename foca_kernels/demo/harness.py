@@ -54,7 +54,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +77,11 @@ ADAPTIVE = ("foca-rcs", "rfc-rcs")
 run's samples so that they compute as many steps as the fixed schedule at N (equal compute)."""
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
+METHOD_NAMES = (BASELINES + ("reuse", "taylorseer1", "taylorseer2", "taylorseer3")
+                + tuple(f"foca-{r}" for r in FOCA_READINGS) + ("foca-bdf2", "duca", "rfc") + ADAPTIVE)
+"""Every name :func:`canonical_method` returns (the one list of accepted names), in table order."""
+METHOD_ALIASES = {"fora": "reuse", "foca": f"foca-{DEFAULT_FOCA_READING}", "foca-secant": "foca-r0"}
+"""Other accepted names and the method each stands for (``foca``: the package's default reading)."""
 DEFAULT_INTERVALS = (2, 3, 5, 7, 9)
 DEMO_METHODS = ("full", "steps", "reuse", "taylorseer2", "foca", "rfc")
 DEMO_INTERVALS = (3, 5, 7)
@@ -91,22 +95,27 @@ def default_reading() -> str:
 
 
 def canonical_method(name: str) -> str:
-    """Harness method name: ``full``, ``steps``, ``reuse`` (alias ``fora``), ``taylorseerK``
-    (K = 1..3), ``foca-<reading>`` (calibrated, r7, r0, r3, r4, r6) or ``foca-bdf2`` (r0 with the bdf2 anchor);
-    ``foca`` alone is the package default reading, ``foca-secant`` is ``foca-r0``."""
+    """Harness method name: one of :data:`METHOD_NAMES` (``full``, ``steps``, ``reuse``,
+    ``taylorseerK`` (K = 1..3), ``foca-<reading>``, ``foca-bdf2`` (r0 with the bdf2 anchor),
+    ``duca``, ``rfc``, the RCS runs), or an alias of :data:`METHOD_ALIASES` (``foca`` alone is
+    the package default reading, ``foca-secant`` is ``foca-r0``, ``fora`` is ``reuse``)."""
     n = str(name).strip().lower().replace("_", "-")
-    if n == "fora":
-        return "reuse"
-    if n == "foca":
-        return f"foca-{default_reading()}"
-    if n == "foca-secant":
-        return "foca-r0"
-    if n in ("full", "steps", "reuse", "foca-bdf2", "duca", "rfc", "foca-rcs", "rfc-rcs") or re.fullmatch(r"taylorseer[123]", n):
+    n = METHOD_ALIASES.get(n, n)
+    if n in METHOD_NAMES:
         return n
-    if n.startswith("foca-") and n[5:] in FOCA_READINGS:
-        return n
-    raise ValueError(f"unknown harness method {name!r}; expected one of {ALL_METHODS} (or the aliases foca, "
-                     "foca-secant, fora)")
+    raise ValueError(f"unknown harness method {name!r}; expected one of {method_choices()}")
+
+
+def method_choices() -> str:
+    """Every accepted method name, the aliases with what they stand for (for messages and help)."""
+    aliases = ", ".join(f"{a} = {m}" for a, m in METHOD_ALIASES.items())
+    return f"{', '.join(METHOD_NAMES)} (aliases: {aliases})"
+
+
+def ordered_methods(names: Sequence[str]) -> Tuple[str, ...]:
+    """``names`` as canonical names, each once, in table order (:data:`METHOD_NAMES`)."""
+    order = {m: i for i, m in enumerate(METHOD_NAMES)}
+    return tuple(sorted({canonical_method(m) for m in names}, key=order.__getitem__))
 
 
 def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
@@ -129,7 +138,7 @@ def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
 
 @dataclass
 class HarnessConfig:
-    """What the harness runs. ``methods`` in any order (the table follows :data:`ALL_METHODS`;
+    """What the harness runs. ``methods`` in any order (the table follows :data:`METHOD_NAMES`;
     ``full`` is always run, it is the reference)."""
 
     methods: Sequence[str] = ALL_METHODS
@@ -158,14 +167,7 @@ class HarnessConfig:
     # compute) or "probe" (the first probe_samples: cheaper, RCS may then compute a step more or less)
 
     def __post_init__(self):
-        seen, methods = set(), []
-        for m in ["full", *self.methods]:
-            c = canonical_method(m)
-            if c not in seen:
-                seen.add(c)
-                methods.append(c)
-        order = {m: i for i, m in enumerate(ALL_METHODS)}
-        self.methods = tuple(sorted(methods, key=lambda m: (order.get(m, len(order)), m)))
+        self.methods = ordered_methods(["full", *self.methods])
         self.intervals = tuple(sorted({int(n) for n in self.intervals}))
         if any(n < 1 for n in self.intervals):
             raise ValueError("intervals must be >= 1")
@@ -175,6 +177,16 @@ class HarnessConfig:
             raise ValueError("samples must be >= 2 (the FID needs a covariance)")
         if self.num_steps < 2 or self.warmup < 1 or self.repeats < 1:
             raise ValueError("need num_steps >= 2, warmup >= 1, repeats >= 1")
+        if self.final < 0 or self.warmup + self.final >= self.num_steps:
+            raise ValueError(f"warmup ({self.warmup}) + final ({self.final}) must be fewer than num_steps "
+                             f"({self.num_steps}) and final >= 0: else nothing is cached")
+        long = [n for n in self.intervals if n > self.num_steps - self.warmup]
+        if long:
+            raise ValueError(f"intervals {long} are longer than the {self.num_steps - self.warmup} steps after the "
+                             "warm-up: they would compute none of them")
+        g = self.guidance_scale
+        if g is not None and not 0.0 <= float(g) < math.inf:  # nan fails both
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {g}")
         from .sampler import check_sampler
 
         if self.model_dir is not None:
@@ -325,7 +337,7 @@ class HarnessResult:
         return None
 
     def sorted_runs(self) -> List[RunResult]:
-        """Table order: full, then per interval, methods in :data:`ALL_METHODS` order."""
+        """Table order: full, then per interval, methods in :data:`METHOD_NAMES` order."""
         order = {m: i for i, m in enumerate(self.config.methods)}
         return [self.full] + sorted((r for r in self.runs[1:]), key=lambda r: (r.interval, order.get(r.method, 99)))
 
@@ -498,6 +510,31 @@ def machine_info(threads: int, backend: str) -> Dict[str, object]:
                 backend=backend, loadavg_start=list(load) if load else None)
 
 
+def prepare_fused_ops(device, backend: Optional[str] = None) -> Tuple[str, float]:
+    """Which implementation of the fused ops runs on ``device`` with ``backend`` (None: the
+    package's choice, :func:`foca_kernels.get_backend`), and the seconds spent now making it
+    ready: on CPU with the PyTorch backend the C loop is compiled here (once per process;
+    ops/cpu_codegen.py), so that no timed run pays for it. Triton compiles each kernel on its
+    first launch on CUDA: :func:`run_harness` warms those up with an untimed generation."""
+    from ..ops import cpu_codegen
+
+    device = torch.device(device)
+    name = get_backend(device, backend)
+    if name == "triton":
+        return ("Triton interpreter" if device.type == "cpu" else f"Triton kernels on {device.type}"), 0.0
+    if device.type != "cpu":
+        return f"PyTorch ops on {device.type}", 0.0
+    if cpu_codegen.status().startswith("off"):
+        return f"PyTorch ops ({cpu_codegen.status()})", 0.0
+    t0 = time.perf_counter()
+    cpu_codegen.load()
+    seconds = time.perf_counter() - t0
+    status = cpu_codegen.status()
+    if status.startswith("in use ("):
+        return f"C loop, {status[len('in use ('):-1]}", seconds
+    return f"PyTorch ops ({status})", seconds
+
+
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
@@ -536,7 +573,9 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
             fid_reference = spec.load_data(config.fid_reference)[0]
         device = next(model.parameters()).device
         backend = get_backend(device, config.backend)
+        fused_ops, compile_seconds = prepare_fused_ops(device, config.backend)  # not in the first timed run
         machine = machine_info(torch.get_num_threads(), backend)
+        machine.update(fused_ops=fused_ops, compile_seconds=compile_seconds)
         labels = torch.arange(config.samples) % 10
         ref_feats = classifier.features(fid_reference) if classifier is not None and fid_reference is not None \
             else None
@@ -583,6 +622,13 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
             sample(model, labels[:config.probe_samples], seed=config.seed, num_steps=config.num_steps,
                    **config.sample_options())
         probe_names, records = probe.stacked()
+        if backend == "triton" and device.type != "cpu":  # Triton compiles each kernel on its first launch
+            t0 = time.perf_counter()
+            for method in dict.fromkeys(m for m, _ in config.runs()[1:] if m not in BASELINES + ADAPTIVE):
+                with cached(model, config.cache_config(method, config.intervals[0])):
+                    sample(model, labels[:config.probe_samples], seed=config.seed, num_steps=config.num_steps,
+                           **config.sample_options())
+            machine["compile_seconds"] += time.perf_counter() - t0
 
         thresholds: Dict[Tuple[str, int], float] = {}
         for method, interval in config.runs()[1:]:
@@ -714,6 +760,7 @@ def write_outputs(result: HarnessResult, out_dir, *, grid_intervals: Sequence[in
 
 __all__ = [
     "ADAPTIVE", "ALL_METHODS", "BASELINES", "calibrate_rcs", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS", "DEMO_METHODS", "DEMO_SAMPLES",
-    "HarnessConfig", "HarnessResult", "RunResult", "cache_method", "canonical_method", "default_reading", "paired_psnr_difference",
+    "HarnessConfig", "HarnessResult", "METHOD_ALIASES", "METHOD_NAMES", "RunResult", "cache_method", "canonical_method",
+    "default_reading", "method_choices", "ordered_methods", "paired_psnr_difference",
     "replay_forecast_error", "run_harness", "write_outputs",
 ]

@@ -22,9 +22,22 @@ COLORS = {
     "taylorseer1": "#9ecae1",
     "taylorseer2": "#1f77b4",
     "taylorseer3": "#08306b",
-    "foca-secant": "#d62728",
+    "foca-r0": "#d62728",
+    "foca-r3": "#ff9896",
+    "foca-r4": "#e377c2",
+    "foca-r6": "#f7b6d2",
+    "foca-r7": "#9467bd",
+    "foca-calibrated": "#2ca02c",
     "foca-bdf2": "#ff7f0e",
+    "duca": "#bcbd22",
+    "rfc": "#17becf",
+    "fitted": "#98df8a",
+    "fitted-free": "#c5b0d5",
+    "foca-rcs": "#ffbb78",
+    "rfc-rcs": "#9edae5",
 }
+"""One colour per harness method name (every name of harness.METHOD_NAMES; no two alike, so
+no two curves of a plot share a colour: tests/test_demo_output.py checks both)."""
 
 
 def _color(method: str) -> Optional[str]:
@@ -77,7 +90,7 @@ def sample_grid(result, interval: int, path, *, columns: int = 10) -> Path:
         ax.imshow(tiles, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        name = "full (50 steps)" if r.method == "full" else (
+        name = f"full ({r.num_steps} steps)" if r.method == "full" else (
             f"steps ({r.num_steps} steps)" if r.method == "steps" else r.method)
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9, color=_color(r.method) or "black")
         if r.method == "full":
