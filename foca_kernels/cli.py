@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="fused-op implementation (auto: Triton on CUDA or with TRITON_INTERPRET=1, else the C loop "
                         "on CPU when it compiles, else PyTorch; triton on CPU needs TRITON_INTERPRET=1)")
+    d.add_argument("--state-dtype", choices=("float32", "float16", "bfloat16", "float8_e4m3fn"), default=None,
+                   help="cache state storage (CacheConfig.state_dtype; default: the model's dtype); float8_e4m3fn: "
+                        "16-bit anchor + e4m3 increments, closed-form methods only (taylorseer*, foca-r3/r6/r7)")
     d.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared machine two OpenMP threads fighting other "
                         "jobs were measured 3-4x slower than one; 0 = torch's choice)")
@@ -156,6 +159,7 @@ def demo(args) -> int:
         granularity=args.granularity,
         **({} if args.compute_blocks is None else {"compute_blocks": tuple(args.compute_blocks + [0])[:2]}),
         backend=None if args.backend == "auto" else args.backend,
+        state_dtype=args.state_dtype,
         repeats=args.repeats,
         threads=args.threads or None,
         progress=not args.no_progress,

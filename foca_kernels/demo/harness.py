@@ -152,6 +152,7 @@ class HarnessConfig:
     granularity: str = "module"
     compute_blocks: Tuple[int, int] = (0, 0)  # first k (and last j) blocks always computed (CacheConfig.compute_blocks)
     backend: Optional[str] = None  # fused ops: None = auto ("torch" on CPU unless TRITON_INTERPRET=1)
+    state_dtype: Optional[str] = None  # cache state storage (CacheConfig.state_dtype): a torch dtype's name, None = the model's
     repeats: int = 1  # timed repetitions per run (the fastest counts)
     threads: Optional[int] = None  # torch intra-op threads during the runs (None: leave as is)
     probe_elements: int = 4096  # elements recorded per cached module for the teacher-forced replay
@@ -196,10 +197,13 @@ class HarnessConfig:
         if self.unconditional and self.guidance_scale is not None and float(self.guidance_scale) != 1.0:
             raise ValueError(f"unconditional sampling has no guidance; got guidance_scale={self.guidance_scale}")
         self.compute_blocks = CacheConfig(compute_blocks=self.compute_blocks).compute_blocks  # validates, (k, j)
+        if self.state_dtype is not None and not isinstance(getattr(torch, str(self.state_dtype), None), torch.dtype):
+            raise ValueError(f"state_dtype must name a torch dtype (float32, bfloat16, float8_e4m3fn), got {self.state_dtype!r}")
         if self.rcs_calibration not in ("samples", "probe"):
             raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
 
-    def cache_config(self, method: str, interval: int, threshold: Optional[float] = None) -> CacheConfig:
+    def cache_config(self, method: str, interval: int, threshold: Optional[float] = None,
+                     stored: bool = True) -> CacheConfig:
         m, opts = cache_method(method)
         rcs = {}
         if canonical_method(method) in ADAPTIVE:
@@ -209,7 +213,7 @@ class HarnessConfig:
         return CacheConfig(interval=interval, warmup=self.warmup, final=self.final, method=m, method_options=opts,
                            granularity=self.granularity, compute_blocks=self.compute_blocks,
                            num_inference_steps=self.num_steps, backend=self.backend,
-                           **rcs)
+                           state_dtype=None if self.state_dtype is None or not stored else getattr(torch, self.state_dtype), **rcs)
 
     def sample_options(self) -> Dict[str, object]:
         """The sampler's keyword arguments of every run (guidance, sampler, conditioning)."""
@@ -617,7 +621,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
 
         # Recording run for the teacher-forced replay, on the first (at most) probe_samples
         # samples; untimed, it is also the warm-up (first calls pay for lazy initialisation).
-        probe = _Probe(model, config.cache_config("reuse", 2), config.probe_elements, config.seed)
+        probe = _Probe(model, config.cache_config("reuse", 2, stored=False), config.probe_elements, config.seed)
         with probe:
             sample(model, labels[:config.probe_samples], seed=config.seed, num_steps=config.num_steps,
                    **config.sample_options())
