@@ -6,10 +6,11 @@ from foca_kernels. Tests and benchmarks compare the fused kernels against these.
 """
 
 from .foca import FoCaRef, FoCaRestartRef
+from .fitted import FittedRef
 from .foca_calibrated import FoCaCalibratedRef
 from .reuse import ReuseRef
 from .rfc import RFCRef
 from .taylorseer import TaylorSeerRef
 from .trajectories import interval_schedule, make_ref, run_schedule
 
-__all__ = ["FoCaCalibratedRef", "FoCaRef", "FoCaRestartRef", "RFCRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]
+__all__ = ["FittedRef", "FoCaCalibratedRef", "FoCaRef", "FoCaRestartRef", "RFCRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from .foca import FoCaRef, FoCaRestartRef
+from .fitted import FittedRef
 from .foca_calibrated import FoCaCalibratedRef
 from .reuse import ReuseRef
 from .taylorseer import TaylorSeerRef
@@ -28,6 +29,8 @@ def make_ref(method: str = "foca", **options):
         return TaylorSeerRef(**options)
     if method in ("reuse", "fora"):
         return ReuseRef()
+    if method == "fitted":
+        return FittedRef(**options)
     raise ValueError(f"unknown method {method!r}")
 
 

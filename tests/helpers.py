@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import foca_kernels as fk
-from foca_kernels.methods import FoCa, FoCaClosed, Reuse, TaylorSeer
-from reference import FoCaRef, FoCaRestartRef, ReuseRef, TaylorSeerRef, interval_schedule, make_ref
+from foca_kernels.methods import Fitted, FoCa, FoCaClosed, Reuse, TaylorSeer
+from reference import FittedRef, FoCaRef, FoCaRestartRef, ReuseRef, TaylorSeerRef, interval_schedule, make_ref
 
 # --------------------------------------------------------------------------------------
 # methods under test
@@ -54,10 +54,16 @@ METHODS = [
     ("foca", {"reading": "r4"}),
     ("foca", {"reading": "r6"}),
     ("foca", {"reading": "r7"}),
+    # the fitted forecaster with weights as a calibration could give them (a != 1, c < 0, c > 1,
+    # keys missing: TaylorSeer-2 there), dyadic so that lines stay exact in every dtype
+    ("fitted", {"weights": {(1, 1): (0.5, 1.0), (2, 1): (0.75, -0.5), (2, 2): (1.0, 0.25), (3, 1): (1.25, 2.0),
+                            (3, 2): (0.0, 0.0), (4, 1): (1.0, 1.5), (5, 2): (0.5, -1.0)}}),
 ]
 
 
 def method_id(method: str, opts: dict) -> str:
+    if method == "fitted":
+        return "fitted"
     return "-".join([method] + [str(v) for v in opts.values()])
 
 
@@ -234,7 +240,7 @@ def ref_from_state(buf, dtype: torch.dtype):
             ref.f_full, ref.t_full = get("F_full"), role_time(buf, "F_full")
         # the bdf2 anchor keeps no F_full: FoCaRef only reads f_full for the secant anchor
     elif isinstance(m, TaylorSeer):  # replay its stored computed values, oldest first
-        ref = TaylorSeerRef(m.order)
+        ref = FittedRef(m.weights) if isinstance(m, Fitted) else TaylorSeerRef(m.order)
         held = [(get(r), role_time(buf, r)) for r in m.roles if buf.role(r) is not None]
         for x, t in reversed(held):
             ref.t = t - 1.0 if ref.t is None else ref.t
@@ -246,6 +252,8 @@ def ref_from_state(buf, dtype: torch.dtype):
         raise TypeError(m)
     ref.t = buf.t
     ref.n_full = buf.n_full
+    if isinstance(m, Fitted):
+        ref.k = buf.n_skip  # the place in the window the next skip's weights are looked up by
     return ref
 
 

@@ -85,6 +85,11 @@ EXPECTED = {
         (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
         (0, True, 1, False), (0, True, 1, False), (4, False, 0, True),
     ],
+    # TaylorSeer-2's state; the helpers' weights at (2, 1), (2, 2) and (4, 1) keep every term
+    "fitted": [
+        (0, True, 1, False), (0, True, 1, False), (2, False, 0, True), (2, False, 0, True),
+        (0, True, 1, False), (0, True, 1, False), (3, False, 0, True),
+    ],
     "reuse": [
         (0, True, 1, False), (0, True, 1, False), (1, False, 0, True), (1, False, 0, True),
         (0, True, 1, False), (0, True, 1, False), (1, False, 0, True),

@@ -288,6 +288,19 @@ class StreamGroup:
                 stream.update(t, h, config, method, inp, plans)
         self.last_tau = tau
 
+    def observed(self, out, args, kwargs) -> Optional[List[torch.Tensor]]:
+        """What a full step would feed the states from ``out`` (outputs, or residuals), without
+        feeding them; None when ``out`` does not match the cached layout."""
+        tensors, template = flatten(out)
+        if tensors is None or not same_template(self.template, template):
+            return None
+        res = []
+        for t, name in zip(tensors, self.inputs):
+            if name is not None:
+                t = t - self._arg(name, args, kwargs)
+            res.append(t.detach())
+        return res
+
     def forecast(self, args, kwargs, tau: float, config, written: list):
         """A skipped call: the forecast output(s), without running the module."""
         h = tau - self.last_tau

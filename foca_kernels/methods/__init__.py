@@ -6,12 +6,13 @@ from .base import FEATURE, Keep, Method, Same, StepContext, Transition
 from .foca import ANCHORS, FoCa
 from .foca_calibrated import FoCaCalibrated
 from .foca_closed import FoCaClosed
+from .fitted import Fitted
 from .history import RawHistory
 from .reuse import Reuse
 from .rfc import RFC
 from .taylorseer import TaylorSeer
 
-METHOD_NAMES = ("foca", "taylorseer", "reuse", "rfc")
+METHOD_NAMES = ("foca", "taylorseer", "reuse", "rfc", "fitted")
 FOCA_READINGS = ("r0", "r3", "r4", "r6", "r7", "calibrated")
 DEFAULT_FOCA_READING = "calibrated"  # chosen by a rule fixed before its runs, on both shipped models: docs/fidelity.md
 CLOSED_FOCA_READING = "r7"  # the default among the closed forms (where a method must be one: DuCa, RCS's probe)
@@ -69,6 +70,10 @@ def make_method(method="foca", **options) -> Method:
         if str(base).lower() == "foca" and "reading" not in options and "anchor" not in options:
             options["reading"] = RFC_FOCA_READING
         return RFC(make_method(base, **options), **rfe)
+    if name == "fitted":  # TaylorSeer-2's terms, weights fitted per model (methods/fitted.py, hooks/calibration.py)
+        if set(options) - {"weights", "pattern"}:
+            raise TypeError(f"fitted takes only weights= and pattern=, got {sorted(options)}")
+        return Fitted(**options)
     if name in ("reuse", "fora"):
         if options:
             raise TypeError(f"reuse takes no options, got {sorted(options)}")
@@ -77,6 +82,6 @@ def make_method(method="foca", **options) -> Method:
 
 
 __all__ = [
-    "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated", "FoCaClosed", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
+    "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated", "FoCaClosed", "Fitted", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
     "StepContext", "TaylorSeer", "Transition", "make_foca", "make_method",
 ]

@@ -1,0 +1,203 @@
+"""Fit the ``fitted`` method's weights to a model on one full-compute generation.
+
+    from foca_kernels.hooks import calibrate, enable_cache
+    with calibrate(pipe, interval=5) as cal:       # the schedule the weights are for
+        image = pipe(prompt, num_inference_steps=50).images[0]   # computed in full: a real image
+    enable_cache(pipe, cal.config)                 # method="fitted" with the fitted weights
+    cal.save("weights.json")                       # later: enable_cache(pipe, interval=5, **load_calibration(...))
+
+Inside the block every module is computed at every step (the generation is exactly the uncached
+one), while the cache is kept as the schedule says: full steps feed the states as usual, and at
+each step the schedule would skip, the computed value ``Y`` of every cached module is compared
+with TaylorSeer-2's terms ``D0, D1 x, D2 x^2/2`` over the states (methods/fitted.py). Five dot
+products per stream and step are summed on the device (fp64, no host sync); at the end of the
+block they are read once, each stream's sums are divided by its ``|Y - D0|^2`` (so that every
+module counts alike, whatever the size of its features) and pooled over the streams, and one
+pair (a, c) per skipped step is the least-squares solution of ``Y - D0 ~ a D1 x + c D2 x^2/2``:
+
+* ``fit="line"`` (default): a = 1, only c is fitted. The forecast is then exact on every
+  trajectory linear in time, like TaylorSeer's and FoCa's.
+* ``fit="free"``: a and c together (reuse, a = c = 0, is in reach; lines are exact only where
+  the fitted a is 1).
+
+A pair is clipped to ``A_RANGE`` x ``C_RANGE``; where the curvature term is (near) zero on every
+stream (fewer than three values held, or features on a line) c keeps TaylorSeer-2's 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..methods import Fitted
+from ..methods.fitted import Key
+from .apply import _controllers, disable_cache, enable_cache
+from .config import CacheConfig
+
+A_RANGE = (0.0, 1.5)
+C_RANGE = (-1.0, 2.0)
+FITS = ("line", "free")
+_DEGENERATE = 1e-10  # |K|^2 below this (relative to |D1 x|^2 + |Y - D0|^2): no curvature to fit
+
+
+class Calibration:
+    """The running sums of one calibration, and the weights fitted from them."""
+
+    def __init__(self, config: CacheConfig, fit: str = "line"):
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        self.fit = fit
+        self.base_config = config
+        self.sums: Dict[Key, List[torch.Tensor]] = {}
+        self._window: Dict[int, Tuple[int, int]] = {}  # id(state) -> (n_full, skips seen in its window)
+        self.steps: Dict[int, str] = {}  # step index -> "F" | "s"
+        self.weights: Optional[Dict[Key, Tuple[float, float]]] = None
+        self.observed = 0  # skipped calls observed
+
+    # ---- during the generation ------------------------------------------------------------
+    def mark(self, step: int, full: bool) -> None:
+        self.steps[step] = "F" if full else "s"
+
+    def observe(self, group, tensors: List[torch.Tensor], tau: float) -> None:
+        """The computed outputs ``tensors`` of a call the schedule skips (the group is ready)."""
+        h = tau - group.last_tau
+        self.observed += 1
+        for stream, y in zip(group.streams, tensors):
+            st = stream.state
+            n_full, k = self._window.get(id(st), (-1, 0))
+            k = k + 1 if n_full == st.n_full else 1
+            self._window[id(st)] = (st.n_full, k)
+            ctx = st.context(st.t + h)
+            ctx.memo = {"k": k - 1}
+            method: Fitted = st.method
+            key = method.key(ctx)
+            d0, b1, k2 = (self._tensor(st, combo, y) for combo in method.basis(ctx))
+            with torch.no_grad():
+                r = y.detach().float() - d0
+                dots = torch.stack([
+                    _dot(r, b1), _dot(r, k2), _dot(b1, b1), _dot(b1, k2), _dot(k2, k2), _dot(r, r)])
+            self.sums.setdefault(key, []).append(dots)
+
+    @staticmethod
+    def _tensor(st, combo, like) -> torch.Tensor:
+        out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        for role, coef in combo.items():
+            out.add_(st.role(role).float(), alpha=coef)
+        return out
+
+    # ---- after it ---------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Read the sums (one host transfer) and fit one (a, c) per skipped step."""
+        weights: Dict[Key, Tuple[float, float]] = {}
+        for key, rows in sorted(self.sums.items()):
+            s = torch.stack(rows).cpu().tolist()
+            rb, rk, bb, bk, kk = 0.0, 0.0, 0.0, 0.0, 0.0
+            for r_b, r_k, b_b, b_k, k_k, r_r in s:
+                if not all(math.isfinite(v) for v in (r_b, r_k, b_b, b_k, k_k, r_r)) or r_r <= 0:
+                    continue  # a stream with nothing to fit (or a non-finite value) is left out
+                rb += r_b / r_r
+                rk += r_k / r_r
+                bb += b_b / r_r
+                bk += b_k / r_r
+                kk += k_k / r_r
+            weights[key] = _solve(self.fit, rb, rk, bb, bk, kk)
+        self.weights = weights
+        self.sums.clear()
+
+    @property
+    def pattern(self) -> Optional[str]:
+        """The schedule of the calibration generation ("F" full, "s" skipped per step)."""
+        if not self.steps or sorted(self.steps) != list(range(len(self.steps))):
+            return None
+        return "".join(self.steps[i] for i in range(len(self.steps)))
+
+    @property
+    def method_options(self) -> dict:
+        if self.weights is None:
+            raise RuntimeError("the calibration has not finished: run one generation inside `with calibrate(...)`")
+        if not self.weights:
+            raise RuntimeError(
+                "the calibration saw no skipped step with a ready cache: run one whole generation inside the "
+                "`with calibrate(...)` block, with a schedule that skips steps")
+        return {"weights": dict(self.weights), "pattern": self.pattern}
+
+    @property
+    def config(self) -> CacheConfig:
+        """The calibration's CacheConfig with method "fitted" and the fitted weights."""
+        return replace(self.base_config, method="fitted", method_options=self.method_options)
+
+    def save(self, path) -> None:
+        opts = self.method_options
+        rows = [[n, k, a, c] for (n, k), (a, c) in sorted(opts["weights"].items())]
+        with open(path, "w") as f:
+            json.dump({"method": "fitted", "fit": self.fit, "pattern": opts["pattern"], "weights": rows}, f, indent=1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() * b.double()).sum()
+
+
+def _clip(v: float, lo_hi: Tuple[float, float]) -> float:
+    return min(max(v, lo_hi[0]), lo_hi[1])
+
+
+def _solve(fit: str, rb: float, rk: float, bb: float, bk: float, kk: float) -> Tuple[float, float]:
+    """(a, c) minimising |R - a B - c K|^2 from the pooled sums (a = 1 for fit="line")."""
+    curved = kk > _DEGENERATE * (bb + 1.0)
+    if fit == "line":
+        return 1.0, (_clip((rk - bk) / kk, C_RANGE) if curved else 1.0)
+    if not curved:
+        return (_clip(rb / bb, A_RANGE) if bb > 0 else 1.0), 1.0
+    det = bb * kk - bk * bk
+    if det <= _DEGENERATE * bb * kk:  # the two terms are parallel: keep a at 1, fit c
+        return 1.0, _clip((rk - bk) / kk, C_RANGE)
+    a = (rb * kk - rk * bk) / det
+    c = (rk * bb - rb * bk) / det
+    return _clip(a, A_RANGE), _clip(c, C_RANGE)
+
+
+def load_calibration(path) -> dict:
+    """The method options saved by :meth:`Calibration.save`: ``enable_cache(pipe, interval=..,
+    **load_calibration(path))`` (it includes ``method="fitted"``)."""
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("method") != "fitted" or not isinstance(data.get("weights"), list):
+        raise ValueError(f"{path}: not a calibration file written by Calibration.save")
+    weights = {}
+    for row in data["weights"]:
+        if not (isinstance(row, list) and len(row) == 4):
+            raise ValueError(f"{path}: a weight row must be [n_full, k, a, c], got {row!r}")
+        weights[(int(row[0]), int(row[1]))] = (float(row[2]), float(row[3]))
+    return {"method": "fitted", "weights": weights, "pattern": data.get("pattern")}
+
+
+@contextmanager
+def calibrate(model_or_pipeline, config: Optional[CacheConfig] = None, *, fit: str = "line", **options):
+    """Compute one generation in full inside the block and fit the ``fitted`` method's weights
+    for ``config``'s schedule and targets (see the module docstring); yields the
+    :class:`Calibration`, whose ``config`` / ``method_options`` / ``save`` hold the result."""
+    config = CacheConfig.build(config, **options)
+    if isinstance(config.method, str) and config.method.lower() == "fitted":
+        config = replace(config, method_options={})
+    elif config.method != "taylorseer" or config.method_options not in ({}, {"order": 2}):
+        raise ValueError(
+            f"calibrate fits the 'fitted' method (TaylorSeer-2's terms); leave method at its default or "
+            f"'fitted', got method={config.method!r} with options {config.method_options}")
+    else:
+        config = replace(config, method="fitted", method_options={})
+    if config.schedule != "fixed":
+        raise ValueError("calibrate needs a fixed schedule (interval, warmup, final or mask), not schedule='rcs'")
+    cal = Calibration(config, fit)
+    enable_cache(model_or_pipeline, config)
+    try:
+        for _, ctl in _controllers(model_or_pipeline):
+            ctl.calibration = cal
+        yield cal
+    finally:
+        disable_cache(model_or_pipeline)
+    cal.finish()
