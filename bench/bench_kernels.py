@@ -373,3 +373,55 @@ def test_full_step_of_many_streams(benchmark, op, dtype, provider, foca_bench_ro
     benchmark.extra_info.update(info)
     size = f"x{GROUP_STREAMS} " + "x".join(map(str, GROUP_SHAPE))
     foca_bench_rows.append({"op": op, "size": size, "dtype": dtype, "provider": provider, **info})
+
+
+# ---- the stored precision of a skipped step: bf16 state vs fp8 state (16-bit anchor + e4m3 increments) ----
+STATE_DTYPE_SIZES = ("dit-xl2-256px", "flux-1024px")
+
+
+def _state_dtype_cases():
+    return [pytest.param(size, state, id=f"taylorseer2_skip-{size}-bf16-{state}-state")
+            for size in STATE_DTYPE_SIZES for state in ("bf16", "fp8")]
+
+
+@pytest.mark.parametrize("size,state", _state_dtype_cases())
+def test_skip_by_state_dtype(benchmark, size, state, foca_bench_rows):
+    """The default method's skipped step of one bf16 stream with its state stored in bf16 or in
+    fp8 (foca_kernels/fp8.py); bytes per bench/bytes_moved.py skip_bytes (what the launch reads
+    plus the forecast it writes), so the two rows' GB/s and floors are each their own."""
+    from bytes_moved import skip_bytes
+    from foca_kernels.fp8 import FP8_DTYPE
+
+    if state == "fp8" and FP8_DTYPE is None:
+        pytest.skip("torch build without float8_e4m3fn")
+    dtype = {"bf16": torch.bfloat16, "fp8": FP8_DTYPE}[state]
+    shape = SIZES[size]
+    backend = "triton" if DEVICE.type == "cuda" else "torch"
+    warm, x = _features(shape, torch.bfloat16)
+    buf = fk.allocate(x, "taylorseer", dtype=dtype, order=2)
+    out = torch.empty_like(x)
+    for i in range(FULL_WARMUP):
+        fk.update_(buf, warm(i), 1.0, backend=backend)
+    fk.forecast_(buf, out, 1.0, backend=backend)
+    del warm
+    fn = lambda: fk.forecast_(buf, out, 1.0, backend=backend)  # noqa: E731
+    nbytes = skip_bytes("taylorseer", {"order": 2}, shape[0], shape[1], dtype, torch.bfloat16)
+    iterations, rounds = _plan(fn)
+    benchmark.group = f"taylorseer2_skip {size} bf16: state dtype"
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    stats = benchmark.stats.stats
+    del fn
+    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
+    info = {
+        "device": str(DEVICE), "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
+        "backend": backend, "state_dtype": str(dtype), "numel": math.prod(shape), "bytes_moved": nbytes,
+        "min_s": stats.min, "median_s": stats.median, "gb_per_s": nbytes / stats.min / 1e9, "copy_floor_s": floor,
+        "fraction_of_copy_floor": floor / stats.min, "page_faults_per_call": faults,
+    }
+    benchmark.extra_info.update(info)
+    foca_bench_rows.append({"op": f"taylorseer2_skip, {state} state", "size": size, "dtype": "bf16",
+                            "provider": "fused", **info})

@@ -1,7 +1,7 @@
 """Tensors each method reads and writes per call, in its steady state (counted from the
 launch the planner emits, so it is what the kernel moves), and bytes at two real sizes.
 
-    python bench/bytes_moved.py            # prints the markdown table of docs/benchmarks.md
+    python bench/bytes_moved.py            # prints the markdown tables of docs/benchmarks.md
 
 Steady state: the periodic pattern F F s F s F s, then the call counted (a skip after a skip,
 or a full step after a skip), with unequal step sizes so no coefficient vanishes by symmetry.
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import foca_kernels as fk  # noqa: E402
+from foca_kernels.fp8 import FP8_DTYPE, Fp8State  # noqa: E402
 
 METHODS = [
     ("foca calibrated (fitted weights, default)", "foca", {"reading": "calibrated"}),
@@ -74,5 +75,57 @@ def table(dtype=torch.bfloat16) -> str:
     return "\n".join(lines)
 
 
+FP8_METHODS = [
+    ("taylorseer-1", "taylorseer", {"order": 1}),
+    ("taylorseer-2 (default)", "taylorseer", {"order": 2}),
+    ("taylorseer-3", "taylorseer", {"order": 3}),
+    ("foca r7 (closed form)", "foca", {"reading": "r7"}),
+]
+ROWS = {"DiT-XL/2 256px": (256, 1152), "FLUX 1024px": (4608, 3072)}  # (tokens, channels) of one stream
+
+
+def skip_bytes(method, opts, tokens: int, channels: int, state_dtype, io_dtype=torch.bfloat16) -> int:
+    """Bytes one skipped step of one stream moves in the steady state: the stored tensors its
+    launch reads (for the fp8 state: the anchor, the e4m3 increments with a nonzero coefficient
+    and their per-token float32 scales) plus the forecast it writes in the io dtype."""
+    x = torch.zeros(2, 8, dtype=io_dtype)
+    buf = fk.allocate(x, method, dtype=state_dtype, **opts)
+    hs = iter([1.0, 0.7, 1.3, 0.9, 1.1, 0.8, 1.2, 1.0])
+    for kind in "FFsFsFs":
+        if kind == "F":
+            fk.update_(buf, torch.randn(2, 8, dtype=io_dtype), next(hs))
+        else:
+            fk.forecast(buf, next(hs))
+    h = next(hs)
+    skip = buf.plan(buf.method.skip(buf.context(buf.t + h)), buf.t + h)
+    n = tokens * channels
+    out = n * torch.empty((), dtype=io_dtype).element_size()
+    if isinstance(buf, Fp8State):
+        a0, terms = buf.skip_terms(skip)
+        anchor = n * torch.empty((), dtype=buf.anchor_dtype).element_size() if a0 != 0.0 else 0
+        return anchor + len(terms) * (n + 4 * tokens) + out
+    return len(skip.reads) * n * torch.empty((), dtype=state_dtype).element_size() + out
+
+
+def fp8_table(io_dtype=torch.bfloat16) -> str:
+    """The fp8 state against the bf16 state, per skipped step of one stream."""
+    head = ("| method | " + " | ".join(f"MB per skip, {k}: bf16 / fp8 state" for k in ROWS)
+            + " | fp8 / bf16 (with the output write) | fp8 / bf16 (stored tensors read) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, method, opts in FP8_METHODS:
+        cells, ratio = [], None
+        for tokens, channels in ROWS.values():
+            b16 = skip_bytes(method, opts, tokens, channels, torch.bfloat16, io_dtype)
+            b8 = skip_bytes(method, opts, tokens, channels, FP8_DTYPE, io_dtype)
+            out = tokens * channels * torch.empty((), dtype=io_dtype).element_size()
+            cells.append(f"{b16 / 1e6:.2f} / {b8 / 1e6:.2f}")
+            ratio = (b8 / b16, (b8 - out) / (b16 - out))  # the last size's (the largest)
+        lines.append(f"| {label} | {' | '.join(cells)} | {ratio[0]:.3f} | {ratio[1]:.3f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
+    if FP8_DTYPE is not None:
+        print()
+        print(fp8_table())
