@@ -14,36 +14,13 @@ import torch.nn as nn
 from .config import CacheConfig, FocaCacheWarning
 from .controller import CacheController
 from .duca import PartialCall
+from .memory import check_memory
+from .models import ATTR, controller_of, models_of, unwrap
 from .targets import Site, select_sites
 from .wrap import AttributePatch, is_foca_wrapper
 
-ATTR = "_foca_cache"  # the controller, on the model it was enabled on
-
-
-# ---- finding models --------------------------------------------------------------------
-def _unwrap(m: nn.Module) -> nn.Module:
-    return getattr(m, "_orig_mod", m)  # torch.compile's OptimizedModule
-
-
-def _models(obj) -> Tuple[List[Tuple[str, nn.Module]], Optional[object]]:
-    """(name, model) pairs to cache and the pipeline they belong to (None for a model)."""
-    if isinstance(obj, nn.Module):
-        return [("model", _unwrap(obj))], None
-    comps = getattr(obj, "components", None)
-    if isinstance(comps, dict):
-        found = [
-            (k, _unwrap(v))
-            for k, v in comps.items()
-            if isinstance(v, nn.Module) and (k.startswith("transformer") or k.startswith("unet") or k == "prior")
-        ]
-        if not found:
-            raise ValueError(f"{type(obj).__name__} has no transformer/unet component to cache")
-        return found, obj
-    raise TypeError(f"expected an nn.Module or a diffusers pipeline, got {type(obj).__name__}")
-
-
-def _controller(model: nn.Module) -> Optional[CacheController]:
-    return model.__dict__.get(ATTR)
+# ---- finding models (hooks/models.py) ----------------------------------------------------
+_unwrap, _models, _controller = unwrap, models_of, controller_of
 
 
 # ---- wrappers --------------------------------------------------------------------------
@@ -146,15 +123,24 @@ def _reset_stateful_cache(ctl: CacheController):
 
 
 # ---- public API --------------------------------------------------------------------------
-def enable_cache(model_or_pipeline, config: Optional[CacheConfig] = None, **options) -> None:
+def enable_cache(model_or_pipeline, config: Optional[CacheConfig] = None, *, inputs=None, tokens=None,
+                 contexts: int = 1, strict: bool = False, **options) -> None:
     """Cache the model's (or the pipeline's transformers') modules as ``config`` says.
 
     ``options`` are CacheConfig fields, used instead of or on top of ``config``:
     ``enable_cache(pipe, interval=5, method="foca")``; other keywords are method options, as
     in :func:`foca_kernels.allocate`: ``enable_cache(pipe, anchor="bdf2")``. Enabling on a model that already has
     the cache raises (call :func:`disable_cache` first); nothing is ever wrapped twice.
+
+    Memory: given ``inputs`` (example inputs of one model call) or ``tokens``, and ``contexts``,
+    as :func:`~foca_kernels.estimate_cache_memory` takes them, the cache's memory is estimated
+    first and compared with the free memory of its device: beyond it, a FocaCacheWarning names
+    the options that would fit (``strict=True``: MemoryError, nothing enabled). cache_info then
+    reports the estimate beside the measured bytes.
     """
     config = CacheConfig.build(config, **options)
+    if strict and inputs is None and tokens is None:
+        raise TypeError("strict=True checks the cache's memory estimate: pass inputs= (example inputs) or tokens=")
     models, pipeline = _models(model_or_pipeline)
     for name, model in models:  # check everything before touching anything
         if _controller(model) is not None or is_foca_wrapper(model.__dict__.get("forward")):
@@ -171,10 +157,14 @@ def enable_cache(model_or_pipeline, config: Optional[CacheConfig] = None, **opti
             if is_foca_wrapper(s.module.__dict__.get("forward")):
                 raise RuntimeError(f"{name}.{s.name} is already cached by another enable_cache; disable that first")
         plans.append((model, sites))
+    estimates = [None] * len(plans)
+    if inputs is not None or tokens is not None:  # warns, or raises (strict) before anything is wrapped
+        estimates = check_memory(models, config, inputs=inputs, tokens=tokens, contexts=contexts, strict=strict)
     done = []
     try:
-        for model, sites in plans:
+        for (model, sites), est in zip(plans, estimates):
             _enable_one(model, config, sites, pipeline)
+            _controller(model).memory_estimate = est
             done.append(model)
         if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
             # one wrapper per pipeline, kept (and removed) with its first model's patches
@@ -311,6 +301,9 @@ class CacheInfo:
     streams: int = 0  # allocated states (one per output tensor, call, context)
     state_bytes: int = 0  # sum of the states' nbytes
     buffer_bytes: int = 0  # preallocated forecast outputs and residual scratch
+    # what enable_cache(inputs= / tokens=) estimated for them (estimate_cache_memory); None: no estimate
+    state_bytes_estimate: Optional[int] = None
+    buffer_bytes_estimate: Optional[int] = None
     steps_full: int = 0  # model calls decided "compute" (summed over contexts)
     steps_skipped: int = 0  # model calls decided "skip"
     calls_computed: int = 0  # cached-module calls that ran the module
@@ -336,6 +329,10 @@ def cache_info(model_or_pipeline) -> CacheInfo:
     rcs = ctls[0][1].rcs
     if rcs is not None:
         info.schedule, info.pattern = repr(rcs), rcs.pattern()
+    ests = [ctl.memory_estimate for _, ctl in ctls]
+    if all(e is not None for e in ests):
+        info.state_bytes_estimate = sum(e.state_bytes for e in ests)
+        info.buffer_bytes_estimate = sum(e.buffer_bytes for e in ests)
     for name, ctl in ctls:
         info.modules += len(ctl.sites)
         info.calls_computed += ctl.calls_computed
