@@ -72,6 +72,16 @@ class StepInfo:
     pending: Optional[PendingUpdates] = None  # full-step updates recorded by after_module, run at end_step
 
 
+class Observe:
+    """A call the schedule skips, computed during a calibration (hooks/calibration.py): the module
+    runs and its output goes to the calibration, not to the cache."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        self.group = group
+
+
 class CacheController:
     def __init__(self, model: torch.nn.Module, config: CacheConfig, sites: List[Site], pipeline=None):
         self.model_ref = weakref.ref(model)
@@ -97,6 +107,8 @@ class CacheController:
         self.explicit = False  # new_generation()/generation() used: the caller marks every generation
         self.generation_steps: Optional[int] = None  # steps of the current generation, as the caller said
         self.boundary = ""  # how the latest step's generation boundary was known (cache_info)
+        self.calibration = None  # a hooks.calibration.Calibration while one runs: every call is computed
+        self.memory_estimate = None  # enable_cache's MemoryEstimate for this model (hooks/memory.py), if made
         self.memory_estimate = None  # enable_cache's MemoryEstimate for this model (hooks/memory.py), if made
         self.rcs = make_rcs(config)  # schedule="rcs": the adaptive decision (hooks/rcs.py), else None
         self.duca = None  # DuCa's token selection and partial calls (method="duca")
@@ -323,6 +335,13 @@ class CacheController:
             update = num_steps is None or step < num_steps - 1 - cfg.final
         # ---- /rcs ----
         self._count(ctx, full)
+        if self.calibration is not None:
+            self.calibration.mark(step, bool(full))
+        pattern = getattr(self.method, "pattern", None)  # method "fitted": the schedule it was fitted on
+        if pattern is not None and num_steps is not None and step == 0 and self.schedule.pattern(num_steps) != pattern:
+            raise ValueError(
+                f"the fitted method's weights were fitted on the schedule {pattern} ({len(pattern)} steps), "
+                f"this generation's is {self.schedule.pattern(num_steps)}: calibrate again for this schedule")
         self.current = StepInfo(ctx, step, full, update, tau)
         if self.duca is not None:
             self.current.phase = self.duca.phase(self.schedule, step, num_steps)
@@ -415,13 +434,16 @@ class CacheController:
                     step.batched.discard(group)  # its batched forecast is void: it computes now
             group.signature = sig
 
-        if not step.full and self.duca is None:
+        if not step.full and self.duca is None and self.calibration is None:
             if step.batched is None:
                 step.batched = ctx.forecast_all(step.tau, self.config)
                 step.written_ptrs = ctx.batch_ptrs
             if group in step.batched:  # forecast with every other ready module, in one launch
                 self.calls_forecast += 1
                 return group.finish_forecast(args, kwargs), None
+        if not step.full and group.ready and self.calibration is not None:
+            self.calls_computed += 1
+            return None, Observe(group)  # computed; its output is compared with the forecast's terms
         if not step.full and group.ready:
             self.calls_forecast += 1
             if step.phase == "conservative":
@@ -437,6 +459,11 @@ class CacheController:
 
     def after_module(self, group: StreamGroup, out, args, kwargs) -> None:
         step = self.current
+        if isinstance(group, Observe):
+            tensors = group.group.observed(out, args, kwargs)
+            if tensors is not None:
+                self.calibration.observe(group.group, tensors, step.tau)
+            return
         limit = self.config.max_pending_bytes
         pending = None
         if limit and self.duca is None:  # recorded for end_step's grouped update (duca: per module)
