@@ -109,7 +109,6 @@ class CacheController:
         self.boundary = ""  # how the latest step's generation boundary was known (cache_info)
         self.calibration = None  # a hooks.calibration.Calibration while one runs: every call is computed
         self.memory_estimate = None  # enable_cache's MemoryEstimate for this model (hooks/memory.py), if made
-        self.memory_estimate = None  # enable_cache's MemoryEstimate for this model (hooks/memory.py), if made
         self.rcs = make_rcs(config)  # schedule="rcs": the adaptive decision (hooks/rcs.py), else None
         self.duca = None  # DuCa's token selection and partial calls (method="duca")
         if isinstance(config.method, str) and config.method.lower() == "duca":
