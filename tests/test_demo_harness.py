@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from foca_kernels.demo.harness import (  # noqa: E402
     ADAPTIVE, ALL_METHODS, HarnessConfig, _Probe, canonical_method, default_reading, replay_forecast_error, run_harness,
 )
+from foca_kernels.demo import sampler as harness_sampler  # noqa: E402
 from foca_kernels.demo.model import assets_dir  # noqa: E402
 from foca_kernels.hooks import cache_info, cached  # noqa: E402
 
@@ -455,3 +456,40 @@ def test_demo_command_on_a_model_directory(fresh_specs, tmp_path, capsys):
     assert "tiny DiT from" in capsys.readouterr().out
     cfg = json.loads((out / "results.json").read_text())["config"]
     assert (cfg["model"], cfg["model_dir"], cfg["sampler"], cfg["unconditional"]) == ("tiny", str(d), "dpm", True)
+
+
+def test_fitted_runs_are_calibrated_on_other_seeds(model, classifier, test_digits, monkeypatch):
+    """fitted / fitted-free: one calibration per N, on calibration_samples samples from a seed
+    other than the judged samples'; the runs then forecast every skipped call with the weights
+    (not TaylorSeer-2's: the samples differ) at TaylorSeer-2's compute."""
+    from foca_kernels.demo import harness
+
+    seen = []
+    real = harness.calibrate_fitted
+
+    def spy(model_, config, fit, interval):
+        seen.append((fit, interval))
+        return real(model_, config, fit, interval)
+
+    monkeypatch.setattr(harness, "calibrate_fitted", spy)
+    sampled = []
+    real_sample = harness_sampler.sample
+
+    def sample_spy(model_, labels, seed, **kw):
+        sampled.append((len(labels), seed))
+        return real_sample(model_, labels, seed=seed, **kw)
+
+    monkeypatch.setattr(harness_sampler, "sample", sample_spy)
+    if hasattr(harness, "sample"):  # imported at module level
+        monkeypatch.setattr(harness, "sample", sample_spy)
+    cfg = _tiny(methods=["taylorseer2", "fitted", "fitted-free"], calibration_samples=3)
+    res = run_harness(cfg, model=model, classifier=classifier, fid_reference=test_digits)
+    assert sorted(seen) == [("free", 2), ("free", 3), ("line", 2), ("line", 3)]
+    cal_seeds = {s for n, s in sampled if n == 3}
+    assert cal_seeds and cfg.seed not in cal_seeds  # the calibration never sees the judged noise
+    by = {(r.method, r.interval): r for r in res.runs}
+    for n in (2, 3):
+        ts2, free = by[("taylorseer2", n)], by[("fitted-free", n)]
+        assert free.calls_forecast == ts2.calls_forecast and free.calls_computed == ts2.calls_computed
+        assert not torch.equal(free.images, ts2.images)
+        assert all(math.isfinite(e) for e in free.fcst_err if not math.isnan(e))
