@@ -1,7 +1,7 @@
 """Fit the ``fitted`` method's weights to a model on one full-compute generation.
 
     from foca_kernels.hooks import calibrate, enable_cache
-    with calibrate(pipe, interval=5) as cal:       # the schedule the weights are for
+    with calibrate(pipe, interval=5) as cal:       # the schedule the weights are for (fit="free")
         image = pipe(prompt, num_inference_steps=50).images[0]   # computed in full: a real image
     enable_cache(pipe, cal.config)                 # method="fitted" with the fitted weights
     cal.save("weights.json")                       # later: enable_cache(pipe, interval=5, **load_calibration(...))
@@ -15,10 +15,11 @@ block they are read once, each stream's sums are divided by its ``|Y - D0|^2`` (
 module counts alike, whatever the size of its features) and pooled over the streams, and one
 pair (a, c) per skipped step is the least-squares solution of ``Y - D0 ~ a D1 x + c D2 x^2/2``:
 
-* ``fit="line"`` (default): a = 1, only c is fitted. The forecast is then exact on every
-  trajectory linear in time, like TaylorSeer's and FoCa's.
-* ``fit="free"``: a and c together (reuse, a = c = 0, is in reach; lines are exact only where
-  the fitted a is 1).
+* ``fit="free"`` (default): a and c together (reuse, a = c = 0, is in reach; lines are exact
+  only where the fitted a is 1, which the fit finds on data that lie on lines).
+* ``fit="line"``: a = 1, only c is fitted. The forecast is then exact on every trajectory
+  linear in time, like TaylorSeer's and FoCa's; in closed loop it measured worse than
+  TaylorSeer-2 (docs/fidelity.md, "A forecaster fitted per model").
 
 A pair is clipped to ``A_RANGE`` x ``C_RANGE``; where the curvature term is (near) zero on every
 stream (fewer than three values held, or features on a line) c keeps TaylorSeer-2's 1.
@@ -48,7 +49,7 @@ _DEGENERATE = 1e-10  # |K|^2 below this (relative to |D1 x|^2 + |Y - D0|^2): no 
 class Calibration:
     """The running sums of one calibration, and the weights fitted from them."""
 
-    def __init__(self, config: CacheConfig, fit: str = "line"):
+    def __init__(self, config: CacheConfig, fit: str = "free"):
         if fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
         self.fit = fit
@@ -177,7 +178,7 @@ def load_calibration(path) -> dict:
 
 
 @contextmanager
-def calibrate(model_or_pipeline, config: Optional[CacheConfig] = None, *, fit: str = "line", **options):
+def calibrate(model_or_pipeline, config: Optional[CacheConfig] = None, *, fit: str = "free", **options):
     """Compute one generation in full inside the block and fit the ``fitted`` method's weights
     for ``config``'s schedule and targets (see the module docstring); yields the
     :class:`Calibration`, whose ``config`` / ``method_options`` / ``save`` hold the result."""

@@ -16,7 +16,7 @@ A skipped step is keyed by ``(n_full, k)``: the full computes seen so far and th
 in its window (1 = the first skip after a full step), so the table does not depend on how time
 is measured. A step the table does not hold is forecast as TaylorSeer-2 (a = c = 1).
 
-With ``a = 1`` at every key (the calibration's default fit, ``fit="line"``) the forecast is
+With ``a = 1`` at every key (the calibration's ``fit="line"``) the forecast is
 exact on every trajectory that is linear in time, whatever the c's, because D2 = 0 there.
 """
 
