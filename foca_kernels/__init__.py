@@ -15,8 +15,8 @@ from .group import StateGroup, forecast_group_, pack_states_
 from .full_group import update_group_
 from .backend import BACKENDS, get_backend, set_backend
 from .hooks import (
-    CacheConfig, MemoryEstimate, cache_info, cached, disable_cache, enable_cache, estimate_cache_memory, generation,
-    new_generation, reset_cache,
+    CacheConfig, MemoryEstimate, cache_info, cached, calibrate, disable_cache, enable_cache, estimate_cache_memory,
+    generation, load_calibration, new_generation, reset_cache,
 )
 from .methods import FoCa, Method, Reuse, TaylorSeer, make_method
 from .state import CacheState
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "pack_states_", "Method", "Reuse", "TaylorSeer", "allocate",
-    "MemoryEstimate", "cache_info", "cached", "disable_cache", "enable_cache", "estimate_cache_memory", "forecast", "forecast_", "generation", "get_backend",
-    "make_method", "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_", "update_group_",
+    "MemoryEstimate", "cache_info", "cached", "calibrate", "disable_cache", "enable_cache", "estimate_cache_memory", "forecast", "forecast_", "generation", "get_backend",
+    "load_calibration", "make_method", "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_", "update_group_",
 ]

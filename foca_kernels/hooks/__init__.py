@@ -24,6 +24,7 @@ from .apply import (
     new_generation,
     reset_cache,
 )
+from .calibration import Calibration, calibrate, load_calibration
 from .config import CacheConfig, FocaCacheWarning
 from .controller import device_like
 from .memory import MemoryEstimate, StreamMemory, estimate_cache_memory
@@ -31,8 +32,8 @@ from .families import FAMILIES, Rule, family_of
 from .schedule import Schedule
 
 __all__ = [
-    "FAMILIES", "CacheConfig", "CacheInfo", "FocaCacheWarning", "Rule", "Schedule", "cache_context",
-    "cache_info", "cache_states", "cached", "device_like", "disable_cache", "duca_info", "enable_cache",
-    "estimate_cache_memory", "family_of", "MemoryEstimate", "StreamMemory",
+    "FAMILIES", "CacheConfig", "CacheInfo", "Calibration", "FocaCacheWarning", "Rule", "Schedule", "cache_context",
+    "calibrate", "load_calibration", "cache_info", "cache_states", "cached", "device_like", "disable_cache", "duca_info", "enable_cache", "estimate_cache_memory",
+    "family_of", "MemoryEstimate", "StreamMemory",
     "generation", "is_cache_enabled", "new_generation", "reset_cache",
 ]
