@@ -132,6 +132,8 @@ def test_tokens_refused_where_they_do_not_give_the_shapes():
     for family in ("flux", "sd3"):
         with pytest.raises(ValueError, match="pass inputs="):
             fk.estimate_cache_memory(T.CASES[family].make(), tokens=16)
+    with pytest.raises(ValueError, match="default targets only"):
+        fk.estimate_cache_memory(T.CASES["dit"].make(), tokens=16, targets=[r"transformer_blocks\.\d+\.attn1"])
     with pytest.raises(ValueError, match="tokens must be"):
         fk.estimate_cache_memory(T.CASES["dit"].make(), tokens=0)
     with pytest.raises(TypeError, match="exactly one of"):

@@ -231,8 +231,11 @@ def _record(model: nn.Module, sites: Sequence[Site], inputs, run: str) -> Dict[s
     return records
 
 
-def _token_records(model: nn.Module, sites: Sequence[Site], tokens) -> Dict[str, List[_Call]]:
+def _token_records(model: nn.Module, sites: Sequence[Site], tokens, config: CacheConfig) -> Dict[str, List[_Call]]:
     """Shapes from a token count: every cached output [batch, tokens, hidden] (see the module doc)."""
+    if config.targets is not None:
+        raise ValueError("tokens= knows the shapes of the family's default targets only; with targets= pass inputs= "
+                         "(example inputs, which may be meta tensors)")
     fam = family_of(model).name
     if fam not in TOKEN_FAMILIES:
         raise ValueError(
@@ -344,7 +347,7 @@ def _plan(models, config: CacheConfig, inputs, tokens, contexts: int, run: str) 
             for s in found:
                 sites.setdefault(s.name, s)
         if tokens is not None:
-            records.append(_token_records(model, list(sites.values()), tokens))
+            records.append(_token_records(model, list(sites.values()), tokens, config))
         else:
             records.append(_record(model, list(sites.values()), inputs, run))
     source = f"{run} call on example inputs" if tokens is None else f"tokens={tokens!r}"
