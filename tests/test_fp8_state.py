@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import foca_kernels as fk
+from foca_kernels.ops import cpu_codegen
 from foca_kernels.fp8 import FP8_DTYPE, Fp8State, anchor_dtype_for
 from helpers import (
     DTYPE_IDS, DTYPES, assert_close, assert_low_precision_rule, make_steps, random_schedule, round_to,
@@ -26,6 +27,31 @@ from reference import FoCaRestartRef, TaylorSeerRef
 from reference.fp8 import Fp8StorageRef, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(FP8_DTYPE is None, reason="torch build without float8_e4m3fn")
+
+
+def _use_path(name, device, monkeypatch) -> str:
+    """Select one implementation: "triton" (interpreted on CPU), "c" (the compiled CPU loop of
+    lincomb.c, what the PyTorch backend runs on CPU) or "torch" (the PyTorch ops, the loop
+    switched off); returns the backend name to pass."""
+    if name == "triton":
+        if not fk.backend.triton_installed():
+            pytest.skip("triton not installed")
+        if device.type == "cpu" and not fk.backend.interpreter_on():
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set before foca_kernels runs a kernel)")
+        return "triton"
+    if name == "c":
+        if device.type != "cpu" or cpu_codegen.load() is None:
+            pytest.skip(f"the compiled CPU loop: {cpu_codegen.status()}")
+        monkeypatch.delenv(cpu_codegen.ENV, raising=False)
+        return "torch"
+    monkeypatch.setenv(cpu_codegen.ENV, "0")
+    return "torch"
+
+
+@pytest.fixture(params=["triton", "c", "torch"])
+def backend(request, device, monkeypatch):
+    """Every implementation of the fp8 steps (this module's own: the C loop is one of them)."""
+    return _use_path(request.param, device, monkeypatch)
 
 FP8 = FP8_DTYPE
 METHODS = [
@@ -127,23 +153,33 @@ def test_increments_carry_the_fp8_error_not_the_values(gen):
 
 
 @pytest.mark.parametrize("io_dtype", DTYPES, ids=DTYPE_IDS)
-def test_backends_store_the_same_bits(io_dtype, device, gen):
-    if not fk.backend.triton_installed() or (device.type == "cpu" and not fk.backend.interpreter_on()):
-        pytest.skip("needs Triton (interpreted on CPU)")
-    if io_dtype == torch.float32 and rounding_mode("triton", torch.bfloat16, device) != "rne":
-        pytest.skip("the Triton interpreter truncates fp32 -> bf16 anchors (tests/helpers.py): other bits by design")
+def test_backends_store_the_same_bits(io_dtype, device, gen, monkeypatch):
+    """Triton, the C loop and the PyTorch ops store the same anchor, codes and scales (a nan
+    included), and their forecasts agree to fp32 summation order."""
     shape = (3, 5, 40)
-    steps = [1.0, 0.9, 1.2, 1.0]
+    steps = [1.0, 0.9, 1.2, 1.0, 0.8]
     xs = [x.to(device, io_dtype) for x in smooth_features(shape, times_of(steps), gen)]
     xs[2][1, 2, 3] = float("nan")
-    sts = {b: fk.allocate(xs[0], "taylorseer", dtype=FP8) for b in ("torch", "triton")}
-    for b, st in sts.items():
-        for x, h in zip(xs, steps):
+    sts, outs = {}, {}
+    for name in ("torch", "c", "triton"):
+        try:
+            b = _use_path(name, device, monkeypatch)
+        except pytest.skip.Exception:
+            continue
+        if name == "triton" and io_dtype == torch.float32 and rounding_mode("triton", torch.bfloat16, device) != "rne":
+            continue  # the interpreter truncates fp32 -> bf16 anchors (tests/helpers.py): other bits by design
+        st = sts[name] = fk.allocate(xs[0], "taylorseer", dtype=FP8)
+        for x, h in zip(xs[:4], steps):
             fk.update_(st, x, h, backend=b)
-    a, t = sts["torch"], sts["triton"]
-    assert torch.equal(a.incs.view(torch.uint8), t.incs.view(torch.uint8))
-    assert torch.equal(a.scales, t.scales)
-    assert torch.equal(a.anchor.view(torch.uint8), t.anchor.view(torch.uint8))
+        outs[name] = fk.forecast(st, steps[4], backend=b)
+    if len(sts) < 2:
+        pytest.skip("needs two implementations")
+    a = sts.pop("torch")
+    for name, t in sts.items():
+        assert torch.equal(a.incs.view(torch.uint8), t.incs.view(torch.uint8)), name
+        assert torch.equal(a.scales, t.scales), name
+        assert torch.equal(a.anchor.view(torch.uint8), t.anchor.view(torch.uint8)), name
+        assert_close(outs[name], outs["torch"], io_dtype, name=f"{name} forecast")
 
 
 def test_nonfinite_element_stays_in_its_place(backend, device, gen):

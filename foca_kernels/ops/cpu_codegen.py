@@ -110,6 +110,18 @@ def _build():
                     ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                     ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
                 ]
+                skip8 = lib.foca_fp8_skip
+                skip8.restype = ctypes.c_int
+                skip8.argtypes = [
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                ]
+                full8 = lib.foca_fp8_full
+                full8.restype = ctypes.c_int
+                full8.argtypes = [
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                ]
                 return lib, f"compiled with {' '.join(cmd[:-4])}"
         return None, "compiling failed: " + " | ".join(errors)
     finally:
@@ -312,4 +324,53 @@ def fit_cpu(slots, numel: int, feature, slot: int, inputs, coef, bounds, paralle
     if rc:
         raise MemoryError("foca_kernels: the compiled CPU fit could not allocate its block buffers")
     increment_version(slots)
+    return True
+
+
+# ---- the fp8 state (foca_kernels/fp8.py): foca_fp8_skip / foca_fp8_full of lincomb.c ----
+FP8_MAX_TERMS = 16
+
+
+def _cpu_contiguous(*ts) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+def fp8_skip_cpu(anchor, rows: int, c: int, a0: float, incs, scales, coefs, out) -> bool:
+    """``out = a0 anchor + sum_d (coefs[d] scales[d]) incs[d]`` (ops/torch_fp8.py skip_torch)
+    with the compiled loop; ``incs`` / ``scales``: one contiguous e4m3 / float32 row per term.
+    False, having written nothing, when the compiled code cannot take the call."""
+    if not _enabled() or len(incs) > FP8_MAX_TERMS:
+        return False
+    lib = _lib if _tried else load()
+    if lib is None or out.dtype not in DTYPE_CODES or anchor.dtype not in DTYPE_CODES:
+        return False
+    if not _cpu_contiguous(anchor, out, *incs, *scales):
+        return False
+    nd = len(incs)
+    rc = lib.foca_fp8_skip(rows, c, anchor.data_ptr(), DTYPE_CODES[anchor.dtype], float(a0), nd,
+                           (ctypes.c_void_p * max(nd, 1))(*[t.data_ptr() for t in incs]),
+                           (ctypes.c_void_p * max(nd, 1))(*[t.data_ptr() for t in scales]),
+                           (ctypes.c_float * max(nd, 1))(*coefs), out.data_ptr(), DTYPE_CODES[out.dtype])
+    if rc:
+        return False
+    increment_version(out)
+    return True
+
+
+def fp8_full_cpu(feature, rows: int, c: int, anchor, inc, scale) -> bool:
+    """The fp8 state's full step (ops/torch_fp8.py full_torch) with the compiled loop; ``inc``
+    / ``scale`` None before the first increment. False, having written nothing, when the
+    compiled code cannot take the call."""
+    if not _enabled():
+        return False
+    lib = _lib if _tried else load()
+    if lib is None or feature.dtype not in DTYPE_CODES or anchor.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not _cpu_contiguous(feature, anchor, *(() if inc is None else (inc, scale))):
+        return False
+    has_prev = inc is not None
+    lib.foca_fp8_full(rows, c, feature.data_ptr(), DTYPE_CODES[feature.dtype], anchor.data_ptr(),
+                      DTYPE_CODES[anchor.dtype], int(has_prev), inc.data_ptr() if has_prev else None,
+                      scale.data_ptr() if has_prev else None)
+    increment_version(anchor)
     return True

@@ -443,3 +443,125 @@ int foca_lincomb(int64_t begin, int64_t end, int n_in, int n_rows, int n_dst, vo
     free(buf);
     return 0;
 }
+
+/* ---- The fp8 state (foca_kernels/fp8.py; rules: reference/fp8.py) -------------------------------
+   A 16-bit anchor (dtype 1 or 2) and e4m3 increments with one power-of-two float32 scale per row
+   of c elements. Codes are made and read with the same integer / float32 steps as the Triton
+   kernel (ops/triton_fp8.py), which are torch's own e4m3 rounding (to nearest even) for the
+   values that occur here (|v| < 256, or non-finite: stored as nan, code 0x7f). */
+
+static inline float fp8_load(const void *p, int dt, int64_t i) {
+    if (dt == 0) return ((const float *)p)[i];
+    if (dt == 1) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void fp8_store(void *p, int dt, int64_t i, float v) {
+    if (dt == 0) ((float *)p)[i] = v;
+    else if (dt == 1) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((uint16_t *)p)[i] = f32_to_f16(v);
+}
+
+static inline int f32_finite(float v) { return (f32_to_bits(v) & 0x7f800000u) != 0x7f800000u; }
+
+static inline float e4m3_decode(uint8_t b) {
+    const uint32_t ef = (b >> 3) & 15u, mf = b & 7u;
+    if ((b & 127u) == 127u) return NAN;
+    const float mag = ef == 0 ? (float)mf * 0.001953125f : f32_from_bits(((ef + 120u) << 23) | (mf << 20));
+    return (b & 128u) ? -mag : mag;
+}
+
+static inline uint8_t e4m3_encode(float v) { /* |v| < 256 or non-finite */
+    if (!f32_finite(v)) return 127u;
+    const uint32_t sign = f32_to_bits(v) >> 31;
+    const float a = __builtin_fabsf(v);
+    const uint32_t ea = f32_to_bits(a) >> 23;
+    const float big = f32_from_bits(((ea < 121u ? 121u : ea) + 20u) << 23);
+    const float r = (a + big) - big; /* to nearest even at e4m3's spacing (no -ffast-math: not folded) */
+    const uint32_t rb = f32_to_bits(r), er = rb >> 23;
+    const uint32_t code = er < 121u ? (uint32_t)(r * 512.0f) : (((er - 120u) << 3) | ((rb >> 20) & 7u));
+    return (uint8_t)(code | (sign << 7));
+}
+
+/* e4m3_decode with selects instead of branches (vectorizes), and no float32 subnormal on the way
+   (each costs a microcode assist on x86): a normal code's 7 low bits shifted to float32's
+   exponent and top mantissa bits, the exponent rebased by 120; a subnormal one is mf * 2^-9;
+   0x7f / 0xff are nan. */
+static inline float e4m3_value(uint8_t b) {
+    const uint32_t lo = b & 127u;
+    const float norm = f32_from_bits((lo << 20) + (120u << 23));
+    const float mag = lo < 8u ? (float)lo * 0.001953125f : norm;
+    const float v = f32_from_bits(f32_to_bits(mag) | ((uint32_t)(b & 128u) << 24));
+    return lo == 127u ? NAN : v;
+}
+
+/* acc[0..m) = a0 * (p[e0..e0+m) of dtype dt, widened) */
+static void load_scaled(float *restrict acc, const void *p, int dt, int64_t e0, int64_t m, float a0) {
+    if (dt == 0) {
+        const float *restrict x = (const float *)p + e0;
+        for (int64_t k = 0; k < m; k++) acc[k] = x[k] * a0;
+    } else if (dt == 1) {
+        const uint16_t *restrict x = (const uint16_t *)p + e0;
+        for (int64_t k = 0; k < m; k++) acc[k] = bf16_to_f32(x[k]) * a0;
+    } else {
+        const uint16_t *restrict x = (const uint16_t *)p + e0;
+        for (int64_t k = 0; k < m; k++) acc[k] = f16_to_f32(x[k]) * a0;
+    }
+}
+
+/* out[e] = a0 * anchor[e] + sum_d (b[d] * scales[d][row]) * q_d[e], rows x c elements, in
+   blocks of BLOCK elements of a row: the anchor term first, then each increment's, in order */
+int foca_fp8_skip(int64_t rows, int64_t c, const void *anchor, int adt, float a0, int nd,
+                  const uint8_t *const *incs, const float *const *scales, const float *b, void *out, int odt) {
+    float w[16];
+    float acc[BLOCK];
+    if (nd > 16) return 1;
+    const size_t osize = odt == 0 ? 4 : 2;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int d = 0; d < nd; d++) w[d] = scales[d][r] * b[d];
+        for (int64_t j0 = 0; j0 < c; j0 += BLOCK) {
+            const int64_t m = c - j0 < BLOCK ? c - j0 : BLOCK, e0 = r * c + j0;
+            if (a0 != 0.0f) load_scaled(acc, anchor, adt, e0, m, a0);
+            else memset(acc, 0, (size_t)m * 4);
+            for (int d = 0; d < nd; d++) {
+                const uint8_t *restrict q = incs[d] + e0;
+                const float wd = w[d];
+                for (int64_t k = 0; k < m; k++) acc[k] += e4m3_value(q[k]) * wd;
+            }
+            store_plain((char *)out + (size_t)e0 * osize, acc, odt, m);
+        }
+    }
+    return 0;
+}
+
+/* The full step: anchor <- feature (rounded to the anchor's dtype); with has_prev also the
+   increment (new - old anchor, float32) coded into inc with the row's scale in scale. */
+int foca_fp8_full(int64_t rows, int64_t c, const void *feat, int fdt, void *anchor, int adt, int has_prev,
+                  uint8_t *inc, float *scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t e0 = r * c;
+        if (has_prev) {
+            float amax = 0.0f;
+            for (int64_t j = 0; j < c; j++) {
+                float nw = fp8_load(feat, fdt, e0 + j);
+                nw = adt == 1 ? bf16_to_f32(f32_to_bf16(nw)) : f16_to_f32(f32_to_f16(nw));
+                const float d = nw - fp8_load(anchor, adt, e0 + j);
+                const float ad = __builtin_fabsf(d);
+                if (f32_finite(d) && ad > amax) amax = ad;
+            }
+            int32_t k = (int32_t)(f32_to_bits(amax) >> 23) - 7;
+            if (k < 1) k = 1;
+            scale[r] = f32_from_bits((uint32_t)k << 23);
+            const float inv = f32_from_bits((uint32_t)(254 - k) << 23);
+            for (int64_t j = 0; j < c; j++) {
+                const float nw = fp8_load(feat, fdt, e0 + j);
+                const float na = adt == 1 ? bf16_to_f32(f32_to_bf16(nw)) : f16_to_f32(f32_to_f16(nw));
+                inc[e0 + j] = e4m3_encode((na - fp8_load(anchor, adt, e0 + j)) * inv);
+                fp8_store(anchor, adt, e0 + j, na);
+            }
+        } else {
+            for (int64_t j = 0; j < c; j++) fp8_store(anchor, adt, e0 + j, fp8_load(feat, fdt, e0 + j));
+        }
+    }
+    return 0;
+}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_codegen
+
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)  # checked by foca_kernels/fp8.py before any state exists
 
 EXP_BIAS_SHIFT = 7  # biased exponent of s = max(E(amax) - 7, 1): s = 2^(e - 8) with amax < 2^e
@@ -34,11 +36,17 @@ def quantize_rows(d: torch.Tensor):
 
 
 def full_torch(st, feature: torch.Tensor) -> None:
-    """``feature``: flat, contiguous, the state's io dtype."""
+    """``feature``: flat, contiguous, the state's io dtype. On CPU the compiled loop
+    (cpu_codegen.py, lincomb.c) runs it when it can, with the same bits."""
     n, rows, c = st.numel, st.n_rows, st.row_len
+    r = (st.n_full - 1) % (st.method.n_slots - 1)
+    if st.anchor.device.type == "cpu":
+        has = st.n_full >= 1
+        if cpu_codegen.fp8_full_cpu(feature, rows, c, st.anchor, st.incs[r, :n] if has else None,
+                                    st.scales[r, :rows] if has else None):
+            return
     new = feature.to(st.anchor_dtype)
     if st.n_full >= 1:
-        r = (st.n_full - 1) % (st.method.n_slots - 1)
         d = new.float() - st.anchor.float()
         codes, s = quantize_rows(d.view(rows, c))
         st.incs[r, :n].copy_(codes.view(-1))
@@ -47,8 +55,13 @@ def full_torch(st, feature: torch.Tensor) -> None:
 
 
 def skip_torch(st, out: torch.Tensor, a0: float, terms) -> None:
-    """``out``: flat, contiguous, the state's io dtype."""
+    """``out``: flat, contiguous, the state's io dtype. On CPU the compiled loop when it can
+    (same rules; fp32 sums in the same order)."""
     n, rows, c = st.numel, st.n_rows, st.row_len
+    if st.anchor.device.type == "cpu" and cpu_codegen.fp8_skip_cpu(
+            st.anchor, rows, c, a0, [st.incs[r, :n] for r, _ in terms], [st.scales[r, :rows] for r, _ in terms],
+            [b for _, b in terms], out):
+        return
     if a0 != 0.0:
         acc = st.anchor.float().mul_(a0).view(rows, c)
     else:
