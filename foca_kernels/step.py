@@ -23,7 +23,7 @@ from .ops.fit import flatten as flatten_fit, run_fit
 from .state import CacheState, Launch
 from .validation import (
     check_coefficients, check_finite_values, check_no_alias, check_no_overlap, check_out_grad_free, check_ready,
-    check_state, check_step, check_tensor, check_writable, next_time,
+    check_state, check_step, check_step_ratio, check_tensor, check_writable, next_time,
 )
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -31,7 +31,8 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 def plan_step(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
     """The launch of one step, refused (ValueError naming h) if its coefficients do not fit
-    float32: nothing has been written yet."""
+    float32 or h is more than MAX_STEP_RATIO times the history's span (validation.py): nothing
+    has been written yet."""
     if full and isinstance(buf.method, RawHistory):
         return buf.plan_rotation(t_new)  # a copy into one slot: no coefficient to check
     rule = buf.method.full if full else buf.method.skip
@@ -42,6 +43,7 @@ def plan_step(buf: CacheState, full: bool, t_new: float, h: float) -> Launch:
     check_coefficients(launch.coef, h)
     if launch.fit is not None:
         check_coefficients(launch.fit.coef, h)
+    check_step_ratio(buf, h)  # after the coefficients: an overflowing one is named first
     return launch
 
 

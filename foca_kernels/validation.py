@@ -125,6 +125,36 @@ def next_time(buf: CacheState, h: float) -> float:
     return t_new
 
 
+MAX_STEP_RATIO = 2.0 ** 20
+"""Largest accepted ratio of a step ``h`` to the time span the state's history covers (from its
+oldest stored value to its latest step). Every method's coefficients are polynomials of degree
+at most 3 in ``h`` over the spacing of its stored steps (TaylorSeer-3: a cubic through four
+values), so at this ratio they reach 2**60: the float32 rounding of the stored values, amplified
+as much, leaves no correct digit in the forecast. Beyond it the state's float64 clock would also
+stop resolving steps of the history's own size after such a step (a clock pushed to 1e30 by
+one call cannot advance by 1.0 at all, so every later call on the old scale would be refused);
+at 2**20 it still resolves 2**53 / 2**20 = 2**33 parts of one span."""
+
+
+def check_step_ratio(buf: CacheState, h: float) -> None:
+    """Refuse a step more than :data:`MAX_STEP_RATIO` times the span of the state's history
+    (once it has one: a history of one time has no scale yet). Comparisons only (nan fails)."""
+    if buf.t is None:
+        return
+    oldest = buf.t
+    for t in buf._time_of.values():  # a plain loop: torch.compile traces it (fullgraph)
+        if t is not None and t < oldest:
+            oldest = t
+    span = buf.t - oldest
+    if span > 0.0 and not h <= MAX_STEP_RATIO * span:
+        raise ValueError(
+            f"step size h={h!r} is {h / span:.3g} times the span of the state's history ({span!r}); steps more "
+            "than 2**20 times it are refused (the forecast coefficients are polynomials of degree up to 3 in h "
+            "over the step spacing, and the clock could not resolve the earlier steps after it): pass steps on "
+            "the scale of the earlier ones, or call reset() to start a new history"
+        )
+
+
 FP32_MAX = 3.4028234663852886e38  # both backends apply coefficients as float32
 
 

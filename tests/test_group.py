@@ -431,6 +431,7 @@ FORECAST_REFUSALS = [
     # only the last state's (second class's) coefficients overflow: the first class is not written either
     ("one h overflows", None, [1.0, 1.0, 1e39], ValueError, r"h=1e\+39 gives a forecast coefficient"),
     ("h too small for the clock", None, 1e-17, ValueError, r"step size h=1e-17 is too small to advance the clock"),
+    ("h far beyond the history", None, 1e10, ValueError, r"step size h=10000000000\.0 is .* times the span"),
     ("tiny gap overflows", _tiny_gap, 1.0, ValueError, r"h=1\.0 gives a forecast coefficient"),
     ("not ready", _not_ready, 1.0, RuntimeError, r"needs 2 fully computed step\(s\) .* has seen 0"),
     ("unknown backend", None, "BACKEND", ValueError, r"backend must be one of"),

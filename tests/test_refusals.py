@@ -99,6 +99,11 @@ SCENARIOS = [
      ValueError, r"h=1e\+39 .*coefficient", STEP_DEPENDENT),
     ("astronomic step", ready, lambda b, be: fk.forecast(b, 1e200, backend=be),  # h**2 overflows float64
      ValueError, r"h=1e\+200 gives a forecast coefficient", STEP_DEPENDENT),
+    # coefficients that fit float32, but a step 1e10 / 1.25 times the history's span (> 2**20)
+    ("step far beyond the history, forecast", ready, lambda b, be: fk.forecast(b, 1e10, backend=be),
+     ValueError, r"h=10000000000\.0 is .* times the span of the state's history .*or call reset\(\)", ALL),
+    ("step far beyond the history, update", ready, lambda b, be: fk.update_(b, _x(5), 1e10, backend=be),
+     ValueError, r"h=10000000000\.0 is .* times the span of the state's history", FULL_STEP_DEPENDENT),
     ("non-finite feature, check_finite", ready,
      lambda b, be: fk.update_(b, _x(5).index_fill_(0, torch.tensor([1]), float("nan")), backend=be, check_finite=True),
      ValueError, r"feature has 20 non-finite", ALL),
@@ -142,3 +147,21 @@ def test_refused_call_leaves_state_as_twin(scenario, mi, backend):
             fk.update_(twin, _x(7 + k), 0.25, backend=backend)
     assert torch.equal(fk.forecast(buf, 0.5, backend=backend), fk.forecast(twin, 0.5, backend=backend))
     assert_twins(buf, twin)
+
+
+def test_a_huge_step_is_refused_and_the_state_keeps_working():
+    """forecast_(st, out, h=1e30) once moved the clock so far that every later call on the old
+    scale was refused until reset(); it is refused itself now, and the state goes on as its twin."""
+    x = _x(0)
+    st, twin = fk.allocate(x, "foca"), fk.allocate(x, "foca")
+    for b in (st, twin):
+        fk.update_(b, x)
+        fk.update_(b, _x(1))
+    with pytest.raises(ValueError, match=r"h=1e\+30 is 1e\+30 times the span of the state's history \(1\.0\)"):
+        fk.forecast_(st, torch.empty(SHAPE), h=1e30)
+    assert_twins(st, twin)
+    for b in (st, twin):
+        fk.forecast(b, 1.0)
+        fk.update_(b, _x(2), 1.0)
+    assert torch.equal(fk.forecast(st, 1.0), fk.forecast(twin, 1.0))
+    assert_twins(st, twin)

@@ -287,6 +287,7 @@ def _refusal_cases():
         "h list": (lambda s: (s, x, [1.0, 1.0]), ValueError, "one step size or 3"),
         "h in list": (lambda s: (s, x, [1.0, float("nan"), 1.0]), ValueError, r"h\[1\]"),
         "coefficient": (lambda s: (s, x, 1e-39), ValueError, "step size h"),
+        "far beyond the history": (lambda s: (s, x, 1e10), ValueError, r"h=10000000000\.0 is .* times the span"),
     }
 
 
