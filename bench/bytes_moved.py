@@ -14,13 +14,9 @@ combination and product is a pass of its own): the column is the floor, not what
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import foca_kernels as fk  # noqa: E402
+import foca_kernels as fk
 from foca_kernels.fp8 import FP8_DTYPE, Fp8State  # noqa: E402
 
 METHODS = [

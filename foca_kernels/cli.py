@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                         "NAME_dit.safetensors; default: the directory's only one)")
     d.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
                    help="load the model (and its classifier and held-out images, when there) from a model directory "
-                        "written by a training script (studies/, bench/third_model.py) instead of the package")
+                        "written by a study script (studies/train_*.py, studies/third_model.py) instead of the package")
     d.add_argument("--sampler", choices=("euler", "dpm"), default="euler",
                    help="euler: rectified-flow Euler (FlowMatchEulerDiscreteScheduler, default); dpm: DPM-Solver++(2M) "
                         "on flow sigmas (DPMSolverMultistepScheduler); both one model call per step")

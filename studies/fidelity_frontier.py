@@ -1,9 +1,9 @@
 """PSNR against compute: every (method, warm-up, final, N) on a shipped demo DiT, closed loop.
 
-    python bench/fidelity_frontier.py --model digits --out frontier-digits.json
-    python bench/fidelity_frontier.py --model mnist --samples 50 --out frontier-mnist.json
-    python bench/fidelity_frontier.py --report frontier-digits.json frontier-mnist.json
-    python bench/fidelity_frontier.py --compact frontier-digits.json more-digits.json  # best per compute
+    python studies/fidelity_frontier.py --model digits --out frontier-digits.json
+    python studies/fidelity_frontier.py --model mnist --samples 50 --out frontier-mnist.json
+    python studies/fidelity_frontier.py --report frontier-digits.json frontier-mnist.json
+    python studies/fidelity_frontier.py --compact frontier-digits.json more-digits.json  # best per compute
 
 Each cached run samples the same seeds as the full-compute run (50 Euler steps, batched CFG,
 module granularity) through ``foca_kernels.hooks.cached``; per-image PSNR against full
@@ -19,38 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import time
 
-import torch
+from foca_kernels.demo.harness import cache_method, canonical_method
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from foca_kernels.demo.harness import cache_method, canonical_method  # noqa: E402
-from foca_kernels.demo.metrics import psnr  # noqa: E402
-from foca_kernels.demo.model import load_demo_dit  # noqa: E402
-from foca_kernels.demo.sampler import sample  # noqa: E402
-from foca_kernels.demo.specs import get_spec  # noqa: E402
-from foca_kernels.hooks import CacheConfig, cache_info, cached  # noqa: E402
+from sweep import Sweep, add_arguments
 
 METHODS = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4", "foca-r6")
 
 
-def _duca_tokens(model) -> int:
-    from foca_kernels.hooks import duca_info
-
-    return duca_info(model)["tokens_computed"]
-
-
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    model = load_demo_dit(args.model)
-    labels = torch.arange(args.samples) % 10
-    t0 = time.perf_counter()
-    full = sample(model, labels, seed=args.seed, num_steps=args.steps)
-    t_full = time.perf_counter() - t0
-    n_mod = None
+    sw = Sweep.from_args(args)
+    rows_per_call = 2 * args.samples * sw.spec.tokens  # token rows of one model call (batched CFG)
     rows = []
     done_steps = set()
     for method in args.methods:
@@ -59,42 +39,25 @@ def run(args) -> dict:
         for w in args.warmups:
             for fin in args.finals:
                 for n in args.intervals:
-                    cfg = CacheConfig(interval=n, warmup=w, final=fin, method=m, method_options=opts,
-                                      num_inference_steps=args.steps)
-                    t0 = time.perf_counter()
-                    with cached(model, cfg):
-                        x = sample(model, labels, seed=args.seed, num_steps=args.steps)
-                        info = cache_info(model)
-                        tokens = _duca_tokens(model) if m == "duca" else 0
-                    dt = time.perf_counter() - t0
-                    n_mod = n_mod or info.modules
-                    compute = info.calls_computed / info.modules
+                    r = sw.generate(sw.config(n, warmup=w, final=fin, method=m, method_options=opts))
+                    compute = r.info.calls_computed / r.info.modules
                     if m == "duca":  # partially computed calls count by the fraction of token rows run
-                        rows_per_call = 2 * args.samples * get_spec(args.model).tokens  # batched CFG
-                        compute += tokens / rows_per_call / info.modules
-                    per = psnr(x, full, reduction="none", max_db=120.0)
+                        compute += r.tokens["tokens_computed"] / rows_per_call / r.info.modules
+                    per = sw.psnr_per_image(r.x)
                     rows.append(dict(method=method, warmup=w, final=fin, N=n, compute=compute,
-                                     psnr=float(per.mean()), per_image=[round(float(v), 4) for v in per],
-                                     seconds=round(dt, 2)))
-                    print(f"{args.model} {method:12s} W={w} final={fin} N={n}: compute {compute:.1f} "
-                          f"PSNR {rows[-1]['psnr']:.2f} dB ({dt:.1f}s)", flush=True)
+                                     psnr=sum(per) / len(per), per_image=[round(v, 4) for v in per],
+                                     seconds=round(r.seconds, 2)))
+                    print(f"{sw.name} {method:12s} W={w} final={fin} N={n}: compute {compute:.1f} "
+                          f"PSNR {rows[-1]['psnr']:.2f} dB ({r.seconds:.1f}s)", flush=True)
                     k = round(compute)
                     if args.fewer_steps and k not in done_steps and 2 <= k < args.steps:
                         done_steps.add(k)
-                        xs = sample(model, labels, seed=args.seed, num_steps=k)
-                        per = psnr(xs, full, reduction="none", max_db=120.0)
+                        per = sw.psnr_per_image(sw.uncached(k))
                         rows.append(dict(method="steps", warmup=0, final=0, N=None, compute=float(k),
-                                         psnr=float(per.mean()), per_image=[round(float(v), 4) for v in per]))
-    return dict(model=args.model, samples=args.samples, steps=args.steps, seed=args.seed, threads=args.threads,
-                full_seconds=round(t_full, 2), rows=rows,
-                command="python bench/fidelity_frontier.py " + " ".join(sys.argv[1:]))
-
-
-def paired_ci(a, b, z=1.96):
-    """Mean of a - b over paired images and its normal 95% interval."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    m, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(len(d)))
-    return m, m - z * se, m + z * se
+                                         psnr=sum(per) / len(per), per_image=[round(v, 4) for v in per]))
+    return dict(model=sw.name, samples=args.samples, steps=args.steps, seed=args.seed, threads=args.threads,
+                full_seconds=round(sw.full_seconds, 2), rows=rows,
+                command="python studies/fidelity_frontier.py " + " ".join(sys.argv[1:]))
 
 
 def frontier(rows, method):
@@ -218,16 +181,11 @@ def compact(paths, rival="taylorseer2") -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="digits")
-    ap.add_argument("--samples", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), samples=100,
+                       intervals=range(2, 10), threads=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--warmups", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--finals", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--intervals", type=int, nargs="+", default=list(range(2, 10)))
     ap.add_argument("--no-fewer-steps", dest="fewer_steps", action="store_false")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of these sweep files instead")

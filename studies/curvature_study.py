@@ -1,19 +1,24 @@
-"""Is there a curvature weight that beats TaylorSeer-2 on both shipped DiTs? (issue 7)
+"""Is there a curvature weight that beats TaylorSeer-2 on both shipped DiTs?
 
 Every line-exact forecast over the last three computed values is X0 + x A + c(x) d2
-(docs/method.md). This study runs families of c(x) closed loop on a shipped demo DiT
-(warm-up 2, final 0, 50 Euler steps, the same seeds as full compute) and prints PSNR against
-full compute with paired 95% intervals against TaylorSeer-2:
+(docs/method.md). This study runs families of c(x) closed loop on a demo DiT (warm-up 2,
+final 0, 50 Euler steps, the same seeds as full compute) and prints PSNR against full compute
+with paired 95% intervals against TaylorSeer-2:
 
     blend:L   L * r7 + (1 - L) * r3           (r3's saturating weight .. r7's g x / 2)
     sat:K     c(x) = (g x / 2) / (1 + x / (K g))   (r7's weight, saturating)
     mix:M     M * r7 + (1 - M) * TaylorSeer-2  (mix:0 is TaylorSeer-2 exactly: a check)
     theta:T   X0 + x (A + T (D - A))           (D = eq. (6) at the full step; T = 1/2 is r7)
-    r3, r7, ts2, reuse, rfc:R                  the package's own methods (rfc:R: RFE over reading R)
+    r3, r7, ts2, reuse, rfc[:R]                the package's own methods (rfc:R: RFE over reading R;
+                                               rfc alone: RFE's default base)
     duca, duca:foca, duca:ts2                  DuCa reusing, or forecasting with FoCa / TaylorSeer-2
 
-and, through plain PyTorch module hooks (no kernels, float32), two window-aware variants of
-the theta family:
+The four families are closed forms over X0..X2 written against the package's extension point
+for them (``foca_kernels.methods.RawHistory``: a forecast is a linear combination of the stored
+values, returned by ``forecast(ctx)``), as weighted sums of the forecasts of the package's own
+methods (``make_method``); they run through the same state and fused kernels as the built-in
+methods. Through plain PyTorch module hooks (no kernels, float32), two window-aware variants
+of the theta family:
 
     first:T       theta T in the first window with three computed values (its gaps are 1 and
                   N: the warm-up pair and the first interval), r7's 1/2 afterwards
@@ -24,97 +29,96 @@ the theta family:
                   and theta fitted together the same way; r7 (phi 1, theta 1/2) until then
     calib2t       calib2 fitted over the whole output tensor (one phi, theta per stream)
 
-    python bench/curvature_study.py --model digits --samples 50 \\
+    python studies/curvature_study.py --model digits --samples 50 \\
         --methods ts2 r7 blend:0.5 blend:0.75 sat:2 theta:0.25 first:0.25 calib calib:0.25
-    python bench/curvature_study.py --model patches --model-dir patches-model ...  # bench/third_model.py
+    python studies/curvature_study.py --model patches --model-dir patches-model ...  # third_model.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from foca_kernels.methods import RawHistory, make_method
 
-from foca_kernels.demo.metrics import psnr  # noqa: E402
-from foca_kernels.demo.model import load_demo_dit  # noqa: E402
-from foca_kernels.demo.sampler import DEFAULT_NUM_STEPS as STEPS, sample  # noqa: E402
-from foca_kernels.hooks import CacheConfig, cached  # noqa: E402
-from foca_kernels.methods import FoCaClosed, make_method  # noqa: E402
-from foca_kernels.methods.base import added, scaled  # noqa: E402
-from foca_kernels.methods.history import secant  # noqa: E402
+from sweep import Sweep, add_arguments, paired
 
 
-class _OnR7(FoCaClosed):
-    """A closed form defined against r7's forecast (its recursion needs no memo beyond r7's)."""
-
-    def __init__(self, p: float):
-        super().__init__("r7")
-        self.p = p
-
-    def forecast(self, ctx):
-        vals, times = self.history(ctx)
-        fc7, memo = super().forecast(ctx)
-        x = ctx.t - times[0]
-        ts1 = added(vals[0], scaled(secant(vals[0], times[0], vals[1], times[1]), x))
-        return self.combine(fc7, ts1, vals, times, x), memo
+def added(*combos) -> dict:
+    """The sum of linear combinations over the roles (dicts role -> coefficient)."""
+    total: dict = {}
+    for combo in combos:
+        for k, v in combo.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
-class Sat(_OnR7):
-    def combine(self, fc7, ts1, vals, times, x):
-        mu = 1.0 / (1.0 + x / (self.p * (times[0] - times[1])))
-        return added(scaled(fc7, mu), scaled(ts1, 1 - mu))
+def scaled(combo, c: float) -> dict:
+    return {k: v * c for k, v in combo.items()}
 
 
-class Theta(_OnR7):
-    def combine(self, fc7, ts1, vals, times, x):  # r7 = TS-1 + x (D - A) / 2
-        return added(scaled(fc7, 2 * self.p), scaled(ts1, 1 - 2 * self.p))
+class Curvature(RawHistory):
+    """A weighted sum of the forecasts of the package's closed forms over X0..X2 (FoCa r7 and
+    r3, TaylorSeer-1 and -2), with weights that may depend on x (time since the last computed
+    value) and g (the last gap between computed values). Each part keeps its own memo."""
 
+    min_full = 2
 
-class Mix(_OnR7):
-    def combine(self, fc7, ts1, vals, times, x):
-        ts2 = ts1
-        if len(vals) == 3:  # TaylorSeer's second divided difference, divided by the last gap
-            a0 = secant(vals[0], times[0], vals[1], times[1])
-            a1 = secant(vals[1], times[1], vals[2], times[2])
-            ts2 = added(ts1, scaled(added(a0, scaled(a1, -1.0)), x * x / 2 / (times[0] - times[1])))
-        return added(scaled(fc7, self.p), scaled(ts2, 1 - self.p))
+    def __init__(self, kind: str, p: float):
+        super().__init__(3)
+        self.kind, self.p = kind, p
+        self.name = f"{kind}:{p:g}"
+        self.parts = {"r3": make_method("foca", reading="r3"), "r7": make_method("foca", reading="r7"),
+                      "ts1": make_method("taylorseer", order=1), "ts2": make_method("taylorseer", order=2)}
 
+    def describe(self) -> str:
+        return self.name
 
-class Blend(FoCaClosed):
-    """L * r7 + (1 - L) * r3, both recursions run on coefficient vectors side by side."""
-
-    def __init__(self, lam: float):
-        super().__init__("r3")
-        self.lam, self.parts = lam, {"r3": FoCaClosed("r3"), "r7": FoCaClosed("r7")}
+    def full_memo(self, ctx):
+        return {key: method.full_memo(ctx) for key, method in self.parts.items()}
 
     def forecast(self, ctx):
-        memo = ctx.memo if ctx.memo and "r3" in ctx.memo else {"r3": None, "r7": None}
-        out, nxt = {}, {}
+        memo, out, nxt = ctx.memo, {}, {}
         for key, method in self.parts.items():
             ctx.memo = memo[key]
             out[key], nxt[key] = method.forecast(ctx)
         ctx.memo = memo
-        return added(scaled(out["r7"], self.lam), scaled(out["r3"], 1 - self.lam)), nxt
+        return self.combine(out, ctx), nxt
+
+    def combine(self, fc, ctx) -> dict:
+        p = self.p
+        if self.kind == "blend":
+            return added(scaled(fc["r7"], p), scaled(fc["r3"], 1 - p))
+        if self.kind == "theta":  # r7 = TS-1 + x (D - A) / 2
+            return added(scaled(fc["r7"], 2 * p), scaled(fc["ts1"], 1 - 2 * p))
+        if self.kind == "mix":
+            return added(scaled(fc["r7"], p), scaled(fc["ts2"], 1 - p))
+        if self.kind == "sat":
+            _, times = self.history(ctx)
+            mu = 1.0 / (1.0 + (ctx.t - times[0]) / (p * (times[0] - times[1])))
+            return added(scaled(fc["r7"], mu), scaled(fc["ts1"], 1 - mu))
+        raise ValueError(f"unknown family {self.kind!r}")
+
+
+FAMILIES = ("blend", "sat", "theta", "mix")
 
 
 def closed_method(name: str):
     kind, _, p = name.partition(":")
     if kind == "reuse":
         return make_method("reuse")
-    if kind == "rfc":  # RFE over a FoCa reading, e.g. rfc:r7 (its default base is r3)
-        return make_method("rfc", reading=p or "r3")
+    if kind == "rfc":  # RFE over a FoCa reading, e.g. rfc:r7; rfc alone: RFE's default base
+        return make_method("rfc", reading=p) if p else make_method("rfc")
     if kind in ("r3", "r7"):
         return make_method("foca", reading=kind)
     if kind == "ts2":
         return make_method("taylorseer", order=2)
-    return {"blend": Blend, "sat": Sat, "theta": Theta, "mix": Mix}[kind](float(p))
+    if kind in FAMILIES:
+        return Curvature(kind, float(p))
+    raise ValueError(f"unknown method {name!r}")
 
 
 def _bdf2(f0, f1, f2, h, h_prev):
@@ -173,76 +177,58 @@ class _ThetaStream:
         self.module.forward = self.forward0
 
 
-def run_hooked(model, labels, name, warmup, interval, seed):
+def run_hooked(sw: Sweep, name, warmup, interval):
+    """A generation of ``sw``'s labels and seeds with the hooked variant ``name`` (first, calib*)."""
+    from foca_kernels.demo.sampler import sample
+
     kind, _, p = name.partition(":")
     clock = {"step": 0, "warmup": warmup, "interval": interval}
     first = float(p) if p else 0.5
     calibrate = {"calib": "theta", "calib2": "both", "calib2t": "both"}.get(kind)
     streams = [_ThetaStream(getattr(b, m), clock, first, calibrate)
-               for b in model.transformer_blocks for m in ("attn1", "ff")]
+               for b in sw.dit.transformer_blocks for m in ("attn1", "ff")]
     for s in streams:
         s.pooled = kind == "calib2t"
     try:
-        return sample(model, labels, seed=seed, callback=lambda info: clock.__setitem__("step", clock["step"] + 1))
+        return sample(sw.dit, sw.labels, seed=sw.seed, num_steps=sw.steps,
+                      callback=lambda info: clock.__setitem__("step", clock["step"] + 1))
     finally:
         for s in streams:
             s.remove()
 
 
-def paired(a, b):
-    d = [x - y for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    half = 1.96 * math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d))
-    return m, m - half, m + half
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="digits", help="digits | mnist | patches (bench/third_model.py)")
-    ap.add_argument("--model-dir", default=None, help="where the model's files are (patches: its --out)")
-    ap.add_argument("--samples", type=int, default=50)
+    add_arguments(ap, samples=50)
     ap.add_argument("--methods", nargs="+", default=["ts2", "r7", "blend:0.5", "sat:2", "first:0.25", "calib"])
-    ap.add_argument("--intervals", type=int, nargs="+", default=[3, 5, 7, 9])
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write per-image PSNRs as JSON")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.model == "patches":
-        import third_model
-
-        third_model.register()
-    model = load_demo_dit(args.model, directory=args.model_dir)
-    labels = torch.arange(args.samples) % 10
-    full = sample(model, labels, seed=args.seed)
+    sw = Sweep.from_args(args)
     per, rows = {}, []
     methods = ["ts2"] + [m for m in args.methods if m != "ts2"]  # the reference of the intervals
     for name in methods:
         for n in args.intervals:
             t0 = time.perf_counter()
             if name.split(":")[0] in ("first", "calib", "calib2", "calib2t"):
-                x = run_hooked(model, labels, name, args.warmup, n, args.seed)
+                x = run_hooked(sw, name, args.warmup, n)
             else:
                 if name.startswith("duca"):  # duca, duca:foca, duca:ts2 (DuCa's forecast option)
                     fc = {"": {}, "foca": {"forecast": "foca"},
                           "ts2": {"forecast": "taylorseer", "forecast_order": 2}}[name.partition(":")[2]]
-                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method="duca", method_options=fc,
-                                      num_inference_steps=STEPS)
+                    cfg = sw.config(n, warmup=args.warmup, final=0, method="duca", method_options=fc)
                 else:
-                    cfg = CacheConfig(interval=n, warmup=args.warmup, final=0, method=closed_method(name),
-                                      num_inference_steps=STEPS)
-                with cached(model, cfg):
-                    x = sample(model, labels, seed=args.seed)
-            per[name, n] = [float(v) for v in psnr(x, full, reduction="none", max_db=120.0)]
+                    cfg = sw.config(n, warmup=args.warmup, final=0, method=closed_method(name))
+                x = sw.generate(cfg).x
+            per[name, n] = sw.psnr_per_image(x)
             mean = sum(per[name, n]) / len(per[name, n])
             m, lo, hi = paired(per[name, n], per["ts2", n])
             rows.append(dict(method=name, N=n, psnr=mean, vs_ts2=[m, lo, hi], per_image=per[name, n]))
-            print(f"{args.model} {name:12s} N={n}: {mean:6.2f} dB, - ts2 {m:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+            print(f"{sw.name} {name:12s} N={n}: {mean:6.2f} dB, - ts2 {m:+.2f} [{lo:+.2f}, {hi:+.2f}] "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(model=args.model, samples=args.samples, warmup=args.warmup, rows=rows), f)
+            json.dump(dict(model=sw.name, samples=args.samples, warmup=args.warmup, rows=rows), f)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ a different kind of data, to test the choice out of sample:
   6 layers, trained exactly as the shipped ones (``foca_kernels.demo.train.train_dit``:
   rectified flow, CFG label drop, AdamW, EMA; 2,000 steps of batch 64).
 
-    python bench/third_model.py --out patches-model --threads 2      # ~15 min on 2 cores
-    python bench/curvature_study.py --model patches --model-dir patches-model ...
+    python studies/third_model.py --out patches-model --threads 2      # ~15 min on 2 cores
+    python studies/curvature_study.py --model patches --model-dir patches-model ...
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from foca_kernels.demo import specs  # noqa: E402
+from foca_kernels.demo import specs
 
 NAME = "patches"
 PER_CLASS, HELD_OUT, CROP, SIDE = 500, 100, 32, 16
@@ -38,14 +35,12 @@ PER_CLASS, HELD_OUT, CROP, SIDE = 500, 100, 32, 16
 
 def register() -> specs.DemoSpec:
     """Make ``"patches"`` a demo model name in this process (file names, loading)."""
-    if NAME not in specs.SPECS:
-        specs.SPECS[NAME] = specs.DemoSpec(
-            name=NAME, image_size=SIDE, classifier_size=SIDE, loader=("digits", "load_digits"),
-            dit_config=dict(specs._DIT_COMMON, num_attention_heads=4, attention_head_dim=24, sample_size=SIDE,
-                            patch_size=2),
-            train_steps=2000, train_batch_size=64,
-            notes="study only: 16x16 patches of scikit-learn's two sample photographs, 64 tokens, width 96")
-    return specs.SPECS[NAME]
+    return specs.register(specs.DemoSpec(
+        name=NAME, image_size=SIDE, classifier_size=SIDE, loader=("digits", "load_digits"),
+        dit_config=dict(specs._DIT_COMMON, num_attention_heads=4, attention_head_dim=24, sample_size=SIDE,
+                        patch_size=2),
+        train_steps=2000, train_batch_size=64,
+        notes="study only: 16x16 patches of scikit-learn's two sample photographs, 64 tokens, width 96"))
 
 
 def load_patches(split: str = "train", seed: int = 0):

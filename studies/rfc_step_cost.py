@@ -1,9 +1,9 @@
 """What an RFE (method="rfc") skipped step costs, against FoCa r3's grouped skipped step.
 
-    OMP_NUM_THREADS=1 python bench/bench_rfc.py            # CPU: counts and host time
-    python bench/bench_rfc.py --size 2 4096 3072           # one module at a real size (bytes)
+    OMP_NUM_THREADS=1 python studies/rfc_step_cost.py            # CPU: counts and host time
+    python studies/rfc_step_cost.py --size 2 4096 3072           # one module at a real size (bytes)
 
-Model (as bench_host.py): diffusers' DiTTransformer2DModel with DiT-XL/2's depth (28 blocks,
+Model (as bench/bench_host.py): diffusers' DiTTransformer2DModel with DiT-XL/2's depth (28 blocks,
 56 cached modules: attn1 and ff of every block), tiny width (2 heads x 8, 4 tokens, batch 2),
 so a step's time is host work. For one skipped model call it reports
   launches  kernel launches of foca_kernels' code: one per fused lincomb (the Triton kernel on a
@@ -75,8 +75,7 @@ class Count(TorchDispatchMode):
 
 
 def measure(method: str) -> Dict[str, float]:
-    from foca_kernels import ops as ops_mod
-    from foca_kernels import api as api_mod
+    from foca_kernels import step as step_mod
 
     base = _model()
     model = copy.deepcopy(base)
@@ -97,7 +96,7 @@ def measure(method: str) -> Dict[str, float]:
                 ts = torch.full((2,), t)
                 if g == 0 and s == WARMUP + INTERVAL + 1 and method != "stub":  # one skipped step, counted
                     mode = Count(big=2 * 4 * 16)
-                    real = api_mod.run_lincomb
+                    real = step_mod.run_lincomb_checked  # a single state's eager launch
 
                     def counted(slots, feature, out, numel, reads, writes, coef, backend):
                         mode.lincombs += 1
@@ -120,13 +119,13 @@ def measure(method: str) -> Dict[str, float]:
                             mode.lincombs += self.launches - before
                             mode.lincomb_tensors += launch.tensors_moved * len(members)
 
-                    api_mod.run_lincomb = counted
+                    step_mod.run_lincomb_checked = counted
                     StateGroup._run = counted_group
                     try:
                         with mode:
                             model(x, timestep=ts, class_labels=labels)
                     finally:
-                        api_mod.run_lincomb = real
+                        step_mod.run_lincomb_checked = real
                         StateGroup._run = real_group
                     counts = dict(launches=mode.lincombs + mode.ops, lincombs=mode.lincombs, other_ops=mode.ops,
                                   tensors_per_module=(mode.lincomb_tensors + mode.tensors) / (2 * LAYERS),
@@ -137,7 +136,6 @@ def measure(method: str) -> Dict[str, float]:
                 if _skipped(s):
                     times.append(time.process_time() - t0)
     times.sort()
-    del ops_mod
     return dict(counts, p10=times[len(times) // 10] * 1e3, median=times[len(times) // 2] * 1e3)
 
 

@@ -4,7 +4,7 @@
         --n 3 5 7 9 --samples 50 --threads 1 --out digits-module
     foca-kernels demo ... --granularity block --out digits-block
     foca-kernels demo ... --granularity block --compute-blocks 1 --out digits-block-f1
-    python bench/granularity_compare.py digits-module digits-block digits-block-f1
+    python studies/granularity_compare.py digits-module digits-block digits-block-f1
 
 The first folder is the reference (module granularity); every other run is compared with it
 method by method and N by N: mean PSNR, the paired difference (same seeds, so the images pair
@@ -25,9 +25,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from foca_kernels.demo.harness import canonical_method, paired_psnr_difference  # noqa: E402
+from foca_kernels.demo.harness import canonical_method, paired_psnr_difference
 
 SAME = ("intervals", "samples", "num_steps", "guidance_scale", "seed", "warmup", "final", "model")
 

@@ -1,19 +1,25 @@
 """Compare the FoCa readings with TaylorSeer and reuse on analytic trajectories (float64
 reference implementations, no kernels). Prints the two tables quoted in docs/method.md.
 
-    python bench/study_readings.py
+    PYTHONPATH=. python studies/study_readings.py
+
+``reference/`` (the tests' oracle) lives in the checkout and is not installed: run from the
+repository root with it on the path, as above.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reference import interval_schedule, make_ref, run_schedule  # noqa: E402
+try:
+    from reference import interval_schedule, make_ref, run_schedule
+except ModuleNotFoundError as e:
+    if e.name != "reference":
+        raise
+    raise SystemExit("study_readings needs reference/ from the checkout: run it from the repository root as "
+                     "PYTHONPATH=. python studies/study_readings.py") from None
 
 METHODS = [
     ("reuse", {}),
