@@ -20,7 +20,9 @@ def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtyp
     """A state for caching tensors shaped like ``example`` with ``method``.
 
     ``dtype`` stores the state in another precision than the feature (e.g. bf16 for an fp32
-    model); features and outputs must still have ``example``'s dtype. ``options`` go to the
+    model); features and outputs must still have ``example``'s dtype. ``torch.float8_e4m3fn``
+    gives an :class:`foca_kernels.fp8.Fp8State` (closed-form methods only: a 16-bit anchor and
+    e4m3 increments with per-token scales, docs/method.md "fp8 state"). ``options`` go to the
     method: ``anchor=`` for FoCa, ``order=`` for TaylorSeer; ``method="rfc"``: ``base=``,
     ``norm=``, ``estimate=``, ``clip=`` and the base's options, and ``input=`` an example of
     the module's input (the state then holds both histories: :class:`foca_kernels.rfc.RFCState`).

@@ -54,7 +54,9 @@ class CacheConfig:
       "The default by its worst case"); FoCa calibrated is better on some of them and up to 1.8 dB
       worse on others.
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
-      for an fp32 model); None keeps the features' dtype.
+      for an fp32 model); None keeps the features' dtype. torch.float8_e4m3fn (closed-form
+      methods: TaylorSeer, FoCa r3 / r6 / r7) keeps a 16-bit anchor and e4m3 increments with
+      per-token scales (docs/method.md, "fp8 state").
 
     What is cached:
       granularity "module" (paper: attention and feed-forward outputs of each block; FLUX:
