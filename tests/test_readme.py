@@ -1,19 +1,19 @@
 """Every code block of README.md runs as written.
 
-Python blocks are executed in order in one namespace. The diffusers block uses a pipeline the
-reader already has: the test supplies ``pipe`` (a tiny random-weight DiT behind a pipeline-like
-object: ``components``, a scheduler, ``__call__(prompt, num_inference_steps)``) and ``prompt``,
-and nothing else. Bash blocks install packages (CI runs the ci:tests block itself, see
-.ci/run); here their ``foca-kernels`` commands must parse and their extras must exist.
+Each Python block is executed as it stands, in a namespace of its own: nothing is supplied to
+it (the diffusers block builds its own small pipeline). A block is skipped only when one of the
+optional dependencies it imports is missing, and never in CI (``CI`` set), which installs them
+all. Bash blocks install packages (CI runs the ci:tests block itself, see .ci/run); here their
+``foca-kernels`` commands must parse and their extras must exist.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,47 +21,41 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text("utf-8")
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
-
-
-def _tiny_pipe():
-    diffusers = pytest.importorskip("diffusers")
-    from hooks_tiny import dit
-
-    class Pipe:
-        """Stand-in for a diffusers pipeline: a transformer, a scheduler, a sampling loop."""
-
-        def __init__(self):
-            self.transformer = dit()
-            self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
-            self.components = {"transformer": self.transformer, "scheduler": self.scheduler}
-
-        @torch.no_grad()
-        def __call__(self, prompt, num_inference_steps=50):
-            self.scheduler.set_timesteps(num_inference_steps)
-            x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-            label = torch.tensor([len(prompt) % 10])
-            for t in self.scheduler.timesteps:
-                v = self.transformer(x, timestep=t.expand(1), class_labels=label).sample
-                x = self.scheduler.step(v, t, x).prev_sample
-            return SimpleNamespace(images=[x[0]])
-
-    return Pipe()
+PYTHON = [code for lang, code in BLOCKS if lang == "python"]
+CORE = {"torch", "triton", "numpy", "foca_kernels"}  # installed with the package: never a reason to skip
 
 
 def test_readme_has_the_blocks_this_test_knows():
     langs = [lang for lang, _ in BLOCKS]
     assert langs.count("python") == 2 and langs.count("bash") == 2, langs
+    assert "enable_cache(pipe" in PYTHON[1]
 
 
-def test_python_blocks_run(capsys):
-    ns = {"pipe": _tiny_pipe(), "prompt": "a handwritten seven"}
-    for lang, code in BLOCKS:
-        if lang == "python":
-            exec(compile(code, "README.md", "exec"), ns)
+def _run(i: int) -> dict:
+    ns = {"__name__": f"readme_block_{i + 1}"}
+    try:
+        exec(compile(PYTHON[i], f"README.md (python block {i + 1})", "exec"), ns)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if os.environ.get("CI") or top in CORE:
+            raise
+        pytest.skip(f"README python block {i + 1} needs the optional dependency {top!r}")
+    return ns
+
+
+def test_api_block_runs_as_written():
+    ns = _run(0)
     assert isinstance(ns["out"], torch.Tensor) and torch.isfinite(ns["out"].float()).all()
-    assert ns["state"].nbytes > 0 and ns["image"].shape == (4, 8, 8)
+    assert ns["state"].nbytes > 0 and ns["state"].n_full == 0  # reset() ran last
+    assert len(ns["outs"]) == 4 and all(torch.isfinite(o.float()).all() for o in ns["outs"])
+
+
+def test_diffusers_block_runs_as_written(capsys):
+    ns = _run(1)
+    pipe = ns["pipe"]
+    assert ns["image"].size == (8, 8)  # a PIL image from the pipeline
     assert int(capsys.readouterr().out.strip()) > 0  # cache_info(pipe).state_bytes was printed
-    assert not hasattr(ns["pipe"].transformer, "_foca_cache")  # disable_cache ran
+    assert not hasattr(pipe.transformer, "_foca_cache")  # disable_cache ran
 
 
 def test_bash_blocks_name_real_commands_and_extras():
