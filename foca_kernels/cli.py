@@ -306,6 +306,20 @@ def _validate_args(ap: argparse.ArgumentParser, args) -> None:
         if blocks is not None and sum(args.compute_blocks) >= blocks:
             demo_ap.error(f"--compute-blocks {' '.join(map(str, args.compute_blocks))}: the {args.model} DiT has "
                           f"{blocks} blocks, so every block would be computed and nothing cached")
+    if args.state_dtype is not None:  # e.g. fp8 storage holds closed forms only: refused per method, now
+        import torch
+
+        from .demo.harness import BASELINES, cache_method, ordered_methods
+        from .hooks import CacheConfig
+
+        for m in ordered_methods(methods):
+            if m not in BASELINES:
+                name, opts = cache_method(m)
+                try:
+                    CacheConfig(method=name, method_options=opts, state_dtype=getattr(torch, args.state_dtype))
+                except ValueError as e:
+                    given = "" if args.methods else " (a default method; choose --methods)"
+                    demo_ap.error(f"--state-dtype {args.state_dtype} with --methods {m}{given}: {e}")
     if args.backend == "triton":
         from .backend import get_backend
 

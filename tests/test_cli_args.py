@@ -45,6 +45,10 @@ BAD = [
     (["--compute-blocks", "6"], r"--compute-blocks 6: the digits DiT has 6 blocks, so every block would be computed"),
     (["--compute-blocks", "3", "3"], r"--compute-blocks 3 3: the digits DiT has 6 blocks"),
     (["--model", "mnist", "--compute-blocks", "4", "2"], r"--compute-blocks 4 2: the mnist DiT has 6 blocks"),
+    (["--state-dtype", "float8_e4m3fn"], r"--state-dtype float8_e4m3fn with --methods reuse \(a default method; "
+                                         r"choose --methods\): fp8 state storage applies to closed-form methods"),
+    (["--state-dtype", "float8_e4m3fn", "--methods", "taylorseer2", "rfc"],
+     r"--state-dtype float8_e4m3fn with --methods rfc: fp8 state storage applies to closed-form methods"),
     (["--n", "0"], r"--n: every interval must be >= 1, got 0"),
     (["--n", "3", "-2"], r"--n: every interval must be >= 1, got -2"),
     (["--methods", "nosuch"], r"--methods: unknown harness method 'nosuch'"),
@@ -94,7 +98,8 @@ def test_good_arguments_pass_validation(monkeypatch, tmp_path):
     assert seen["args"].samples == 2 and not (tmp_path / "new").exists()  # validation creates nothing
     # the limits themselves are accepted: N = steps - warm-up, warm-up + final = steps - 1
     for argv in (["--steps", "10", "--n", "8"], ["--steps", "10", "--warmup", "5", "--final", "4", "--n", "1"],
-                 ["--steps", "2", "--warmup", "1", "--n", "1"], ["--guidance-scale", "1e6"]):
+                 ["--steps", "2", "--warmup", "1", "--n", "1"], ["--guidance-scale", "1e6"],
+                 ["--state-dtype", "float8_e4m3fn", "--methods", "taylorseer2", "foca-r7"]):
         assert cli.main(["demo", *argv, "--out", str(tmp_path / "o")]) == 0, argv
 
 
