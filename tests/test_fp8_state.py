@@ -290,3 +290,12 @@ def test_hooks_cache_a_model_in_fp8(fused, device):
     assert torch.isfinite(outs[FP8]).all()
     err8, err16 = ((outs[dt] - full).norm().item() for dt in (FP8, torch.bfloat16))
     assert 0 < err16 and err8 <= 2 * err16, (err8, err16)
+
+
+def test_refused_where_float8_does_not_run(monkeypatch):
+    """A device (or torch build) whose float8 conversion fails is named, before any state exists."""
+    import foca_kernels.fp8 as fp8
+
+    monkeypatch.setitem(fp8._SUPPORT, "cpu", "RuntimeError: no float8 here")
+    with pytest.raises(RuntimeError, match="does not run on cpu tensors.*no float8 here"):
+        fk.allocate(torch.zeros(4, 8), "taylorseer", dtype=FP8)
