@@ -61,6 +61,11 @@ BAD = [
     (["--compute-blocks", "-1"], r"--compute-blocks: every count must be >= 0, got -1"),
     (["--compute-blocks", "1", "1", "1"], r"--compute-blocks takes K or K J, got 3 numbers"),
     (["--sampler", "heun"], r"argument --sampler: invalid choice: 'heun'"),
+    (["--granularity", "token"], r"argument --granularity: invalid choice: 'token'"),
+    (["--backend", "cuda"], r"argument --backend: invalid choice: 'cuda'"),
+    (["--state-dtype", "int8"], r"argument --state-dtype: invalid choice: 'int8'"),
+    (["--seed", "1.5"], r"argument --seed: invalid int value: '1.5'"),
+    (["--full", "--steps", "5"], r"--n 5 7 9 \(the default --n\): .*use N <= 3"),
     (["--unconditional", "--guidance-scale", "2"], r"--unconditional has no guidance; --guidance-scale 2.0"),
     (["--model", "textures"], r"--model: 'textures' is not a shipped model \(digits, mnist\); a model trained "
                               r"elsewhere needs --model-dir DIR"),
