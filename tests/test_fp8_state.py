@@ -299,3 +299,17 @@ def test_refused_where_float8_does_not_run(monkeypatch):
     monkeypatch.setitem(fp8._SUPPORT, "cpu", "RuntimeError: no float8 here")
     with pytest.raises(RuntimeError, match="does not run on cpu tensors.*no float8 here"):
         fk.allocate(torch.zeros(4, 8), "taylorseer", dtype=FP8)
+
+
+def test_demo_state_dtype_option():
+    """demo --state-dtype: the cached runs' CacheConfig gets it; the recording probe (reuse)
+    keeps the model's dtype; a name that is no torch dtype is refused."""
+    from foca_kernels.demo.harness import HarnessConfig
+
+    cfg = HarnessConfig(methods=["taylorseer2"], intervals=[3], samples=2, state_dtype="float8_e4m3fn")
+    assert cfg.cache_config("taylorseer2", 3).state_dtype == FP8
+    assert cfg.cache_config("reuse", 2, stored=False).state_dtype is None
+    with pytest.raises(ValueError, match="closed-form methods"):
+        cfg.cache_config("foca-calibrated", 3)
+    with pytest.raises(ValueError, match="state_dtype must name a torch dtype"):
+        HarnessConfig(methods=["taylorseer2"], intervals=[3], samples=2, state_dtype="float9")
