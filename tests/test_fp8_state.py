@@ -313,3 +313,23 @@ def test_demo_state_dtype_option():
         cfg.cache_config("foca-calibrated", 3)
     with pytest.raises(ValueError, match="state_dtype must name a torch dtype"):
         HarnessConfig(methods=["taylorseer2"], intervals=[3], samples=2, state_dtype="float9")
+
+
+def test_non_contiguous_out(backend, device, gen):
+    """forecast_ and StateGroup.forecast_ write a strided out exactly as a contiguous one."""
+    steps = [1.0, 1.0, 1.0, 1.0]
+    xs = [x.to(device, torch.float32) for x in smooth_features((6, 10), times_of(steps), gen)]
+    sts = [fk.allocate(xs[0], "taylorseer", dtype=FP8) for _ in range(2)]
+    for st in sts:
+        for x in xs[:3]:
+            fk.update_(st, x, backend=backend)
+    want = fk.forecast(sts[0], backend=backend)
+    strided = torch.empty(10, 6, device=device).t()
+    fk.forecast_(sts[1], strided, backend=backend)
+    assert torch.equal(strided, want)
+    sts = [fk.allocate(xs[0], "taylorseer", dtype=FP8) for _ in range(2)]
+    for x in xs[:3]:
+        fk.update_group_(sts, [x, x], backend=backend)
+    outs = [torch.empty(10, 6, device=device).t(), torch.empty(6, 10, device=device)]
+    fk.StateGroup(sts, outs).forecast_(backend=backend)
+    assert torch.equal(outs[0], want) and torch.equal(outs[1], want)
