@@ -330,6 +330,12 @@ def _drive(fk, states, feats, n_full: int, h: float = 1.0, start: int = 0):
             fk.update_(st, f, h)
 
 
+def _release(*lists: list) -> None:
+    """Drop the tensors held in `lists` (emptied in place: the timed closures above share them)."""
+    for items in lists:
+        items.clear()
+
+
 def _a_case(ctx: Ctx, fk, name, n_req, shape, dtype, method, opts, copy_cache: dict, case_budget: float) -> dict:
     import torch
 
@@ -365,8 +371,9 @@ def _a_case(ctx: Ctx, fk, name, n_req, shape, dtype, method, opts, copy_cache: d
         _drive(fk, states, feats, 1, start=count[0])
         count[0] += 1
 
-    row = {"size": name, "dtype": str(dtype).replace("torch.", ""), "method": method if not opts else f"{method} {opts}",
-           "label": None, "streams": n, "streams_requested": n_req, "note": note, "bytes_per_call": nbytes,
+    row = {"size": name, "dtype": str(dtype).replace("torch.", ""),
+           "method": method if not opts else f"{method} {opts}", "label": None, "streams": n,
+           "streams_requested": n_req, "note": note, "bytes_per_call": nbytes,
            "tensors_moved_per_stream": moved}
     budget = max(1.0, case_budget / 3)
 
@@ -402,7 +409,7 @@ def _a_case(ctx: Ctx, fk, name, n_req, shape, dtype, method, opts, copy_cache: d
             row["group"] = None
             row["group_error"] = _err(e)
     if ctx.warm:  # a copy compiles nothing
-        del states, outs, feats
+        _release(states, outs, feats)
         return row
     key = nbytes
     if key not in copy_cache:
@@ -412,7 +419,7 @@ def _a_case(ctx: Ctx, fk, name, n_req, shape, dtype, method, opts, copy_cache: d
         copy_cache[key] = _time_rounds(ctx, lambda: dst.copy_(src), k, rounds, None, budget)
         del src, dst
     row["copy"] = copy_cache[key]
-    del states, outs, feats
+    _release(states, outs, feats)
     if ctx.cuda:
         torch.cuda.empty_cache()
     return row
@@ -579,8 +586,9 @@ def section_c(ctx: Ctx):
                          if kind == "graph" else ""])
     if ctx.warm:
         return f"{len(data['cases'])} cases launched", data
-    lines.append(f"{n} streams of {list(shape)}, FoCa (default reading); per call = one skipped step of all streams; device time"
-                 " between CUDA events over 4 back-to-back calls, host time = time for the calls to return.")
+    lines.append(f"{n} streams of {list(shape)}, FoCa (default reading); per call = one skipped step of all streams;"
+                 " device time between CUDA events over 4 back-to-back calls, host time = time for the calls to"
+                 " return.")
     if not ctx.cuda:
         lines.append("(CPU dry run: `graphed` is the eager group here; not a GPU figure)")
     lines.append("")
@@ -702,7 +710,9 @@ def section_d(ctx: Ctx):
                 return call()
             except RuntimeError as e:
                 tb = traceback.extract_tb(e.__traceback__)
-                first_error = {"error": _err(e), "stack": [f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:{f.lineno} ({f.name})" for f in tb[-8:]]}
+                first_error = {"error": _err(e), "stack": [
+                    f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:{f.lineno} "
+                    f"({f.name})" for f in tb[-8:]]}
                 raise
             finally:
                 torch.cuda.set_sync_debug_mode(0)
@@ -725,8 +735,9 @@ def section_d(ctx: Ctx):
         lines += ["", "(CPU dry run: no sync debug mode without CUDA)"]
     extra = len(cached_sites) - len(base_sites)
     lines.append("")
-    lines.append("Expect no sync from the cache: " + ("none found." if extra <= 0 and not cached_sites else
-                                                      f"{len(cached_sites)} syncs in the cached calls ({extra:+d} vs uncached)."))
+    lines.append("Expect no sync from the cache: " + (
+        "none found." if extra <= 0 and not cached_sites
+        else f"{len(cached_sites)} syncs in the cached calls ({extra:+d} vs uncached)."))
     distinct = {}
     for s in cached_sites:
         distinct.setdefault(s["where"], s)
@@ -828,9 +839,9 @@ def section_f(ctx: Ctx):
                 disable_cache(model)
         data["model"] = rows
         lines.append("")
-        lines.append(f"Tiny diffusers DiT (1 block) in bf16, {steps} DDIM steps, pattern {pattern}: model output of every"
-                     f" step, `torch.compile(model, backend={backend!r})` vs eager, inputs fed from each run's own"
-                     " trajectory (so differences compound). Max difference in bf16 ulps:")
+        lines.append(f"Tiny diffusers DiT (1 block) in bf16, {steps} DDIM steps, pattern {pattern}: model output of"
+                     f" every step, `torch.compile(model, backend={backend!r})` vs eager, inputs fed from each run's"
+                     " own trajectory (so differences compound). Max difference in bf16 ulps:")
         lines.append("")
         lines.append(_table(["model", "full steps (max ulp)", "skipped steps (max ulp)", "bit-identical steps",
                              "steps"], rows))
@@ -893,7 +904,8 @@ def section_b(ctx: Ctx):
     for kind in ("skipped", "full"):
         m = re.search(rf"host time per {kind} step.*?\n((?:\|.*\n?)+)", out)
         found[kind] = bool(m)
-        lines += [out[m.start():m.end()].strip(), ""] if m else [f"(no {kind}-step table in its output; see sections.log)", ""]
+        lines += ([out[m.start():m.end()].strip(), ""] if m
+                  else [f"(no {kind}-step table in its output; see sections.log)", ""])
     m = re.search(r"target \(full-step overhead.*?\n((?:- .*\n?)+)", out)
     if m:
         lines.append(out[m.start():m.end()].strip())
@@ -994,7 +1006,8 @@ def section_g(ctx: Ctx):
         fails += [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     lines = ["The three runs go side by side (correctness only, nothing timed). Not in this check (too long for a "
              "cold machine's box): the rest of tests/test_group.py, tests/test_parity.py, tests/test_compile.py, "
-             "tests/test_duca_kernel.py and tests/test_calibrated.py; run them with `TRITON_INTERPRET=0 pytest <file>`.",
+             "tests/test_duca_kernel.py and tests/test_calibrated.py; run them with "
+             "`TRITON_INTERPRET=0 pytest <file>`.",
              "", _table(["command", "what", "time", "result"], rows)]
     if fails:
         lines.append("")
@@ -1226,7 +1239,8 @@ REPORT_ORDER = "wabcdefghi"
 def _outcome(r: dict, box: int) -> str:
     st = r.get("status", "not run")
     if st == "ok":
-        return "finished" + ("" if r.get("seconds", 0) <= box else f" (used {r['seconds'] - box:.0f} s left by earlier sections)")
+        return "finished" + ("" if r.get("seconds", 0) <= box
+                             else f" (used {r['seconds'] - box:.0f} s left by earlier sections)")
     if st == "timed out":
         return "NOT finished: killed at its time box"
     if st == "error":
@@ -1258,7 +1272,8 @@ def _write_report(args, budget, t_start, device_desc, cuda, versions, wanted, re
     md += ["", f"Finished: {', '.join(done) or 'none'}. Not finished or not run: {', '.join(not_done) or 'none'}.", ""]
     for key in keys:
         title, box, _, _ = SECTIONS[key]
-        r = results.get(key, {"status": "not run", "markdown": "not run: the check stopped before this section", "seconds": 0})
+        r = results.get(key, {"status": "not run", "markdown": "not run: the check stopped before this section",
+                              "seconds": 0})
         md.append(f"## {title}")
         md.append("")
         md.append(f"_{r['status']}, {r.get('seconds', 0):.0f} s of a {box} s time box_")
@@ -1320,8 +1335,8 @@ def _merge_w(parts: Dict[str, dict], wall: float) -> dict:
     status = "ok" if all(s in ("ok", "skipped") for s in statuses) and "ok" in statuses else (
         "skipped" if all(s == "skipped" for s in statuses) else
         "timed out" if "timed out" in statuses else "error")
-    md = [f"{len(parts)} processes side by side, {wall:.0f} s of wall-clock (the compile cost a cold machine pays once; "
-          "the kernels land in Triton's on-disk cache, which every later process reads). Specialisations = the "
+    md = [f"{len(parts)} processes side by side, {wall:.0f} s of wall-clock (the compile cost a cold machine pays "
+          "once; the kernels land in Triton's on-disk cache, which every later process reads). Specialisations = the "
           "package's Triton kernels the process held at its end (compiled, or loaded from that cache).", "",
           _table(["process", "time", "specialisations", "what ran"], rows)]
     return {"status": status, "markdown": "\n".join(md), "seconds": wall, "data": {"parts": parts}}
@@ -1329,9 +1344,11 @@ def _merge_w(parts: Dict[str, dict], wall: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (torch backend): proves the script runs")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes on the CPU (torch backend): proves the script runs")
     ap.add_argument("--sections", default=REPORT_ORDER, help="which sections, e.g. 'a,c' or 'ac' (default: all)")
-    ap.add_argument("--budget", type=float, default=None, help=f"seconds for the whole check (default {DEFAULT_BUDGET_S}; smoke 100)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help=f"seconds for the whole check (default {DEFAULT_BUDGET_S}; smoke 100)")
     ap.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu-check-out)")
     ap.add_argument("--plan", action="store_true", help="print the sections, phases and time boxes; run nothing")
     ap.add_argument("--cpu-dry", action="store_true", help=argparse.SUPPRESS)  # developers: CUDA sections' code on CPU
@@ -1428,7 +1445,8 @@ def main(argv=None) -> int:
             avail = budget - elapsed() - reserved(RUN_ORDER[i + 1:]) - 5
             if avail < MIN_SECTION_S:
                 results[key] = {"status": "skipped", "seconds": 0.0,
-                                "markdown": f"skipped: out of time ({avail:.0f} s left for it within the {budget:.0f} s budget)"}
+                                "markdown": f"skipped: out of time ({avail:.0f} s left for it within the "
+                                            f"{budget:.0f} s budget)"}
                 continue
             print(f"[gpu_check] section {key} (box {SECTIONS[key][1]} s, allowed {avail:.0f} s) ...", flush=True)
             res_path = os.path.join(tmp, f"{key}.json")
