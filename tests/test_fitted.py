@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import foca_kernels as fk
 from foca_kernels.hooks import (
-    CacheConfig, Schedule, cache_info, calibrate, device_like, disable_cache, enable_cache, load_calibration,
+    CacheConfig, FocaCacheWarning, Schedule, cache_info, calibrate, device_like, disable_cache, enable_cache, load_calibration,
 )
 from foca_kernels.hooks import calibration as calibrate_mod
 from foca_kernels.hooks.calibration import A_RANGE, C_RANGE, _solve
@@ -245,6 +245,17 @@ def test_weights_for_another_schedule_are_refused():
     enable_cache(m, cal.config, interval=3)
     try:
         with pytest.raises(ValueError, match="calibrate again for this schedule"):
+            generate(m)
+    finally:
+        disable_cache(m)
+
+
+def test_weights_without_a_step_count_warn():
+    m = model("cubic")
+    cal, _ = calibrated(m)
+    enable_cache(m, cal.config, num_inference_steps=None)
+    try:
+        with pytest.warns(FocaCacheWarning, match="cannot be checked"):
             generate(m)
     finally:
         disable_cache(m)

@@ -337,6 +337,11 @@ class CacheController:
         if self.calibration is not None:
             self.calibration.mark(step, bool(full))
         pattern = getattr(self.method, "pattern", None)  # method "fitted": the schedule it was fitted on
+        if pattern is not None and num_steps is None and step == 0:
+            self._warn_once(
+                "fitted-pattern", "the fitted method's weights were fitted on one schedule and this generation's step "
+                "count is unknown, so they cannot be checked against it: pass num_inference_steps (or enable on the "
+                "pipeline)")
         if pattern is not None and num_steps is not None and step == 0 and self.schedule.pattern(num_steps) != pattern:
             raise ValueError(
                 f"the fitted method's weights were fitted on the schedule {pattern} ({len(pattern)} steps), "
