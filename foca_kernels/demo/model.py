@@ -21,7 +21,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .specs import NULL_CLASS, SPECS, get_spec
+from .specs import NULL_CLASS as NULL_CLASS  # re-exported (demo.NULL_CLASS, sampler, train): the null label's row
+from .specs import SPECS, get_spec
 
 DIT_CONFIG: Dict[str, Any] = SPECS["digits"].dit_config
 """The digits model's diffusers kwargs (``specs.SPECS[name].dit_config`` for the others)."""

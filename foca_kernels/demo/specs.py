@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -101,7 +101,8 @@ def get_spec(name="digits") -> DemoSpec:
         return SPECS[str(name)]
     except KeyError:
         raise ValueError(f"unknown demo model {name!r}; expected one of {tuple(SPECS)} (a model that is not "
-                         "shipped: load its directory with spec_from_dir, or --model-dir on the command line)") from None
+                         "shipped: load its directory with spec_from_dir, or --model-dir on the command line)"
+                         ) from None
 
 
 def spec_of(model: torch.nn.Module) -> DemoSpec:
@@ -144,7 +145,8 @@ def save_split(directory, name: str, split: str, images: torch.Tensor, labels: t
     from safetensors.torch import save_file
 
     if images.dim() != 4 or labels.shape != (images.shape[0],):
-        raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
     path = Path(directory) / split_file(check_name(name), split)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": images.detach().float().cpu().contiguous(),
@@ -168,7 +170,8 @@ def dit_json(directory, name: Optional[str] = None) -> Tuple[str, Dict[str, Any]
     ``<name>_dit.json``. Raises ValueError naming what is missing or malformed."""
     d = Path(directory)
     if not d.is_dir():
-        raise ValueError(f"model directory {str(directory)!r} " + ("is not a directory" if d.exists() else "does not exist"))
+        raise ValueError(f"model directory {str(directory)!r} "
+                         + ("is not a directory" if d.exists() else "does not exist"))
     if name is None:
         found = sorted(p.name[:-len("_dit.json")] for p in d.glob("*_dit.json"))
         if len(found) != 1:

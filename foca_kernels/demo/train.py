@@ -139,7 +139,8 @@ def evaluate(out_dir: Path, test_x, train_x, *, per_class: int, guidance_scale: 
         dt = time.perf_counter() - t0
         acc = classifier_accuracy(clf, imgs, labels)
         fid = classifier_fid(clf, imgs, test_x)
-        res["by_guidance_scale"][str(gs)] = dict(accuracy=round(acc, 4), fid_vs_test=round(fid, 3), seconds=round(dt, 1))
+        res["by_guidance_scale"][str(gs)] = dict(accuracy=round(acc, 4), fid_vs_test=round(fid, 3),
+                                                 seconds=round(dt, 1))
         _log(f"eval guidance {gs}: {len(labels)} samples x {num_steps} steps in {dt:.1f}s  "
              f"accuracy {acc:.3f}  classifier-FID vs test {fid:.3f}")
         if gs == guidance_scale:
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 4)")
     ap.add_argument("--eval-per-class", type=int, default=20, help="50-step samples per class in the evaluation")
     ap.add_argument("--eval-sweep", type=float, nargs="*", default=(), help="extra guidance scales to evaluate")
-    ap.add_argument("--grid", type=Path, default=None, help="sample grid PNG to write (default: <model>_dit_samples.png)")
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="sample grid PNG to write (default: <model>_dit_samples.png)")
     ap.add_argument("--skip-classifier", action="store_true", help="keep the classifier already in --out")
     ap.add_argument("--skip-dit", action="store_true", help="keep the DiT already in --out (evaluate only)")
     args = ap.parse_args(argv)
@@ -207,7 +209,8 @@ def main(argv=None) -> int:
                               lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
                               label_drop=args.label_drop, seed=args.seed, config=spec.dit_config)
         meta = dict(
-            model=spec.name, config=spec.dit_config, prediction="flow_velocity (noise - x0), x_t = (1 - sigma) x0 + sigma noise",
+            model=spec.name, config=spec.dit_config,
+            prediction="flow_velocity (noise - x0), x_t = (1 - sigma) x0 + sigma noise",
             timestep="1000 * sigma", null_class=NULL_CLASS, num_classes=NUM_CLASSES, image_range=[-1, 1],
             sampler=dict(scheduler="FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)",
                          num_steps=DEFAULT_NUM_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE),
