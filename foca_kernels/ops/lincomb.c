@@ -511,6 +511,47 @@ static void load_scaled(float *restrict acc, const void *p, int dt, int64_t e0, 
 
 /* out[e] = a0 * anchor[e] + sum_d (b[d] * scales[d][row]) * q_d[e], rows x c elements, in
    blocks of BLOCK elements of a row: the anchor term first, then each increment's, in order */
+#if defined(__AVX2__) && defined(__F16C__)
+/* 8 e4m3 codes as float32: their bits shifted into float16's (sign to bit 15, the rest to bits
+   7..13) are the value / 256, subnormals included, widened exactly by the F16C conversion;
+   0x7f / 0xff become nan. */
+static inline __m256 e4m3_decode8(const uint8_t *q) {
+    const __m128i m7f = _mm_set1_epi16(0x7f), m80 = _mm_set1_epi16(0x80);
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)q));
+    const __m128i lo = _mm_and_si128(b, m7f);
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, m80), 8), _mm_slli_epi16(lo, 7));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    const __m256 bad = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(lo, m7f)));
+    return _mm256_blendv_ps(v, _mm256_set1_ps(NAN), bad);
+}
+
+/* The first (m / 8) * 8 elements of a block with a bfloat16 anchor in one pass, 8 at a time:
+   anchor * a0, then + q_d * w_d for each d (mul then add, the scalar loop's order: the same
+   bits), rounded once to float32 / bfloat16 (odt 0 / 1). Returns the elements done. */
+static int64_t fp8_skip_bf16_anchor8(const uint16_t *anc, float a0, int nd, const uint8_t *const *incs,
+                                     const float *w, int64_t e0, int64_t m, void *out, int odt) {
+    const __m256 va0 = _mm256_set1_ps(a0);
+    __m256 vw[16];
+    for (int d = 0; d < nd; d++) vw[d] = _mm256_set1_ps(w[d]);
+    int64_t k = 0;
+    for (; k + 8 <= m; k += 8) {
+        const __m128i a16 = _mm_loadu_si128((const __m128i *)(anc + e0 + k));
+        __m256 acc = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a16), 16)), va0);
+        for (int d = 0; d < nd; d++) acc = _mm256_add_ps(acc, _mm256_mul_ps(e4m3_decode8(incs[d] + e0 + k), vw[d]));
+        if (odt == 0) {
+            _mm256_storeu_ps((float *)out + e0 + k, acc);
+        } else {
+            const __m256i r = bf16_round8(acc);
+            const __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + e0 + k), p);
+        }
+    }
+    return k;
+}
+#endif
+
+/* out[e] = a0 * anchor[e] + sum_d (b[d] * scales[d][row]) * q_d[e], rows x c elements, in
+   blocks of BLOCK elements of a row: the anchor term first, then each increment's, in order */
 int foca_fp8_skip(int64_t rows, int64_t c, const void *anchor, int adt, float a0, int nd,
                   const uint8_t *const *incs, const float *const *scales, const float *b, void *out, int odt) {
     float w[16];
@@ -520,7 +561,16 @@ int foca_fp8_skip(int64_t rows, int64_t c, const void *anchor, int adt, float a0
     for (int64_t r = 0; r < rows; r++) {
         for (int d = 0; d < nd; d++) w[d] = scales[d][r] * b[d];
         for (int64_t j0 = 0; j0 < c; j0 += BLOCK) {
-            const int64_t m = c - j0 < BLOCK ? c - j0 : BLOCK, e0 = r * c + j0;
+            const int64_t m0 = c - j0 < BLOCK ? c - j0 : BLOCK;
+            int64_t e0 = r * c + j0, m = m0;
+#if defined(__AVX2__) && defined(__F16C__)
+            if (adt == 1 && odt <= 1 && a0 != 0.0f) { /* the common case in one pass; the rest below */
+                const int64_t done = fp8_skip_bf16_anchor8((const uint16_t *)anchor, a0, nd, incs, w, e0, m0, out, odt);
+                e0 += done;
+                m -= done;
+            }
+#endif
+            if (m == 0) continue;
             if (a0 != 0.0f) load_scaled(acc, anchor, adt, e0, m, a0);
             else memset(acc, 0, (size_t)m * 4);
             for (int d = 0; d < nd; d++) {
@@ -528,20 +578,9 @@ int foca_fp8_skip(int64_t rows, int64_t c, const void *anchor, int adt, float a0
                 const float wd = w[d];
                 int64_t k = 0;
 #if defined(__AVX2__) && defined(__F16C__)
-                /* 8 codes at a time: e4m3's bits shifted into float16's (sign to bit 15, the rest
-                   to bits 7..13) are the value / 256, subnormals included, widened exactly by
-                   the F16C conversion; 0x7f / 0xff become nan. The same mul-then-add per element
-                   as the scalar loop (no contraction in ISO C mode), so the same bits. */
-                const __m256 vw = _mm256_set1_ps(wd), v256 = _mm256_set1_ps(256.0f), vnan = _mm256_set1_ps(NAN);
-                const __m128i m7f = _mm_set1_epi16(0x7f), m80 = _mm_set1_epi16(0x80);
                 for (; k + 8 <= m; k += 8) {
-                    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(q + k)));
-                    const __m128i lo = _mm_and_si128(b, m7f);
-                    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, m80), 8), _mm_slli_epi16(lo, 7));
-                    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), v256);
-                    const __m256 bad = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(lo, m7f)));
-                    v = _mm256_blendv_ps(v, vnan, bad);
-                    _mm256_storeu_ps(acc + k, _mm256_add_ps(_mm256_loadu_ps(acc + k), _mm256_mul_ps(v, vw)));
+                    const __m256 v = e4m3_decode8(q + k);
+                    _mm256_storeu_ps(acc + k, _mm256_add_ps(_mm256_loadu_ps(acc + k), _mm256_mul_ps(v, _mm256_set1_ps(wd))));
                 }
 #endif
                 for (; k < m; k++) acc[k] += e4m3_value(q[k]) * wd;
