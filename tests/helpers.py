@@ -28,7 +28,6 @@ once to the storage / output dtype. Against a float64 evaluation of the paper's 
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from typing import Dict, List, Optional, Sequence

@@ -91,7 +91,8 @@ def test_harness_end_to_end(model, classifier, test_digits):
     assert len(res.probe_modules) == 12  # attn1 and ff of 6 blocks
     for r in res.runs[1:]:
         pattern = cfg.schedule(r.interval)
-        if r.method in ADAPTIVE:  # RCS: its realised schedule, calibrated on the same batch to at most the fixed compute
+        # RCS: its realised schedule, calibrated on the same batch to at most the fixed compute
+        if r.method in ADAPTIVE:
             assert len(r.schedule) == len(pattern) and r.schedule.count("F") <= pattern.count("F")
             pattern = r.schedule
         assert r.seconds > 0 and r.speedup > 0

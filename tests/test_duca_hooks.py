@@ -73,7 +73,8 @@ def test_conservative_step_feeds_only_the_fresh_tokens(family):
     rows, attn_calls, hooks = [], [], []
     for mod in ffs.values():
         hooks.append(mod.net[0].register_forward_pre_hook(lambda _m, a: rows[-1].append(a[0].shape[:-1])))
-    attn = m.get_submodule(next(iter(ffs)).rsplit(".", 1)[0] + (".attn1" if hasattr(m.transformer_blocks[0], "attn1") else ".attn"))
+    attn_name = ".attn1" if hasattr(m.transformer_blocks[0], "attn1") else ".attn"
+    attn = m.get_submodule(next(iter(ffs)).rsplit(".", 1)[0] + attn_name)
     # counted inside the attention: a module's own hooks fire even when the cache answers for it
     hooks.append(attn.to_q.register_forward_pre_hook(lambda *_: attn_calls.__setitem__(-1, attn_calls[-1] + 1)))
 
@@ -149,7 +150,8 @@ def test_without_cfg_detection_halves_are_scored_apart(monkeypatch):
     between cond and uncond), so the tie above is the detection's doing."""
     case, m = T.CASES["dit"], model_for("dit")
     seen = _capture_indices(monkeypatch)
-    enable_cache(m, method="duca", interval=4, method_options={**CONST, "cfg_batched": False}, num_inference_steps=STEPS)
+    enable_cache(m, method="duca", interval=4, method_options={**CONST, "cfg_batched": False},
+                 num_inference_steps=STEPS)
     T.sample(case, m, steps=STEPS, batch=2, cfg="batched")
     disable_cache(m)
     assert any(not torch.equal(idx[:2], idx[2:]) for idx in seen)
@@ -160,8 +162,8 @@ def test_flux_single_blocks_and_text_stream_are_reused(monkeypatch):
     runs = {"single": 0, "ff_context": 0}
     hooks = [b.proj_mlp.register_forward_pre_hook(lambda *_: runs.__setitem__("single", runs["single"] + 1))
              for b in m.single_transformer_blocks]
-    hooks += [b.ff_context.net[0].register_forward_pre_hook(lambda *_: runs.__setitem__("ff_context", runs["ff_context"] + 1))
-              for b in m.transformer_blocks]
+    hooks += [b.ff_context.net[0].register_forward_pre_hook(
+        lambda *_: runs.__setitem__("ff_context", runs["ff_context"] + 1)) for b in m.transformer_blocks]
     try:
         enable_cache(m, method="duca", interval=4, method_options=CONST, num_inference_steps=STEPS)
         T.sample(case, m, steps=STEPS, cfg="none")
@@ -170,7 +172,8 @@ def test_flux_single_blocks_and_text_stream_are_reused(monkeypatch):
         for h in hooks:
             h.remove()
     n_full = pattern(Schedule(4, 2), STEPS).count("F")
-    assert runs == {"single": n_full * len(m.single_transformer_blocks), "ff_context": n_full * len(m.transformer_blocks)}
+    assert runs == {"single": n_full * len(m.single_transformer_blocks),
+                    "ff_context": n_full * len(m.transformer_blocks)}
 
 
 def test_state_bytes_are_one_slot_per_cached_output():

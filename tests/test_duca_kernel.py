@@ -71,7 +71,6 @@ def _bad_calls(cache, fresh, index, out, backend):
     def refresh_tokens_(*args):
         return _refresh(*args, backend=backend)
 
-    k = index.shape[1]
     yield "out of range", IndexError, lambda: refresh_tokens_(cache, out, fresh, index.clone().fill_(n))
     yield "out of range", IndexError, lambda: refresh_tokens_(cache, out, fresh, index.clone().fill_(-1))
     dup = index.clone()
@@ -84,8 +83,10 @@ def _bad_calls(cache, fresh, index, out, backend):
     yield "out has shape", ValueError, lambda: refresh_tokens_(cache, out[:, :-1], fresh, index)
     yield "out has dtype", TypeError, lambda: refresh_tokens_(cache, out.double(), fresh, index)
     yield "aliases", ValueError, lambda: refresh_tokens_(cache, cache.value, fresh, index)
-    yield "contiguous", ValueError, lambda: refresh_tokens_(cache, out.transpose(0, 1).contiguous().transpose(0, 1), fresh, index)
-    yield "only", ValueError, lambda: refresh_tokens_(cache, out, torch.zeros(b, n + 1, c), torch.zeros(b, n + 1, dtype=torch.long))
+    strided = out.transpose(0, 1).contiguous().transpose(0, 1)
+    yield "contiguous", ValueError, lambda: refresh_tokens_(cache, strided, fresh, index)
+    too_many = torch.zeros(b, n + 1, c), torch.zeros(b, n + 1, dtype=torch.long)
+    yield "only", ValueError, lambda: refresh_tokens_(cache, out, *too_many)
 
 
 def test_bad_input_is_refused_and_state_unchanged(backend, gen):
@@ -95,7 +96,8 @@ def test_bad_input_is_refused_and_state_unchanged(backend, gen):
     for words, exc, call in _bad_calls(cache, fresh, index, out, backend):
         with pytest.raises(exc, match=words):
             call()
-        assert torch.equal(cache.value, value) and torch.equal(cache.age, age), f"state changed by a refused call ({words})"
+        assert torch.equal(cache.value, value) and torch.equal(cache.age, age), \
+            f"state changed by a refused call ({words})"
         assert not out.any(), f"out written by a refused call ({words})"
 
 

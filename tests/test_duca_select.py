@@ -51,7 +51,8 @@ def test_staleness_and_selection(gen):
 @pytest.mark.parametrize("schedule,weight", [("constant", 0.0), ("linear", 2.0), ("linear", 0.4), ("exp", 0.9)])
 def test_fresh_ratio_schedule(schedule, weight):
     for step in range(50):
-        assert fresh_ratio(step, 50, 0.175, schedule, weight) == pytest.approx(R.fresh_ratio(step, 50, 0.175, schedule, weight))
+        expected = R.fresh_ratio(step, 50, 0.175, schedule, weight)
+        assert fresh_ratio(step, 50, 0.175, schedule, weight) == pytest.approx(expected)
     if schedule == "linear" and weight == 2.0:  # DuCa-DiT's step factor: 0 for the first quarter
         assert fresh_ratio(5, 50, 0.175, schedule, weight) == 0.0
         assert fresh_ratio(49, 50, 0.175, schedule, weight) == pytest.approx(0.175 * (1 - 2 + 4 * 49 / 50))

@@ -50,7 +50,8 @@ def ready_state(device, method="foca", backend="torch", dtype=torch.float32, **o
 
 
 def feature_like(buf, **kw):
-    return torch.randn(buf.shape, generator=torch.Generator().manual_seed(2)).to(**{"dtype": buf.io_dtype, "device": buf.device, **kw})
+    x = torch.randn(buf.shape, generator=torch.Generator().manual_seed(2))
+    return x.to(**{"dtype": buf.io_dtype, "device": buf.device, **kw})
 
 
 def out_like(buf, **kw):
@@ -269,7 +270,8 @@ def _alias_views(buf):
     }
 
 
-@pytest.mark.parametrize("alias", ["slot0", "newest role", "second role", "straddling slots", "last slot", "strided over slots"])
+@pytest.mark.parametrize("alias", ["slot0", "newest role", "second role", "straddling slots", "last slot",
+                                   "strided over slots"])
 def test_out_aliasing_state_is_refused(alias, backend):
     buf = ready_state("cpu", backend=backend)
     out = _alias_views(buf)[alias]
@@ -366,8 +368,10 @@ def test_backend_env_override(monkeypatch):
     (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=0), ValueError, r"order must be 1, 2 or 3, got 0"),
     (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=4), ValueError, r"order must be 1, 2 or 3, got 4"),
     (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=2.0), ValueError, r"order must be 1, 2 or 3, got 2.0"),
-    (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=True), TypeError, r"order must be an int \(1, 2 or 3\), got bool"),
-    (lambda: fk.state_nbytes(torch.zeros(3), "taylorseer", order=False), TypeError, r"order must be an int \(1, 2 or 3\), got bool"),
+    (lambda: fk.allocate(torch.zeros(3), "taylorseer", order=True), TypeError,
+     r"order must be an int \(1, 2 or 3\), got bool"),
+    (lambda: fk.state_nbytes(torch.zeros(3), "taylorseer", order=False), TypeError,
+     r"order must be an int \(1, 2 or 3\), got bool"),
     (lambda: fk.CacheConfig(method="taylorseer", method_options={"order": True}), TypeError, r"order must be an int"),
     (lambda: fk.allocate(torch.zeros(3), "reuse", order=1), TypeError, r"reuse takes no options"),
     (lambda: fk.allocate(torch.zeros(3), fk.FoCa(), anchor="bdf2"), TypeError, r"options given together with a Method"),

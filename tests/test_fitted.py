@@ -18,7 +18,8 @@ import torch.nn as nn
 
 import foca_kernels as fk
 from foca_kernels.hooks import (
-    CacheConfig, FocaCacheWarning, Schedule, cache_info, calibrate, device_like, disable_cache, enable_cache, load_calibration,
+    CacheConfig, FocaCacheWarning, Schedule, cache_info, calibrate, device_like, disable_cache, enable_cache,
+    load_calibration,
 )
 from foca_kernels.hooks import calibration as calibrate_mod
 from foca_kernels.hooks.calibration import A_RANGE, C_RANGE, _solve

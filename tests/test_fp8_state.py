@@ -146,7 +146,8 @@ def test_increments_carry_the_fp8_error_not_the_values(gen):
         codes, s = quantize(x.double())
         fk.update_(values_e4m3, dequantize(codes, s).float(), backend="torch")
     exact = fk.forecast(sts["fp32"], 2.0, backend="torch")
-    err = {k: (fk.forecast(st, 2.0, backend="torch") - exact).abs().max().item() for k, st in sts.items() if k != "fp32"}
+    err = {k: (fk.forecast(st, 2.0, backend="torch") - exact).abs().max().item()
+           for k, st in sts.items() if k != "fp32"}
     err_values = (fk.forecast(values_e4m3, 2.0, backend="torch") - exact).abs().max().item()
     assert err["fp8"] <= 2 * err["bf16"], err
     assert err["fp8"] < err_values / 4, (err, err_values)
@@ -155,7 +156,8 @@ def test_increments_carry_the_fp8_error_not_the_values(gen):
 @pytest.mark.parametrize("io_dtype", DTYPES, ids=DTYPE_IDS)
 def test_backends_store_the_same_bits(io_dtype, device, gen, monkeypatch):
     """Triton, the C loop and the PyTorch ops store the same anchor, codes and scales (a nan
-    included), and their forecasts agree to fp32 summation order."""
+    included); the C loop's forecast is the PyTorch ops' bit for bit, Triton's agrees to the
+    tolerance (its compiler may contract a multiply-add, the interpreter truncates to bf16)."""
     shape = (3, 5, 40)
     steps = [1.0, 0.9, 1.2, 1.0, 0.8]
     xs = [x.to(device, io_dtype) for x in smooth_features(shape, times_of(steps), gen)]
@@ -179,7 +181,10 @@ def test_backends_store_the_same_bits(io_dtype, device, gen, monkeypatch):
         assert torch.equal(a.incs.view(torch.uint8), t.incs.view(torch.uint8)), name
         assert torch.equal(a.scales, t.scales), name
         assert torch.equal(a.anchor.view(torch.uint8), t.anchor.view(torch.uint8)), name
-        assert_close(outs[name], outs["torch"], io_dtype, name=f"{name} forecast")
+        if name == "c":  # the same float32 operations in the same order, rounded to nearest even
+            assert torch.equal(outs[name], outs["torch"])
+        else:
+            assert_close(outs[name], outs["torch"], io_dtype, name=f"{name} forecast")
 
 
 def test_nonfinite_element_stays_in_its_place(backend, device, gen):

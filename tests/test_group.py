@@ -336,7 +336,8 @@ REF_METHODS = [("foca", {"reading": "r3"}), ("foca", {"anchor": "secant"}), ("ta
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
-@pytest.mark.parametrize("method,opts", REF_METHODS, ids=["foca-r3", "foca-r0-secant", "taylorseer-2", "reuse", "foca-calibrated"])
+@pytest.mark.parametrize("method,opts", REF_METHODS,
+                         ids=["foca-r3", "foca-r0-secant", "taylorseer-2", "reuse", "foca-calibrated"])
 def test_group_matches_float64_reference(method, opts, packed, backend, device, gen):
     """fp32 features, three states of different shapes on one schedule (full every 3rd step,
     unequal steps): every grouped forecast within the fp32 tolerance of an independent float64

@@ -40,7 +40,7 @@ triton = pytest.importorskip("triton")
 # The compile helpers of the single kernel's PTX test (toolchain detection, skip marker,
 # compilable clone of a jitted kernel, PTX/ptxas readers).
 from test_ptx import (  # noqa: E402
-    TARGET, VECTOR_BYTES, _SASS_GLOBAL, _TRITON_DTYPE, _Recorder, _compilable, _ptx_global_accesses, _ptxas_report,
+    TARGET, VECTOR_BYTES, _SASS_GLOBAL, _TRITON_DTYPE, _Recorder, _compilable, _ptx_global_accesses,
     _specialisation, assert_no_local_memory, compile_launch,
     pytestmark,  # noqa: F401  (skip without the CUDA backend)
 )

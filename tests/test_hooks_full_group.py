@@ -1,6 +1,6 @@
 """Full steps through the hooks: each computed module's output is recorded at after_module and
-every recorded update of the model call runs as ONE ``update_group_shared_`` (update_group_ without its per-pair checks) at its end
-(hooks/pending.py).
+every recorded update of the model call runs as ONE ``update_group_shared_`` (update_group_ without its
+per-pair checks) at its end (hooks/pending.py).
 
 * launches per full step do not grow with the number of cached modules (a toy with 2 and with
   8 blocks: 4 and 16 streams), for the default reading and a closed form;
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D = 16
 TARGETS = [r"layers\.\d+\.(attn|mlp)"]
 TIMESTEPS = torch.tensor([999.0, 950.0, 850.0, 700.0, 560.0, 400.0, 300.0, 150.0, 60.0, 10.0])
-SCHEDULE = dict(interval=3, warmup=2, method="foca")  # F F s s F s s F s s: full steps 0, 1, 4, 7 (FoCa calibrated: its fit)
+# F F s s F s s F s s: full steps 0, 1, 4, 7 (FoCa calibrated: its fit)
+SCHEDULE = dict(interval=3, warmup=2, method="foca")
 FULL = [0, 1, 4, 7]
 
 
@@ -143,7 +144,8 @@ def test_launches_per_full_step_do_not_grow_with_the_modules(method_options, mon
 def test_grouped_full_steps_equal_per_module_updates(granularity, method_options, backend, monkeypatch):
     calls = []
     real = pending_mod.update_group_shared_
-    monkeypatch.setattr(pending_mod, "update_group_shared_", lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
+    monkeypatch.setattr(pending_mod, "update_group_shared_",
+                        lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
     targets = TARGETS if granularity == "module" else None
     out = {}
     for limit in (0, 256 << 20):
@@ -237,7 +239,8 @@ def test_aborted_call_drops_its_updates():
 def test_max_pending_bytes_flushes_early(monkeypatch):
     sizes = []
     real = pending_mod.update_group_shared_
-    monkeypatch.setattr(pending_mod, "update_group_shared_", lambda s, *a, **k: (sizes.append(len(s)), real(s, *a, **k)))
+    monkeypatch.setattr(pending_mod, "update_group_shared_",
+                        lambda s, *a, **k: (sizes.append(len(s)), real(s, *a, **k)))
     held = []
     real_record = pending_mod.PendingUpdates.record
 
@@ -274,7 +277,8 @@ def test_max_pending_bytes_refused():
 def test_per_module_path(case, monkeypatch):
     calls = []
     real = pending_mod.update_group_shared_
-    monkeypatch.setattr(pending_mod, "update_group_shared_", lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
+    monkeypatch.setattr(pending_mod, "update_group_shared_",
+                        lambda s, *a, **k: (calls.append(len(s)), real(s, *a, **k)))
     cfg = dict(targets=TARGETS, **SCHEDULE)
     if case == "inference-residual":
         cfg = dict(granularity="block", **SCHEDULE)

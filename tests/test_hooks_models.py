@@ -103,7 +103,8 @@ def test_disable_restores_forward_objects_and_outputs(family):
 def test_enable_twice_is_an_error_and_never_double_wraps():
     case, m = T.CASES["flux"], model_for("flux")
     enable_cache(m, interval=3)
-    wrappers = {n: mod.__dict__["forward"] for n, mod in m.named_modules() if is_foca_wrapper(mod.__dict__.get("forward"))}
+    wrappers = {n: mod.__dict__["forward"] for n, mod in m.named_modules()
+                if is_foca_wrapper(mod.__dict__.get("forward"))}
     n_sites = cache_info(m).modules
     assert len(wrappers) == n_sites + 1  # the cached modules and the model itself
     with pytest.raises(RuntimeError, match="already enabled"):
@@ -134,7 +135,8 @@ def test_skipped_steps_do_not_run_cached_modules_and_use_the_fused_ops(family, m
 
     for name in ("update_", "forecast_"):
         monkeypatch.setattr(foca_kernels.api, name, counting(name, getattr(foca_kernels.api, name)))
-    for name in ("lincomb_", "run_lincomb_checked", "copy_row"):  # the custom op, its eager entry point, a closed form's full-step copy
+    # the custom op, its eager entry point, a closed form's full-step copy
+    for name in ("lincomb_", "run_lincomb_checked", "copy_row"):
         monkeypatch.setattr(foca_kernels.step, name, counting("lincomb_", getattr(foca_kernels.step, name)))
     # A skipped step: one grouped forecast of every stream, one launch (the states are packed
     # into one allocation and share one history), whatever the number of cached modules.

@@ -15,7 +15,8 @@ from test_hooks_plain import Toy, sample, toy
     (dict(method="foca", anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),
     (dict(method="taylorseer", order=3), "taylorseer(order=3)"),
     (dict(method="foca", method_options={"anchor": "bdf2"}), "foca(reading=r0, anchor=bdf2)"),
-    (dict(method="foca", method_options={"anchor": "secant"}, anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),  # keyword wins
+    # the keyword wins
+    (dict(method="foca", method_options={"anchor": "secant"}, anchor="bdf2"), "foca(reading=r0, anchor=bdf2)"),
 ])
 def test_method_options_as_keywords(kw, described):
     m = toy()
@@ -24,7 +25,8 @@ def test_method_options_as_keywords(kw, described):
     assert {st.method.describe() for st in cache_states(m)} == {described}
     disable_cache(m)
     opts = {k: v for k, v in kw.items() if k not in ("method", "method_options")}
-    cfg = CacheConfig(interval=3, method=kw.get("method", "foca"), method_options={**kw.get("method_options", {}), **opts})
+    cfg = CacheConfig(interval=3, method=kw.get("method", "foca"),
+                      method_options={**kw.get("method_options", {}), **opts})
     enable_cache(m, cfg)
     assert torch.equal(sample(m), a)
     disable_cache(m)
@@ -38,8 +40,10 @@ def test_options_on_top_of_a_config_and_in_cached():
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(nosuch=1), TypeError, r"unknown option\(s\) \['nosuch'\]: neither CacheConfig fields nor options of method 'taylorseer'"),
-    (dict(anchor="bdf2"), TypeError, r"unknown option\(s\) \['anchor'\]: neither CacheConfig fields nor options of method 'taylorseer'"),
+    (dict(nosuch=1), TypeError,
+     r"unknown option\(s\) \['nosuch'\]: neither CacheConfig fields nor options of method 'taylorseer'"),
+    (dict(anchor="bdf2"), TypeError,
+     r"unknown option\(s\) \['anchor'\]: neither CacheConfig fields nor options of method 'taylorseer'"),
     (dict(method="reuse", anchor="bdf2"), TypeError, r"reuse takes no options"),
     (dict(method="foca", anchor="bdf3"), ValueError, r"FoCa anchor must be one of"),
     (dict(method="taylorseer", order=True), TypeError, r"order must be an int"),

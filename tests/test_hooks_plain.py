@@ -343,9 +343,9 @@ def test_target_errors_and_nested_targets():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(interval=0), dict(warmup=0), dict(final=-1), dict(method="nope"), dict(method="foca", method_options={"order": 2}),
-     dict(time="sigma"), dict(granularity="layer"), dict(state_dtype=torch.float64), dict(targets=[("x", "both")]),
-     dict(block_cache="input"), dict(targets=[])],
+    [dict(interval=0), dict(warmup=0), dict(final=-1), dict(method="nope"),
+     dict(method="foca", method_options={"order": 2}), dict(time="sigma"), dict(granularity="layer"),
+     dict(state_dtype=torch.float64), dict(targets=[("x", "both")]), dict(block_cache="input"), dict(targets=[])],
 )
 def test_config_validation(bad):
     with pytest.raises((ValueError, TypeError)):

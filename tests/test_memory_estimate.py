@@ -193,7 +193,8 @@ def _fp32_flux():
 
 
 def _memory_warnings(record):
-    return [str(w.message) for w in record if issubclass(w.category, FocaCacheWarning) and "would hold" in str(w.message)]
+    return [str(w.message) for w in record
+            if issubclass(w.category, FocaCacheWarning) and "would hold" in str(w.message)]
 
 
 def test_enable_warns_past_free_memory_and_names_what_fits(monkeypatch):

@@ -29,7 +29,7 @@ from foca_kernels.ops import cpu_codegen
 from foca_kernels.ops import fit as fit_ops
 from helpers import assert_close
 from reference.foca_calibrated import R7_WEIGHTS, FoCaCalibratedRef
-from test_hooks_plain import TIMESTEPS, toy
+from test_hooks_plain import toy
 
 SHAPE = (4, 8)
 INTERVAL = 3
@@ -71,7 +71,8 @@ def _forecasts_after_bad_full_step(method, opts, backend, windows=8):
     return finite
 
 
-@pytest.mark.parametrize("method,opts,after", RECOVERY, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o, _ in RECOVERY])
+@pytest.mark.parametrize("method,opts,after", RECOVERY,
+                         ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o, _ in RECOVERY])
 def test_which_methods_forget_a_nan(method, opts, after, backend):
     finite = _forecasts_after_bad_full_step(method, opts, backend)
     assert finite[0] is False  # the window right after the bad step forecasts from it

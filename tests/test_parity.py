@@ -21,7 +21,7 @@ import foca_kernels as fk
 from helpers import (
     DTYPE_IDS, DTYPES, METHOD_IDS, METHODS, StorageRoundedRef, assert_close, assert_low_precision_rule,
     interval_schedule, make_steps, ref_from_state, ref_role_times, ref_roles, role_time, round_to,
-    rounding_mode, run_kernel, run_ref, smooth_features, times_of,
+    rounding_mode, run_kernel, smooth_features, times_of,
 )
 from reference import make_ref
 
@@ -101,7 +101,8 @@ def check_schedule(method, opts, backend, device, io_dtype, full, steps, shape, 
             low_roles = ref_roles(one_low, m) if one_low is not None else {}
             for role in m.roles:
                 got, exp = buf.role(role), exp_roles[role]
-                assert (got is None) == (exp is None), f"step {i}: role {role} defined={got is not None}, reference {exp is not None}"
+                assert (got is None) == (exp is None), \
+                    f"step {i}: role {role} defined={got is not None}, reference {exp is not None}"
                 if got is None:
                     continue
                 assert got.dtype == state_dtype

@@ -293,7 +293,8 @@ def _check_vectorised(ck, kwargs, dtypes):
 
     # The machine code keeps them: 128-bit LDG/STG only.
     sass = ck.asm["sass"]
-    ldst = [(m.group(1), m.group(2), line.strip()) for line in sass.splitlines() for m in [_SASS_GLOBAL.search(line)] if m]
+    ldst = [(m.group(1), m.group(2), line.strip())
+            for line in sass.splitlines() for m in [_SASS_GLOBAL.search(line)] if m]
     ops = [op for op, _, _ in ldst]
     assert (ops.count("LDG"), ops.count("STG")) == (loads, stores), "\n".join(line for _, _, line in ldst)
     wrong = [line for _, mods, line in ldst if ".128" not in mods]
@@ -322,8 +323,8 @@ def test_odd_sized_feature_is_vectorised(dtypes):
     n_in = kwargs["NUM_READ"] + kwargs["HAS_FEAT"]
     n_out = kwargs["NUM_WRITE"] + kwargs["HAS_OUT"]
     esize = torch.empty((), dtype=DTYPES[dtypes][0]).element_size()
-    assert sorted(op for op, _, _ in scalar) == ["ld"] * n_in + ["st"] * n_out, "\n".join(l for *_, l in scalar)
-    assert all(nbytes == esize for _, nbytes, _ in scalar), "\n".join(l for *_, l in scalar)
+    assert sorted(op for op, _, _ in scalar) == ["ld"] * n_in + ["st"] * n_out, "\n".join(line for *_, line in scalar)
+    assert all(nbytes == esize for _, nbytes, _ in scalar), "\n".join(line for *_, line in scalar)
 
 
 @pytest.mark.parametrize("rule,size,dtypes", CASES, ids=[_case_id(*c) for c in CASES])

@@ -170,7 +170,8 @@ def test_data_parallel_ranks_take_identical_decisions(results):
     assert "s" in together[0]
     # the shared decision computes every step either rank computes alone... up to the first difference
     first = next(i for i, (a, b) in enumerate(zip(*alone)) if a != b)
-    assert together[0][: first + 1] == "".join("F" if "F" in (a, b) else "s" for a, b in zip(alone[0], alone[1]))[: first + 1]
+    either = "".join("F" if "F" in (a, b) else "s" for a, b in zip(alone[0], alone[1]))
+    assert together[0][: first + 1] == either[: first + 1]
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -18,7 +18,9 @@ def test_ci_run_never_reuses_a_venv(tmp_path):
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     (tmp_path / "README.md").write_text(
-        "<!-- ci:tests -->\n```bash\necho \"venv-$([ -e .venv/stale ] && echo reused || echo fresh)\"\n```\n<!-- /ci:tests -->\n"
+        "<!-- ci:tests -->\n```bash\n"
+        "echo \"venv-$([ -e .venv/stale ] && echo reused || echo fresh)\"\n"
+        "```\n<!-- /ci:tests -->\n"
     )
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / "stale").write_text("left by an earlier run")

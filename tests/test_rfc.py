@@ -1,7 +1,6 @@
 """RFE (method="rfc") and the RCS schedule: properties, parity with the float64 reference,
 refusals, and the hooks' one-decision-per-call rule (docs/method.md, "RFC")."""
 
-import math
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ import foca_kernels as fk
 from foca_kernels.rfc import RFCState
 from reference import RFCRef
 
-BASES = [("foca", {"reading": "r3"}), ("foca", {"reading": "r6"}), ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2})]
+BASES = [("foca", {"reading": "r3"}), ("foca", {"reading": "r6"}),
+         ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2})]
 
 
 def _traj(shape, seed=0):
@@ -128,7 +128,8 @@ def test_state_is_one_allocation_and_counted():
     assert st.out.slots.untyped_storage().data_ptr() == st.inp.slots.untyped_storage().data_ptr() == \
         st.storage.untyped_storage().data_ptr()
     r7 = {"reading": "r7"}  # RFE's default base
-    assert st.nbytes == fk.state_nbytes(y, "rfc", input=u) == fk.state_nbytes(y, "foca", **r7) + fk.state_nbytes(u, "foca", **r7)
+    assert st.nbytes == fk.state_nbytes(y, "rfc", input=u) == \
+        fk.state_nbytes(y, "foca", **r7) + fk.state_nbytes(u, "foca", **r7)
     fk.update_(st, y, input=u)
     assert st.n_full == st.inp.n_full == 1
 

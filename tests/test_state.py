@@ -244,7 +244,8 @@ def test_nbytes(method, opts, n_slots, shape, dtype):
 
 
 def test_state_nbytes_default_dtype_for_shapes():
-    assert fk.state_nbytes((10,), "foca") == 4 * 64 * 4  # fp32 unless told; default FoCa (calibrated): 3 values, 1 slope
+    # fp32 unless told; default FoCa (calibrated): 3 values, 1 slope
+    assert fk.state_nbytes((10,), "foca") == 4 * 64 * 4
     assert fk.state_nbytes((10,), "foca", reading="r7") == 3 * 64 * 4  # the closed forms keep 3 values
     assert fk.state_nbytes((10,), "foca", reading="r0") == 4 * 64 * 4
 

@@ -38,7 +38,8 @@ CANNOT_BUILD = {
     "HiDreamImageTransformer2DModel": "default config leaves a dimension None",
     "LatteTransformer3DModel": "default config leaves sample sizes None",
     "OmniGenTransformer2DModel": "default config leaves a dimension None",
-    "Transformer2DModel": "default config sets no input kind (in_channels None); its DiT/PixArt uses run in test_hooks_models",
+    "Transformer2DModel": "default config sets no input kind (in_channels None); its DiT/PixArt uses run in "
+                          "test_hooks_models",
     "TransformerTemporalModel": "default config has 4 channels with 32 norm groups (UNet temporal layers)",
 }
 # feed-forward modules that are plain nn.Sequential (no class name to go by), per class
@@ -134,7 +135,8 @@ def _check_compute_blocks(name, model):
             warnings.simplefilter("ignore")
             every = [s.name for s in select_sites(model, CacheConfig(granularity=granularity))]
             where = {n: block_position(model, n) for n in every}
-            assert all(where.values()), f"{name} ({granularity}): outside any block list: {[n for n, p in where.items() if not p]}"
+            outside = [n for n, p in where.items() if not p]
+            assert not outside, f"{name} ({granularity}): outside any block list: {outside}"
             kept = [n for n in every if where[n][1] >= 1]
             if kept:
                 got = [s.name for s in select_sites(model, CacheConfig(granularity=granularity, compute_blocks=1))]
@@ -203,7 +205,8 @@ def test_compute_blocks_counts_each_block_list(granularity, compute_blocks, expe
     import hooks_tiny as T
 
     m = T.flux()
-    assert [s.name for s in select_sites(m, CacheConfig(granularity=granularity, compute_blocks=compute_blocks))] == expected
+    cfg = CacheConfig(granularity=granularity, compute_blocks=compute_blocks)
+    assert [s.name for s in select_sites(m, cfg)] == expected
 
 
 @pytest.mark.parametrize("granularity", ["module", "block"])
