@@ -21,7 +21,7 @@ import json
 import math
 import sys
 
-from foca_kernels.demo.harness import cache_method, canonical_method
+from foca_kernels.demo.method_table import cache_method, canonical_method
 
 from sweep import Sweep, add_arguments
 
@@ -120,7 +120,8 @@ def report(paths, candidates, rivals=("taylorseer2", "reuse")) -> str:
                 same, front = [], []
                 env = frontier(rows, rival)
                 for r in mine:
-                    o = next((x for x in rows if (x["method"], x["warmup"], x["final"], x["N"]) == (rival, w, f, r["N"])), None)
+                    key = (rival, w, f, r["N"])
+                    o = next((x for x in rows if (x["method"], x["warmup"], x["final"], x["N"]) == key), None)
                     if o is not None:
                         same.append(r["psnr"] - o["psnr"])
                     e = envelope_at(env, r["compute"])

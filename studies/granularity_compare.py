@@ -25,7 +25,8 @@ import os
 import sys
 from types import SimpleNamespace
 
-from foca_kernels.demo.harness import canonical_method, paired_psnr_difference
+from foca_kernels.demo.harness import paired_psnr_difference
+from foca_kernels.demo.method_table import canonical_method
 
 SAME = ("intervals", "samples", "num_steps", "guidance_scale", "seed", "warmup", "final", "model")
 
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
                       f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     for r in runs:
         costs = sorted(skip_cost(c) for c in (r["by"][k] for k in keys))
-        print(f"{model} {r['label']}: skipped step / full step from the CPU speed-ups: median {costs[len(costs) // 2]:.3f}"
-              f" (range {costs[0]:.3f} to {costs[-1]:.3f} over {len(costs)} runs)")
+        print(f"{model} {r['label']}: skipped step / full step from the CPU speed-ups: "
+              f"median {costs[len(costs) // 2]:.3f} (range {costs[0]:.3f} to {costs[-1]:.3f} over {len(costs)} runs)")
     return 0
 
 

@@ -65,7 +65,8 @@ class Count(TorchDispatchMode):
         if f is None or not f.f_globals.get("__name__", "").startswith("foca_kernels"):
             return out
         name = func.__name__
-        if getattr(func, "is_view", False) or name.startswith(("empty", "detach", "alias", "_to_copy")) or name in ("lift_fresh.default",):
+        no_kernel = name.startswith(("empty", "detach", "alias", "_to_copy")) or name == "lift_fresh.default"
+        if getattr(func, "is_view", False) or no_kernel:
             return out  # no kernel: views and allocations
         self.ops += 1
         self.names[name] = self.names.get(name, 0) + 1

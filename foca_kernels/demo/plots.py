@@ -15,30 +15,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-COLORS = {
-    "full": "#000000",
-    "steps": "#8c564b",
-    "reuse": "#7f7f7f",
-    "taylorseer1": "#9ecae1",
-    "taylorseer2": "#1f77b4",
-    "taylorseer3": "#08306b",
-    "foca-r0": "#d62728",
-    "foca-r3": "#ff9896",
-    "foca-r4": "#e377c2",
-    "foca-r6": "#f7b6d2",
-    "foca-r7": "#9467bd",
-    "foca-calibrated": "#2ca02c",
-    "foca-bdf2": "#ff7f0e",
-    "duca": "#bcbd22",
-    "rfc": "#17becf",
-    "fitted": "#98df8a",
-    "fitted-free": "#c5b0d5",
-    "foca-rcs": "#ffbb78",
-    "rfc-rcs": "#9edae5",
-}
-"""One colour per harness method name (every name of harness.METHOD_NAMES; no two alike, so
-no two curves of a plot share a colour: tests/test_demo_output.py checks both)."""
-
+from .method_table import BASELINES, COLORS
 
 def _color(method: str) -> Optional[str]:
     return COLORS.get(method)
@@ -107,8 +84,6 @@ def sample_grid(result, interval: int, path, *, columns: int = 10) -> Path:
 def error_plot(result, intervals: Sequence[int], path, *, methods: Optional[Sequence[str]] = None) -> Path:
     """Per-step error of the caching methods at each of ``intervals`` (columns); rows:
     trajectory error of the model output, teacher-forced forecast error of the cached modules."""
-    from .harness import BASELINES
-
     methods = list(methods) if methods is not None else [m for m in result.config.methods if m not in BASELINES]
     ncol = len(intervals)
     width = max(9.0, 1.0 + 4.6 * ncol)
