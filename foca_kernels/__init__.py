@@ -24,7 +24,8 @@ from .state import CacheState
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "pack_states_", "Method", "Reuse", "TaylorSeer", "allocate",
-    "MemoryEstimate", "cache_info", "cached", "calibrate", "disable_cache", "enable_cache", "estimate_cache_memory", "forecast", "forecast_", "generation", "get_backend",
-    "load_calibration", "make_method", "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_", "update_group_",
+    "BACKENDS", "CacheConfig", "CacheState", "FoCa", "StateGroup", "forecast_group_", "pack_states_", "Method", "Reuse",
+    "TaylorSeer", "allocate", "MemoryEstimate", "cache_info", "cached", "calibrate", "disable_cache", "enable_cache",
+    "estimate_cache_memory", "forecast", "forecast_", "generation", "get_backend", "load_calibration", "make_method",
+    "new_generation", "reset_cache", "set_backend", "state_nbytes", "update_", "update_group_",
 ]

@@ -37,7 +37,8 @@ def allocate(example: torch.Tensor, method="foca", *, dtype: Optional[torch.dtyp
     if isinstance(m, RFC):
         if not isinstance(input, torch.Tensor):
             raise TypeError("method 'rfc' needs input=, an example of the module's input (its history is stored too)")
-        return RFCState(m, example.shape, input.shape, dtype or example.dtype, example.device, example.dtype, input.dtype)
+        return RFCState(m, example.shape, input.shape, dtype or example.dtype, example.device, example.dtype,
+                        input.dtype)
     if input is not None:
         raise TypeError(f"input= is an option of method 'rfc', not of {m.describe()}")
     return CacheState(m, example.shape, dtype or example.dtype, example.device, io_dtype=example.dtype)
@@ -57,7 +58,8 @@ def state_nbytes(example, method="foca", *, dtype: Optional[torch.dtype] = None,
             raise TypeError("method 'rfc' needs input= (the module's input, a tensor or a shape)")
         n_in = (inp.shape if isinstance(inp, torch.Tensor) else torch.Size(inp)).numel()
         dt = dtype or (example.dtype if isinstance(example, torch.Tensor) else torch.float32)
-        return state_nbytes(example, m.base, dtype=dt) + m.n_slots * slot_stride(n_in) * torch.empty((), dtype=dt).element_size()
+        esize = torch.empty((), dtype=dt).element_size()
+        return state_nbytes(example, m.base, dtype=dt) + m.n_slots * slot_stride(n_in) * esize
     if isinstance(example, torch.Tensor):
         shape, dtype = example.shape, dtype or example.dtype
     else:
@@ -86,7 +88,8 @@ def update_(
     return update_state_(buf, feature, h, backend, check_finite)
 
 
-def update_shared_(buf: CacheState, feature: torch.Tensor, h: float, plans: dict, *, backend: Optional[str] = None) -> None:
+def update_shared_(buf: CacheState, feature: torch.Tensor, h: float, plans: dict, *,
+                   backend: Optional[str] = None) -> None:
     """:func:`update_` for callers that already guarantee what it checks per call (the hooks:
     ``feature`` is the module's fresh output, of the state's shape/dtype/device, ``h`` > 0).
     States last committed by the same launch share a history, so their full step has the same

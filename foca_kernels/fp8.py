@@ -139,7 +139,8 @@ class Fp8State(CacheState):
         return (n - 1 - j) % (self.method.n_slots - 1)
 
     def move_to_(self, slots: torch.Tensor) -> None:
-        raise TypeError("fp8 states keep their own allocation (anchor, e4m3 increments, scales); they are not moved or packed")
+        raise TypeError("fp8 states keep their own allocation (anchor, e4m3 increments, scales); "
+                        "they are not moved or packed")
 
     def row(self, slot: int) -> torch.Tensor:
         raise TypeError("an fp8 state has no slot rows; role(name) gives a role's value")

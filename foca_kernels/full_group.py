@@ -80,7 +80,8 @@ def update_group_shared_(states: List[CacheState], features: List[torch.Tensor],
 
 def _run_group(states: List[CacheState], features: List[torch.Tensor], hs: List[float], backend) -> None:
     classes = _classes(states, hs)
-    launches = [plan_step(states[rep], True, t_new, hs[rep]) for rep, t_new, _ in classes]  # may refuse: nothing written
+    # may refuse: nothing written yet
+    launches = [plan_step(states[rep], True, t_new, hs[rep]) for rep, t_new, _ in classes]
     flats = [f if f.is_contiguous() else f.contiguous() for f in features]  # kernels read raw storage
     with torch.no_grad():
         for launch, (rep, _, members) in zip(launches, classes):

@@ -138,7 +138,8 @@ class StateGroup:
         hs = self._steps_sizes(h)
         self._check_current()
         classes = self._classes(hs)
-        launches = [(plan_step(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]  # may refuse: nothing written yet
+        # may refuse: nothing written yet
+        launches = [(plan_step(c[0].state, False, c[1], hs[c[0].index]), c) for c in classes]
         for launch, (rep, t_new, members) in launches:
             self._run(launch, members, backend)
         self._commit(launches)

@@ -45,7 +45,8 @@ class RFCState:
                 f"last): output {tuple(shape)}, input {tuple(input_shape)}; use norm='sample' or another input"
             )
         if method.norm == "sample" and shape[0] != input_shape[0]:
-            raise ValueError(f"rfc norm='sample' needs the same batch size: output {tuple(shape)}, input {tuple(input_shape)}")
+            raise ValueError(f"rfc norm='sample' needs the same batch size: output {tuple(shape)}, "
+                             f"input {tuple(input_shape)}")
         m = method.n_slots
         so, si = slot_stride(shape.numel()), slot_stride(input_shape.numel())
         # One allocation: m output slots, then m input slots.
@@ -161,7 +162,8 @@ def scale(st: RFCState, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         else:
             y0, y1 = st.out.role(m.latest), st.out.role(m.previous)
             u1 = st.inp.role(m.previous)
-            g = _norm(torch.sub(y0, y1), m.norm, m.sharded) / _norm(torch.sub(u0, u1), m.norm, m.sharded).clamp_min(TINY)
+            g = (_norm(torch.sub(y0, y1), m.norm, m.sharded)
+                 / _norm(torch.sub(u0, u1), m.norm, m.sharded).clamp_min(TINY))
             s = g * n_x / _norm(torch.sub(y_hat, y0), m.norm, m.sharded).clamp_min(TINY)
         return s.clamp_(max=m.clip)
 

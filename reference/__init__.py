@@ -13,4 +13,5 @@ from .rfc import RFCRef
 from .taylorseer import TaylorSeerRef
 from .trajectories import interval_schedule, make_ref, run_schedule
 
-__all__ = ["FittedRef", "FoCaCalibratedRef", "FoCaRef", "FoCaRestartRef", "RFCRef", "ReuseRef", "TaylorSeerRef", "interval_schedule", "make_ref", "run_schedule"]
+__all__ = ["FittedRef", "FoCaCalibratedRef", "FoCaRef", "FoCaRestartRef", "RFCRef", "ReuseRef", "TaylorSeerRef",
+           "interval_schedule", "make_ref", "run_schedule"]

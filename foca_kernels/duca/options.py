@@ -68,7 +68,8 @@ class DucaOptions:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"duca option {name} must be a finite number >= 0, got {v!r}")
         if self.ratio_schedule not in RATIO_SCHEDULES:
-            raise ValueError(f"duca option ratio_schedule must be one of {RATIO_SCHEDULES}, got {self.ratio_schedule!r}")
+            raise ValueError(f"duca option ratio_schedule must be one of {RATIO_SCHEDULES}, "
+                             f"got {self.ratio_schedule!r}")
         if self.score == "attention":
             raise ValueError(
                 "duca score 'attention' is not available: diffusers' attention processors (SDPA / flash) never form "

@@ -13,7 +13,8 @@ def phase(schedule, step: int, num_steps: Optional[int], order: str = "code") ->
         return "full"
     if order == "code":  # DuCa's code: odd distance to the next full step -> conservative
         d = 1
-        while d < LOOKAHEAD and not (num_steps is not None and step + d >= num_steps) and not schedule.is_full(step + d, num_steps):
+        while (d < LOOKAHEAD and not (num_steps is not None and step + d >= num_steps)
+               and not schedule.is_full(step + d, num_steps)):
             d += 1
     else:  # conservative right after a full step, then alternate
         d = 1

@@ -34,8 +34,10 @@ class TokenCache:
             raise TypeError(f"feature dtype must be one of {STORAGE_DTYPES}, got {io_dtype}")
         if age is None:
             age = torch.zeros(value.shape[:2], dtype=torch.int32, device=value.device)
-        elif age.shape != value.shape[:2] or age.dtype != torch.int32 or age.device != value.device or not age.is_contiguous():
-            raise ValueError(f"age must be a contiguous int32 tensor of shape {tuple(value.shape[:2])} on {value.device}")
+        elif (age.shape != value.shape[:2] or age.dtype != torch.int32 or age.device != value.device
+              or not age.is_contiguous()):
+            raise ValueError(f"age must be a contiguous int32 tensor of shape {tuple(value.shape[:2])} "
+                             f"on {value.device}")
         self.value = value
         self.age = age
         self.io_dtype = io_dtype

@@ -33,7 +33,8 @@ from .schedule import Schedule
 
 __all__ = [
     "FAMILIES", "CacheConfig", "CacheInfo", "Calibration", "FocaCacheWarning", "Rule", "Schedule", "cache_context",
-    "calibrate", "load_calibration", "cache_info", "cache_states", "cached", "device_like", "disable_cache", "duca_info", "enable_cache", "estimate_cache_memory",
+    "calibrate", "load_calibration", "cache_info", "cache_states", "cached", "device_like", "disable_cache",
+    "duca_info", "enable_cache", "estimate_cache_memory",
     "family_of", "MemoryEstimate", "StreamMemory",
     "generation", "is_cache_enabled", "new_generation", "reset_cache",
 ]

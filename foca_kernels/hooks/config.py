@@ -179,7 +179,8 @@ class CacheConfig:
         cb = (cb, 0) if isinstance(cb, int) and not isinstance(cb, bool) else cb
         if not (isinstance(cb, (tuple, list)) and len(cb) == 2
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in cb)):
-            raise ValueError(f"compute_blocks must be an int k >= 0 or a pair (k, j) of ints >= 0, got {self.compute_blocks!r}")
+            raise ValueError(f"compute_blocks must be an int k >= 0 or a pair (k, j) of ints >= 0, "
+                             f"got {self.compute_blocks!r}")
         self.compute_blocks = (int(cb[0]), int(cb[1]))
         if self.time not in TIME_SOURCES:
             raise ValueError(f"time must be one of {TIME_SOURCES}, got {self.time!r}")
@@ -201,7 +202,8 @@ class CacheConfig:
             if not self.mask[0]:
                 warnings.warn("mask[0] is False: the first step is always computed", FocaCacheWarning, stacklevel=3)
         if self.num_inference_steps is not None and (
-            isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
+            isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int)
+            or self.num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
         if not isinstance(self.check_finite, bool):
@@ -232,7 +234,8 @@ class CacheConfig:
             if self.mask is not None:
                 raise ValueError("schedule='rcs' decides every step itself: it takes no mask")
             if isinstance(self.method, str) and self.method.lower() == "duca":
-                raise ValueError("schedule='rcs' is not available with method 'duca' (its phases follow the fixed schedule)")
+                raise ValueError("schedule='rcs' is not available with method 'duca' "
+                                 "(its phases follow the fixed schedule)")
 
     @classmethod
     def build(cls, config: Optional["CacheConfig"] = None, **options) -> "CacheConfig":

@@ -94,7 +94,8 @@ class ContextState:
             for o in batch.outs:
                 base = o.untyped_storage()
                 if base.data_ptr() not in fresh:
-                    fresh[base.data_ptr()] = torch.empty(base.nbytes() // o.element_size(), dtype=o.dtype, device=o.device)
+                    fresh[base.data_ptr()] = torch.empty(base.nbytes() // o.element_size(), dtype=o.dtype,
+                                                         device=o.device)
                 outs.append(fresh[base.data_ptr()].as_strided(o.shape, o.stride(), o.storage_offset()))
             batch = self.batch = StateGroup(batch.states, outs)
             self._adopt(streams, batch, reuse)

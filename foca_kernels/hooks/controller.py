@@ -68,7 +68,8 @@ class StepInfo:
     batched: Optional[set] = None  # groups forecast together at this (skipped) step's first cached call
     plans: dict = field(default_factory=dict)  # full-step plans shared by states with one history
     phase: str = ""  # duca: "full" / "conservative" / "aggressive"
-    cfg_batched: object = False  # duca: this call holds two CFG halves (conservative steps only): a bool or a 0-d device bool tensor
+    # duca: this call holds two CFG halves (conservative steps only): a bool or a 0-d device bool tensor
+    cfg_batched: object = False
     pending: Optional[PendingUpdates] = None  # full-step updates recorded by after_module, run at end_step
 
 
@@ -307,7 +308,8 @@ class CacheController:
         ctx.num_steps = num_steps
         if num_steps is None and self.schedule.needs_num_steps:
             self._warn_once(
-                "final", f"final={cfg.final} needs the number of steps: pass num_inference_steps or enable on the pipeline"
+                "final",
+                f"final={cfg.final} needs the number of steps: pass num_inference_steps or enable on the pipeline",
             )
         if cfg.time == "timesteps" and ts is None:
             ts = self._scheduler_timestep(step)

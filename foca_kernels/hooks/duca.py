@@ -73,11 +73,14 @@ class DucaRuntime:
                 continue
             attn = self._attention_of(model, site.name)
             if attn is None:
-                self._warn_once(("noattn", site.name), f"no attention with to_v/heads next to {site.name!r}: its tokens are scored at random")
+                self._warn_once(("noattn", site.name),
+                                f"no attention with to_v/heads next to {site.name!r}: its tokens are scored at random")
                 continue
-            patches.append(AttributePatch(attn.to_v, "forward", self._v_recorder(ctl, site.name, int(attn.heads)), skip_dynamo=True))
+            patches.append(AttributePatch(attn.to_v, "forward", self._v_recorder(ctl, site.name, int(attn.heads)),
+                                          skip_dynamo=True))
         if not self.partial_sites:
-            self._warn_once("nopartial", f"no cached module matches the partial regexes {self.opts.partial}: every skipped step reuses")
+            self._warn_once("nopartial", f"no cached module matches the partial regexes {self.opts.partial}: "
+                                         "every skipped step reuses")
         return patches
 
     @staticmethod
@@ -132,12 +135,15 @@ class DucaRuntime:
         if site.name not in self.partial_sites:
             return None
         if len(group.streams) != 1 or group.template is None or group.template[0] is not None:
-            self._warn_once(("multi", site.name), f"{site.name!r} returns more than one tensor: reused, not recomputed token-wise")
+            self._warn_once(("multi", site.name),
+                            f"{site.name!r} returns more than one tensor: reused, not recomputed token-wise")
             return None
         st = group.streams[0].state
         x, _ = _hidden(args, kwargs)
-        if st is None or len(st.shape) != 3 or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[:2] != st.shape[:2]:
-            self._warn_once(("shape", site.name), f"{site.name!r}: input and output are not (batch, tokens, channels) alike: reused")
+        if (st is None or len(st.shape) != 3 or not isinstance(x, torch.Tensor) or x.dim() != 3
+                or x.shape[:2] != st.shape[:2]):
+            self._warn_once(("shape", site.name),
+                            f"{site.name!r}: input and output are not (batch, tokens, channels) alike: reused")
             return None
         return PartialCall(self, ctl, group, site, idx)
 
@@ -147,17 +153,20 @@ class DucaRuntime:
         b, n = x.shape[:2]
         key = (site.name, idx)
         hit = self.shared.get(key)
-        if hit is not None and hit[0] == ctx.generations and hit[1] == step.step and hit[2].shape[0] == b and hit[3] == n:
+        if (hit is not None and hit[0] == ctx.generations and hit[1] == step.step and hit[2].shape[0] == b
+                and hit[3] == n):
             return hit[2]  # chosen by another context (the other CFG call) at this step
         o = self.opts
         ratio = fresh_ratio(step.step, ctx.num_steps, o.fresh_ratio, o.ratio_schedule, o.ratio_weight)
         if o.ratio_schedule != "constant" and not ctx.num_steps:
-            self._warn_once("nsteps", f"ratio_schedule={o.ratio_schedule!r} needs the number of steps; using the constant ratio")
+            self._warn_once("nsteps",
+                            f"ratio_schedule={o.ratio_schedule!r} needs the number of steps; using the constant ratio")
         score = None
         if o.score == "v-norm":
             score = self.vnorm.get((ctx.name, site.name))
             if score is None or score.shape != (b, n):
-                self._warn_once(("vnorm", site.name), f"no value norms of {n} tokens for {site.name!r}: scored at random")
+                self._warn_once(("vnorm", site.name),
+                                f"no value norms of {n} tokens for {site.name!r}: scored at random")
                 score = None
         if score is None:
             seed = (o.seed * 1_000_003 + step.step * 1_009 + self.partial_sites[site.name] * 31 + idx) % (2**63)
@@ -168,7 +177,8 @@ class DucaRuntime:
         if o.spatial_bonus and grid is not None and grid[0] * grid[1] == n:
             add_spatial_bonus_(score, grid, o.spatial_bonus, o.spatial_size)
         elif o.spatial_bonus:
-            self._warn_once(("grid", site.name), f"{n} tokens of {site.name!r} form no known grid: no spatial bonus (pass grid=(h, w))")
+            self._warn_once(("grid", site.name),
+                            f"{n} tokens of {site.name!r} form no known grid: no spatial bonus (pass grid=(h, w))")
         cfg = step.cfg_batched
         if cfg is False:
             index = top_k(score, ratio)
@@ -228,7 +238,8 @@ class PartialCall:
         if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (b, k, c) or fresh.dtype != st.io_dtype:
             raise RuntimeError(
                 f"foca cache (duca): {self.site.name!r} is not token-wise: given {k} of {n} tokens it returned "
-                f"{tuple(fresh.shape) if isinstance(fresh, torch.Tensor) else type(fresh).__name__}, expected {(b, k, c)}; "
+                f"{tuple(fresh.shape) if isinstance(fresh, torch.Tensor) else type(fresh).__name__}, "
+                f"expected {(b, k, c)}; "
                 "leave it out of method_options['partial']"
             )
         cfg = ctl.config

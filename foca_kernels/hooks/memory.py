@@ -140,7 +140,8 @@ class MemoryEstimate:
                  for r in rows]
         per = f" per context, x{self.contexts}" if self.contexts > 1 else ""
         lines.append(f"{self.describe()} ({self.source}): {self.n_streams} streams{per}; "
-                     f"state {_size(self.state_bytes)} + buffers {_size(self.buffer_bytes)} = {_size(self.total_bytes)}")
+                     f"state {_size(self.state_bytes)} + buffers {_size(self.buffer_bytes)} = "
+                     f"{_size(self.total_bytes)}")
         return "\n".join(lines)
 
 
@@ -253,7 +254,8 @@ def _token_records(model: nn.Module, sites: Sequence[Site], tokens, config: Cach
     cfg = getattr(model, "config", None)
     heads, head_dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
     if not (isinstance(heads, int) and isinstance(head_dim, int)):
-        raise ValueError(f"{type(model).__name__}'s config gives no num_attention_heads * attention_head_dim; pass inputs=")
+        raise ValueError(f"{type(model).__name__}'s config gives no num_attention_heads * attention_head_dim; "
+                         "pass inputs=")
     shape = (batch, n, heads * head_dim)
     dtype, device = _dtype_of(model), _device_of(model)
     return {s.name: [_Call(((shape, dtype, device),), (shape, dtype))] for s in sites}
@@ -426,7 +428,8 @@ def _options(plan: _Plan, config: CacheConfig) -> List[List[Tuple[str, CacheConf
         return out
 
     singles = [configs([d]) for d in dtypes] + [configs(block), configs(blocks)]
-    combos = [configs([(f"{d[0]}, {b[0]}", {**d[1], **b[1]}) for b in group]) for d in dtypes for group in (block, blocks)]
+    combos = [configs([(f"{d[0]}, {b[0]}", {**d[1], **b[1]}) for b in group])
+              for d in dtypes for group in (block, blocks)]
     return [g for g in singles if g], [g for g in combos if g]
 
 

@@ -110,7 +110,8 @@ class RelationalSchedule:
         the input at a full step, forecast it at a skipped one). Returns the decision."""
         x = module_input(site, args, kwargs)
         if x is None:
-            raise RuntimeError(f"foca cache: schedule 'rcs' needs a tensor input of {site.name!r}, the first cached module")
+            raise RuntimeError(f"foca cache: schedule 'rcs' needs a tensor input of {site.name!r}, "
+                               "the first cached module")
         x = x.detach()
         probe = self.probes.get(ctx.name)
         if probe is not None and (probe.shape != x.shape or probe.io_dtype != x.dtype or probe.device != x.device):

@@ -41,5 +41,6 @@ def relational_input(group, method, args, kwargs) -> Optional[torch.Tensor]:
         return None
     x = module_input(group.site, args, kwargs)
     if x is None:
-        raise RuntimeError(f"foca cache: method 'rfc' needs a tensor input of {group.site.name!r}, and this call has none")
+        raise RuntimeError(f"foca cache: method 'rfc' needs a tensor input of {group.site.name!r}, "
+                           "and this call has none")
     return x.detach()

@@ -263,7 +263,8 @@ class StreamGroup:
                 if names is None:
                     self.site.warn_once(
                         "residual",
-                        "cannot match its outputs to inputs of the same shape for a residual; caching the output instead",
+                        "cannot match its outputs to inputs of the same shape for a residual; "
+                        "caching the output instead",
                     )
                     self.mode = "output"
                 else:

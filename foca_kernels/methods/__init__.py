@@ -82,6 +82,7 @@ def make_method(method="foca", **options) -> Method:
 
 
 __all__ = [
-    "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated", "FoCaClosed", "Fitted", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
+    "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated",
+    "FoCaClosed", "Fitted", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
     "StepContext", "TaylorSeer", "Transition", "make_foca", "make_method",
 ]

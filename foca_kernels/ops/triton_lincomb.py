@@ -9,7 +9,6 @@ Import this module only after TRITON_INTERPRET is settled: @triton.jit reads it 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
