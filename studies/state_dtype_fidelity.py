@@ -5,8 +5,8 @@ One demo run per state dtype (the model's float32, bfloat16, and float8_e4m3fn: 
 (against full compute) of each dtype minus the bfloat16 state, with its 95% interval (the
 harness's statistic, foca_kernels.demo.harness.paired_psnr_difference).
 
-    python bench/state_dtype_fidelity.py run --model digits --out demo-out-state-dtype   # 3 demo runs
-    python bench/state_dtype_fidelity.py aggregate --out demo-out-state-dtype --model digits mnist
+    python studies/state_dtype_fidelity.py run --model digits --out demo-out-state-dtype   # 3 demo runs
+    python studies/state_dtype_fidelity.py aggregate --out demo-out-state-dtype --model digits mnist
 
 ``run`` passes its other options to every demo run (defaults: --methods taylorseer2 --n 3 5 7 9
 --samples 32 --threads 1 --no-progress); a run whose results.json exists is not repeated.
