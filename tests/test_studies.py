@@ -63,3 +63,12 @@ def test_study_readings_names_how_to_find_the_oracle(tmp_path):
     if r.returncode == 0:
         pytest.skip("reference/ is importable here (an older install put it in site-packages)")
     assert "PYTHONPATH=. python studies/study_readings.py" in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_holds_only_benchmarks():
+    """bench/ is the pytest benchmarks, bytes_moved.py and the GPU check; studies go to studies/."""
+    allowed = {"conftest.py", "bytes_moved.py", "gpu_check.py", "gpu_check.sh"}
+    files = [p.name for p in (ROOT / "bench").iterdir() if p.is_file() and p.suffix in (".py", ".sh")]
+    assert "bench_kernels.py" in files
+    stray = [f for f in files if f not in allowed and not (f.startswith("bench_") and f.endswith(".py"))]
+    assert not stray, f"not benchmarks (studies/ is the place for one-off studies): {stray}"
