@@ -154,7 +154,8 @@ WARMUP_GENERATION = os.environ.get("FOCA_E2E_WARMUP", "1" if DEVICE.type == "cud
 MODELS = {  # DiT paper configurations (hidden = heads x 64), 256 px -> 32x32 latent
     "dit-s2": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=32),
     "dit-b2": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12, sample_size=32),
-    "dit-xl2": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32),  # 16 x 72 = 1152 (GPU check)
+    # 16 x 72 = 1152 (GPU check)
+    "dit-xl2": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32),
     "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, sample_size=16),
 }
 LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample classes
@@ -419,7 +420,8 @@ def _setup_fk(base, **options):
     # Every generation starts fresh: marked explicitly, as a caller driving a bare transformer
     # must (on CUDA the timesteps are device tensors the hooks do not read without a sync).
     return Setup(model, before=lambda: fresh(model), memory=memory, stats=stats, stub=stub,
-                 teardown=lambda: disable_cache(model), clear_stats=lambda: reset_cache(model, clear_stats=True), units_on_skip=2 * (first + last),
+                 teardown=lambda: disable_cache(model), clear_stats=lambda: reset_cache(model, clear_stats=True),
+                 units_on_skip=2 * (first + last),
                  units_per_target=2 if block else 1,
                  notes={"schedule": cfg.pattern(STEPS), "generation_marker": marker})
 
@@ -853,7 +855,8 @@ def test_e2e(benchmark, base, cid, pass_index):
         except Exception as e:  # noqa: BLE001 - a compiled row that cannot run says why
             if not _is_compiled(cid):
                 raise
-            _not_run(cid, f"not run: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _not_run(cid, f"not run: {type(e).__name__}: {first_line}"[:300])
     row = ROWS[cid]
     s, rec = row.setup, row.rec
     n0 = len(rec.calls)
@@ -1026,8 +1029,8 @@ class _Summary:
             f"torch {torch.__version__}, diffusers {diffusers.__version__}, {PASSES} passes (ABBA order)"
         )
         tr.write_line(
-            f"times: {CLOCK_NAME} unless marked wall; per generation = mean over passes; speed-up = mean uncached / mean; "
-            "skipped = attn1+ff calls not run; step times = medians over calls; "
+            f"times: {CLOCK_NAME} unless marked wall; per generation = mean over passes; "
+            "speed-up = mean uncached / mean; skipped = attn1+ff calls not run; step times = medians over calls; "
             "forecast overhead = (skipped step - stub step) / uncached full step; "
             "limit = speed-up if skipped steps cost only the stub step (free forecasts); "
             "full-step overhead = (full step - uncached full step) / uncached full step; "
@@ -1036,18 +1039,20 @@ class _Summary:
         tr.write_line("")
         tr.write_line(
             "| configuration | full / skipped steps | block compute skipped | per generation | speed-up | "
-            "limit (% reached) | per generation (wall) | speed-up (wall) | full step | skipped step | forecast overhead | "
-            "full-step overhead | cache state | buffers | rel. L2 error |"
+            "limit (% reached) | per generation (wall) | speed-up (wall) | full step | skipped step | "
+            "forecast overhead | full-step overhead | cache state | buffers | rel. L2 error |"
         )
         tr.write_line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             a = r.agg
             unc = r.cid == "uncached" or (r.compiled is not None and r.cid == _compiled_id("uncached", r.compiled))
             note = "" if a["repeatable"] else " (passes differ)"
+            limit = ("-" if a["speedup_limit"] is None
+                     else f"{a['speedup_limit']:.2f}x ({_fmt_pct(a['fraction_of_limit'])})")
             tr.write_line(
                 f"| {r.cid} | {a['steps_full']:g} / {a['steps_skipped']:g} | {_fmt_pct(a['skipped_fraction'])} | "
                 f"{_fmt_s(a['mean_clock_s'])} | {a['speedup']:.2f}x | "
-                f"{'-' if a['speedup_limit'] is None else format(a['speedup_limit'], '.2f') + 'x (' + _fmt_pct(a['fraction_of_limit']) + ')'} | "
+                f"{limit} | "
                 f"{_fmt_s(a['mean_s'])} | {a['speedup_wall']:.2f}x | "
                 f"{_fmt_s(a['full_step_s'])} | "
                 f"{_fmt_s(a['skip_step_s'])} | {'-' if unc else _fmt_pct(a['forecast_overhead'])} | "
@@ -1058,15 +1063,18 @@ class _Summary:
         tr.write_line("")
         u = ROWS["uncached"]
         tr.write_line(
-            "uncached generation per pass: " + ", ".join(f"{_fmt_s(c)} ({_fmt_s(w)} wall)" for c, w in zip(u.gen_clock, u.gen_s))
+            "uncached generation per pass: "
+            + ", ".join(f"{_fmt_s(c)} ({_fmt_s(w)} wall)" for c, w in zip(u.gen_clock, u.gen_s))
             + "; stub steps (median): " + ", ".join(f"{k} {_fmt_s(_med(v))}" for k, v in _BASE.stub_s.items())
         )
         for r in rows:
             if r.cid != "uncached":
                 tr.write_line(
                     f"{r.cid}: per pass {', '.join(_fmt_s(t) for t in r.gen_clock)}, speed-up per pass "
-                    f"{', '.join(f'{x:.2f}' for x in r.agg['speedup_per_pass'])}; schedule {r.notes.get('schedule', '')}"
-                    + (f"; {r.notes['passes_not_run']} pass(es) not run (time box)" if r.notes.get("passes_not_run") else "")
+                    f"{', '.join(f'{x:.2f}' for x in r.agg['speedup_per_pass'])}; "
+                    f"schedule {r.notes.get('schedule', '')}"
+                    + (f"; {r.notes['passes_not_run']} pass(es) not run (time box)"
+                       if r.notes.get("passes_not_run") else "")
                 )
         compiled = [r for r in rows if r.compiled]
         if compiled:
@@ -1080,7 +1088,8 @@ class _Summary:
                     f"- {r.cid}: compile (first generation, wall) {_fmt_s(r.notes.get('compile_s'))}, "
                     f"{r.notes.get('graphs_compiled', '?')} graphs, {r.notes.get('graph_breaks', '?')} graph breaks, "
                     f"graphs compiled during timed passes "
-                    f"{r.notes.get('graphs_compiled_in_timed_passes', '?')}; speed-up vs eager uncached {a['speedup']:.2f}x"
+                    f"{r.notes.get('graphs_compiled_in_timed_passes', '?')}; "
+                    f"speed-up vs eager uncached {a['speedup']:.2f}x"
                     + (f", vs the uncached model compiled the same way {vs:.2f}x" if vs else ""))
         if NOT_RUN:
             tr.write_line("")

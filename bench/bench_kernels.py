@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import statistics
 import time
 
 import pytest

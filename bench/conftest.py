@@ -82,7 +82,8 @@ def pytest_terminal_summary(terminalreporter):
                   "fraction of floor = floor time / time; x floor = time / floor time; "
                   "GB/s and floor columns use the fastest round (min); faults/call = host page faults")
     tr.write_line("")
-    tr.write_line("| operation | size | dtype | provider | min | median | GB/s | fraction of floor | x floor | faults/call |")
+    tr.write_line("| operation | size | dtype | provider | min | median | GB/s | fraction of floor | x floor "
+                  "| faults/call |")
     tr.write_line("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in ROWS:
         tr.write_line(
