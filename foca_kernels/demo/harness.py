@@ -63,7 +63,7 @@ import torch
 
 from .. import api as _api
 from ..backend import get_backend
-from ..hooks import CacheConfig, cache_info, cached
+from ..hooks import CacheConfig, cache_info, cached, calibrate
 from ..hooks.schedule import Schedule
 from ..hooks.targets import select_sites
 from .specs import resolve_spec
@@ -71,6 +71,7 @@ from .method_table import (  # noqa: F401  (re-exported: the harness's names)
     BASELINES,
     CACHED,
     ADAPTIVE,
+    FITTED,
     ALL_METHODS,
     METHOD_NAMES,
     METHOD_ALIASES,
@@ -108,6 +109,7 @@ class HarnessConfig:
     threads: Optional[int] = None  # torch intra-op threads during the runs (None: leave as is)
     probe_elements: int = 4096  # elements recorded per cached module for the teacher-forced replay
     probe_samples: int = 10  # samples of the (untimed) recording run for the replay
+    calibration_samples: int = 8  # fitted methods: samples of their calibration run (other seeds)
     progress: bool = True  # tqdm bar over all sampling steps
     fid_reference: str = "test"  # data split the FID is measured against
     model: str = "digits"  # which demo model: "digits" (8x8), "mnist" (28x28), or a model directory's name
@@ -154,8 +156,12 @@ class HarnessConfig:
             raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
 
     def cache_config(self, method: str, interval: int, threshold: Optional[float] = None,
-                     stored: bool = True) -> CacheConfig:
+                     weights: Optional[dict] = None, stored: bool = True) -> CacheConfig:
         m, opts = cache_method(method)
+        if canonical_method(method) in FITTED:
+            if weights is None:
+                raise ValueError(f"{method} needs its fitted weights (hooks.calibrate)")
+            opts = dict(weights)
         rcs = {}
         if canonical_method(method) in ADAPTIVE:
             if threshold is None:
@@ -557,7 +563,8 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
                     inf = None
                 else:
-                    with cached(model, config.cache_config(method, interval, thresholds.get((method, interval)))):
+                    with cached(model, config.cache_config(method, interval, thresholds.get((method, interval)),
+                                                           fitted.get((method, interval)))):
                         t0, c0 = time.perf_counter(), time.process_time()
                         x = sample(model, labels, seed=config.seed, num_steps=steps,
                                    callback=cb, **config.sample_options())
@@ -579,7 +586,9 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
         probe_names, records = probe.stacked()
         if backend == "triton" and device.type != "cpu":  # Triton compiles each kernel on its first launch
             t0 = time.perf_counter()
-            for method in dict.fromkeys(m for m, _ in config.runs()[1:] if m not in BASELINES + ADAPTIVE):
+            # (a fitted method runs TaylorSeer-2's kernels: its weights are only coefficients)
+            warm = ("taylorseer2" if m in FITTED else m for m, _ in config.runs()[1:] if m not in BASELINES + ADAPTIVE)
+            for method in dict.fromkeys(warm):
                 with cached(model, config.cache_config(method, config.intervals[0])):
                     sample(model, labels[:config.probe_samples], seed=config.seed, num_steps=config.num_steps,
                            **config.sample_options())
@@ -590,6 +599,11 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
             if method in ADAPTIVE:
                 cal = labels if config.rcs_calibration == "samples" else labels[:config.probe_samples]
                 thresholds[(method, interval)] = calibrate_rcs(model, config, method, interval, cal)
+
+        fitted: Dict[Tuple[str, int], dict] = {}
+        for method, interval in config.runs()[1:]:
+            if method in FITTED:
+                fitted[(method, interval)] = calibrate_fitted(model, config, FITTED[method], interval)
 
         full_x, full_v, _, full_t, _ = run("full", None)
         full_feats = classifier.features(full_x) if classifier is not None else None
@@ -613,6 +627,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
             # duca's token refresh needs the model; rfc needs the module inputs; rcs has no fixed pattern
             if method not in BASELINES and method not in ("duca", "rfc") + ADAPTIVE:
                 m, opts = cache_method(method)
+                opts = fitted.get((method, interval), opts)
                 fc = replay_forecast_error(records, m, opts, config.schedule(interval), backend=config.backend)
             return RunResult(
                 method=method, interval=interval, num_steps=steps, skipped=skipped, seconds=secs,
@@ -659,6 +674,23 @@ def _default_classifier(spec, model_dir):
     if spec.name in MODEL_NAMES:
         return load_digits_classifier(name=spec.name)
     return None
+
+
+CALIBRATION_SEED_OFFSET = 1_000_003  # the calibration generation's seed: config.seed + this
+
+
+def calibrate_fitted(model, config: HarnessConfig, fit: str, interval: int) -> dict:
+    """The fitted method's options (weights, pattern) for ``interval``: fitted (hooks.calibrate)
+    on one full-compute generation of ``calibration_samples`` samples whose noise comes from
+    another seed than the judged samples', so no judged sample is seen by the fit."""
+    from .sampler import sample
+
+    labels = torch.arange(config.calibration_samples) % 10
+    base = config.cache_config("taylorseer2", interval)
+    with calibrate(model, base, fit=fit) as cal:
+        sample(model, labels, seed=config.seed + CALIBRATION_SEED_OFFSET, num_steps=config.num_steps,
+               **config.sample_options())
+    return cal.method_options
 
 
 def calibrate_rcs(model, config: HarnessConfig, method: str, interval: int, labels, iters: int = 10) -> float:
