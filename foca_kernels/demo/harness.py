@@ -16,8 +16,8 @@ Runs (each from the same seeds, one batch of ``samples`` images, labels ``i % 10
   runs at interval N compute fully (e.g. 11 for N = 5: the warm-up plus one full step per
   window), so it does the same number of full transformer evaluations.
 * ``reuse`` (FORA), ``taylorseer1``/``taylorseer2``/``taylorseer3``, FoCa in each reading
-  ``foca-calibrated``/``foca-r7``/``foca-r0``/``foca-r3``/``foca-r4``/``foca-r6`` (``foca-secant`` = ``foca-r0``, ``foca-bdf2`` =
-  r0 with the bdf2 anchor; ``foca`` alone is the package default): :func:`foca_kernels.hooks.cached`
+  ``foca-calibrated``/``foca-r7``/``foca-r0``/``foca-r3``/``foca-r4``/``foca-r6`` (``foca-secant`` = ``foca-r0``,
+  ``foca-bdf2`` = r0 with the bdf2 anchor; ``foca`` alone is the package default): :func:`foca_kernels.hooks.cached`
   on the model with ``CacheConfig(interval=N, method=..., method_options=...)``, module
   granularity by default (attention and feed-forward of every block), so skipped modules do
   not run and their forecasts come from the fused kernels.
@@ -104,7 +104,8 @@ class HarnessConfig:
     granularity: str = "module"
     compute_blocks: Tuple[int, int] = (0, 0)  # first k (and last j) blocks always computed (CacheConfig.compute_blocks)
     backend: Optional[str] = None  # fused ops: None = auto ("torch" on CPU unless TRITON_INTERPRET=1)
-    state_dtype: Optional[str] = None  # cache state storage (CacheConfig.state_dtype): a torch dtype's name, None = the model's
+    # cache state storage (CacheConfig.state_dtype): a torch dtype's name, None = the model's
+    state_dtype: Optional[str] = None
     repeats: int = 1  # timed repetitions per run (the fastest counts)
     threads: Optional[int] = None  # torch intra-op threads during the runs (None: leave as is)
     probe_elements: int = 4096  # elements recorded per cached module for the teacher-forced replay
@@ -151,7 +152,8 @@ class HarnessConfig:
             raise ValueError(f"unconditional sampling has no guidance; got guidance_scale={self.guidance_scale}")
         self.compute_blocks = CacheConfig(compute_blocks=self.compute_blocks).compute_blocks  # validates, (k, j)
         if self.state_dtype is not None and not isinstance(getattr(torch, str(self.state_dtype), None), torch.dtype):
-            raise ValueError(f"state_dtype must name a torch dtype (float32, bfloat16, float8_e4m3fn), got {self.state_dtype!r}")
+            raise ValueError(f"state_dtype must name a torch dtype (float32, bfloat16, float8_e4m3fn), "
+                             f"got {self.state_dtype!r}")
         if self.rcs_calibration not in ("samples", "probe"):
             raise ValueError(f"rcs_calibration must be 'samples' or 'probe', got {self.rcs_calibration!r}")
 
@@ -170,7 +172,8 @@ class HarnessConfig:
         return CacheConfig(interval=interval, warmup=self.warmup, final=self.final, method=m, method_options=opts,
                            granularity=self.granularity, compute_blocks=self.compute_blocks,
                            num_inference_steps=self.num_steps, backend=self.backend,
-                           state_dtype=None if self.state_dtype is None or not stored else getattr(torch, self.state_dtype), **rcs)
+                           state_dtype=(None if self.state_dtype is None or not stored
+                                        else getattr(torch, self.state_dtype)), **rcs)
 
     def sample_options(self) -> Dict[str, object]:
         """The sampler's keyword arguments of every run (guidance, sampler, conditioning)."""
@@ -746,7 +749,8 @@ def write_outputs(result: HarnessResult, out_dir, *, grid_intervals: Sequence[in
 
 
 __all__ = [
-    "ADAPTIVE", "ALL_METHODS", "BASELINES", "calibrate_rcs", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS", "DEMO_METHODS", "DEMO_SAMPLES",
+    "ADAPTIVE", "ALL_METHODS", "BASELINES", "calibrate_rcs", "CACHED", "DEFAULT_INTERVALS", "DEMO_INTERVALS",
+    "DEMO_METHODS", "DEMO_SAMPLES",
     "HarnessConfig", "HarnessResult", "METHOD_ALIASES", "METHOD_NAMES", "RunResult", "cache_method", "canonical_method",
     "default_reading", "method_choices", "ordered_methods", "paired_psnr_difference",
     "replay_forecast_error", "run_harness", "write_outputs",
