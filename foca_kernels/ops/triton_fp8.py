@@ -32,7 +32,19 @@ import triton.language as tl
 from .triton_lincomb import interpreted
 
 MEMBER_COLS = 8  # anchor_off, inc_off, inc_stride, scale_off, scale_stride, io_off, C, rows
-F32_MAX = 3.4028234663852886e38
+F32_MAX = tl.constexpr(3.4028234663852886e38)  # a global a jit function reads must be a constexpr
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _row_max(x):
+    # tl.reduce with this module's combine function, not tl.max (a jit function of
+    # triton.language.standard: see ops/triton_fit.py _total)
+    return tl.reduce(x, 1, _maximum)
 
 
 @triton.jit
@@ -117,7 +129,7 @@ def _full_kernel(anchor_ptr, inc_ptr, scale_ptr, feat_ptr, member_ptr, prog_ptr,
             new = tl.load(feat_ptr + f_off + e, mask=mask, other=0.0).to(anchor_ptr.dtype.element_ty).to(tl.float32)
             d = new - tl.load(anchor_ptr + a_off + e, mask=mask, other=0.0).to(tl.float32)
             ad = tl.abs(d)
-            amax = tl.maximum(amax, tl.max(tl.where(ad <= F32_MAX, ad, 0.0), axis=1))
+            amax = tl.maximum(amax, _row_max(tl.where(ad <= F32_MAX, ad, 0.0)))
         k = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 7, 1)
         s = (k << 23).to(tl.float32, bitcast=True)
         inv = ((254 - k) << 23).to(tl.float32, bitcast=True)
@@ -146,7 +158,8 @@ def tile(row_len: int, rows: int) -> tuple:
     cap = 65536 if interpreted() else 4096  # interpreted: few, large programs (~ms each)
     block_c = min(triton.next_power_of_2(max(row_len, 1)), 1024 if not interpreted() else cap)
     per = max(1, cap // block_c)
-    return min(triton.next_power_of_2(max(rows, 1)), per), block_c, 4
+    rows_per = min(triton.next_power_of_2(max(rows, 1)), per)
+    return rows_per, block_c, 8 if rows_per * block_c >= 4096 else 4
 
 
 def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
