@@ -17,10 +17,13 @@ CACHED = ("reuse", "taylorseer1", "taylorseer2", "foca-r0", "foca-r3", "foca-r4"
 ADAPTIVE = ("foca-rcs", "rfc-rcs")
 """Methods on the adaptive RCS schedule: at each N their threshold is calibrated on the recording
 run's samples so that they compute as many steps as the fixed schedule at N (equal compute)."""
+FITTED = {"fitted": "line", "fitted-free": "free"}
+"""The ``fitted`` method's runs and their ``fit`` (hooks.calibrate): weights fitted per interval on
+a full-compute generation of other seeds before the timed runs."""
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
 METHOD_NAMES = (BASELINES + ("reuse", "taylorseer1", "taylorseer2", "taylorseer3")
-                + tuple(f"foca-{r}" for r in FOCA_READINGS) + ("foca-bdf2", "duca", "rfc") + ADAPTIVE)
+                + tuple(f"foca-{r}" for r in FOCA_READINGS) + ("foca-bdf2", "duca", "rfc") + tuple(FITTED) + ADAPTIVE)
 """Every name :func:`canonical_method` returns (the one list of accepted names), in table order."""
 METHOD_ALIASES = {"fora": "reuse", "foca": f"foca-{DEFAULT_FOCA_READING}", "foca-secant": "foca-r0"}
 """Other accepted names and the method each stands for (``foca``: the package's default reading)."""
@@ -65,6 +68,8 @@ def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
     n = canonical_method(name)
     if n in ("reuse", "duca", "rfc"):
         return n, {}
+    if n in FITTED:
+        return "fitted", {}  # the weights come from run_harness's calibration
     if n in ADAPTIVE:
         return cache_method(n[:-4])
     if n.startswith("taylorseer"):
@@ -107,6 +112,7 @@ __all__ = [
     "BASELINES",
     "CACHED",
     "ADAPTIVE",
+    "FITTED",
     "ALL_METHODS",
     "METHOD_NAMES",
     "METHOD_ALIASES",
