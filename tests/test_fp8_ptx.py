@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from test_ptx import (  # noqa: E402
-    _Recorder, _TRITON_DTYPE, _compilable, assert_no_local_memory, compile_launch,
+    _Recorder, _TRITON_DTYPE, _compilable, _ptx_global_accesses, assert_no_local_memory, compile_launch,
     pytestmark,  # noqa: F401  (skip without the CUDA backend)
 )
 
@@ -62,6 +62,13 @@ def test_skip_kernel_compiles_without_local_memory(io, monkeypatch):
                              lambda: tf.skip_triton(sts, [x.view(-1) for x in xs], a0, terms))
     ck = compile_launch(SKIP, args, kwargs, NAMES)
     assert_no_local_memory(ck)
+    # the flat body: the anchor read and the forecast written as 16-byte vectors, each thread's
+    # e4m3 codes of an increment in one load (8 bytes at BLOCK 1024 / 4 warps)
+    found = _ptx_global_accesses(ck.asm["ptx"])
+    acc = [(op, size) for op, size, _ in found]
+    assert kwargs["VEC"] == 16 and ("ld", 16) in acc and ("st", 16) in acc, acc
+    codes = [line for op, size, line in found if op == "ld" and size == 8 and ".v2." in line]  # not the i64 table
+    assert len(codes) >= len(terms), found
 
 
 @pytest.mark.parametrize("has_prev", [0, 1])

@@ -1,18 +1,22 @@
 """The fp8 state's steps on Triton: one launch for every state of a class (foca_kernels/fp8.py;
 rules: reference/fp8.py).
 
-A program takes ROWS rows (tokens) of one member and walks their columns in BLOCK_C chunks. A
-member table (int64, one row per member) gives where the member's tensors live, in elements
+A member table (int64, one row per member) gives where the member's tensors live, in elements
 from the first member's (anchor, e4m3 increments as bytes, scales, output or feature), its
-slot strides, its row length C and row count; a program table gives (member, first row).
+slot strides, its row length C and its row count (full step) or size (skipped step).
 
-* Skipped step: ``out = a0 A + sum_i (b_i s_i) q_i`` in float32 (b_i s_i once per row), stored
-  in the output's dtype. The coefficients and increment rows come in a small float32 device
-  tensor (exact small integers for the rows), so a new step does not recompile.
-* Full step: per row, pass 1 takes the largest finite |increment| (the feature rounded to the
-  anchor's dtype, minus the stored anchor, in float32); the scale 2^(e-8) is built from its
-  exponent bits; pass 2 re-reads the row (from cache), writes the e4m3 codes, the scale and
-  the new anchor.
+* Skipped step, a flat pass: a program takes BLOCK elements of one member (program table:
+  member, start), ``out = a0 A + sum_i (b_i s_i[row]) q_i`` in float32 with row = offset // C,
+  stored in the output's dtype; the body up to a multiple of 16 elements with 16-byte vector
+  accesses when every offset is a multiple of 16 elements (the launcher checks: VEC), the
+  < 16-element tail by the member's first program. The coefficients and increment rows come in
+  a small float32 device tensor (exact small integers for the rows): a new step does not
+  recompile.
+* Full step: a program takes ROWS rows (tokens) of one member (program table: member, first
+  row) and walks their columns in BLOCK_C chunks: pass 1 takes the largest finite |increment|
+  (the feature rounded to the anchor's dtype, minus the stored anchor, in float32); the scale
+  2^(e-8) is built from its exponent bits; pass 2 re-reads the row (from cache), writes the
+  e4m3 codes, the scale and the new anchor.
 
 e4m3 codes are encoded and decoded here with integer and float32 arithmetic rather than the
 compiler's fp8 casts: the Triton interpreter's cast rounds ties away from zero and flushes
@@ -85,32 +89,54 @@ def _member(member_ptr, prog_ptr, pid):
 
 
 @triton.jit
-def _skip_kernel(anchor_ptr, inc_ptr, scale_ptr, out_ptr, member_ptr, prog_ptr, step_ptr,
-                 NUM_D: tl.constexpr, HAS_A: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    a_off, i_off, i_stride, s_off, s_stride, o_off, C, R, row0 = _member(member_ptr, prog_ptr, pid)
-    rows = row0 + tl.arange(0, ROWS).to(tl.int64)
-    rmask = rows < R
-    a0 = tl.load(step_ptr)
-    inc_offs = ()
-    weights = ()
+def _skip_block(anchor_ptr, inc_ptr, scale_ptr, out_ptr, a_off, inc_offs, s_offs, o_off, C, step_ptr, offs, mask,
+                NUM_D: tl.constexpr, HAS_A: tl.constexpr):
+    row = offs // C
+    acc = tl.full(offs.shape, 0.0, tl.float32)
+    if HAS_A:
+        acc = tl.load(anchor_ptr + a_off + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(step_ptr)
     for d in tl.static_range(NUM_D):
-        b = tl.load(step_ptr + 1 + 2 * d)
+        w = tl.load(scale_ptr + s_offs[d] + row, mask=mask, other=0.0) * tl.load(step_ptr + 1 + 2 * d)
+        q = tl.load(inc_ptr + inc_offs[d] + offs, mask=mask, other=0)
+        acc += _decode_e4m3(q) * w
+    tl.store(out_ptr + o_off + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _skip_kernel(anchor_ptr, inc_ptr, scale_ptr, out_ptr, member_ptr, prog_ptr, step_ptr,
+                 NUM_D: tl.constexpr, HAS_A: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """One block of BLOCK elements of one member (a flat pass, so accesses can be vectors): the
+    program table gives (member, start); the member's body is its elements up to a multiple of
+    16, the < 16-element tail done by its first program. With VEC = 16 every offset, slot stride
+    and the output's offset are multiples of 16 elements (checked by the launcher)."""
+    pid = tl.program_id(0).to(tl.int64)
+    # the hints go on the loads themselves (on a value returned by another jit function they
+    # are lost when it is inlined)
+    m = tl.load(prog_ptr + pid * 2)
+    start = tl.multiple_of(tl.load(prog_ptr + pid * 2 + 1), VEC)
+    t = member_ptr + m * 8
+    a_off = tl.multiple_of(tl.load(t), VEC)
+    i_off = tl.multiple_of(tl.load(t + 1), VEC)
+    i_stride = tl.multiple_of(tl.load(t + 2), VEC)
+    s_off = tl.load(t + 3)
+    s_stride = tl.load(t + 4)
+    o_off = tl.multiple_of(tl.load(t + 5), VEC)
+    C = tl.load(t + 6)
+    n = tl.load(t + 7)
+    body_end = tl.multiple_of(n - n % 16, 16)
+    inc_offs = ()
+    s_offs = ()
+    for d in tl.static_range(NUM_D):
         slot = tl.load(step_ptr + 2 + 2 * d).to(tl.int64)
-        inc_offs = inc_offs + (i_off + slot * i_stride,)
-        s = tl.load(scale_ptr + s_off + slot * s_stride + rows, mask=rmask, other=0.0)
-        weights = weights + ((s * b)[:, None],)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = rmask[:, None] & (cols < C)[None, :]
-        e = rows[:, None] * C + cols[None, :]
-        acc = tl.full((ROWS, BLOCK_C), 0.0, tl.float32)
-        if HAS_A:
-            acc = tl.load(anchor_ptr + a_off + e, mask=mask, other=0.0).to(tl.float32) * a0
-        for d in tl.static_range(NUM_D):
-            q = tl.load(inc_ptr + inc_offs[d] + e, mask=mask, other=0)
-            acc += _decode_e4m3(q) * weights[d]
-        tl.store(out_ptr + o_off + e, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        inc_offs = inc_offs + (tl.multiple_of(i_off + slot * i_stride, VEC),)
+        s_offs = s_offs + (s_off + slot * s_stride,)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    _skip_block(anchor_ptr, inc_ptr, scale_ptr, out_ptr, a_off, inc_offs, s_offs, o_off, C, step_ptr, offs,
+                offs < body_end, NUM_D, HAS_A)
+    if (start == 0) & (body_end < n):
+        toffs = body_end + tl.arange(0, 16).to(tl.int64)
+        _skip_block(anchor_ptr, inc_ptr, scale_ptr, out_ptr, a_off, inc_offs, s_offs, o_off, C, step_ptr, toffs,
+                    toffs < n, NUM_D, HAS_A)
 
 
 @triton.jit
@@ -197,6 +223,13 @@ def _tables(states, ios, rows_per):
             torch.tensor(progs, dtype=torch.int64).to(dev, non_blocking=True), len(progs))
 
 
+def skip_block(max_numel: int) -> tuple:
+    """(BLOCK, num_warps) of the skipped step's flat launch."""
+    if interpreted():  # ~ms per program: few, large programs
+        return min(65536, max(16, triton.next_power_of_2(max_numel))), 4
+    return (2048, 8) if max_numel >= 1 << 20 else (1024, 4)
+
+
 def skip_triton(states: Sequence, outs: Sequence[torch.Tensor], a0: float, terms) -> None:
     """One launch per addressable class (normally one for all): every state's forecast."""
     values = [float(a0)]
@@ -206,10 +239,21 @@ def skip_triton(states: Sequence, outs: Sequence[torch.Tensor], a0: float, terms
     step = torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
     for g in _classes(states, outs):
         ss, os_ = [states[i] for i in g], [outs[i] for i in g]
-        rows_per, block_c, warps = tile(max(s.row_len for s in ss), max(s.n_rows for s in ss))
-        members, progs, n = _tables(ss, os_, rows_per)
-        _skip_kernel[(n,)](ss[0].anchor, ss[0].incs.view(torch.uint8), ss[0].scales, os_[0], members, progs, step,
-                           NUM_D=len(terms), HAS_A=int(a0 != 0.0), ROWS=rows_per, BLOCK_C=block_c, num_warps=warps)
+        block, warps = skip_block(max(s.numel for s in ss))
+        st0, o0 = ss[0], os_[0]
+        members, progs = [], []
+        for i, (st, o) in enumerate(zip(ss, os_)):
+            members.append((_offset(st.anchor, st0.anchor), st.incs.data_ptr() - st0.incs.data_ptr(),
+                            st.incs.stride(0), _offset(st.scales, st0.scales), st.scales.stride(0), _offset(o, o0),
+                            st.row_len, st.numel))
+            body = st.numel - st.numel % 16
+            progs.extend((i, start) for start in range(0, max(body, 1), block))
+        vec = 16 if (all(t.data_ptr() % 16 == 0 for t in (st0.anchor, st0.incs, o0))
+                     and all(v % 16 == 0 for row in members for v in (row[0], row[1], row[2], row[5]))) else 1
+        members_t = torch.tensor(members, dtype=torch.int64).to(dev, non_blocking=True)
+        progs_t = torch.tensor(progs, dtype=torch.int64).to(dev, non_blocking=True)
+        _skip_kernel[(len(progs),)](st0.anchor, st0.incs.view(torch.uint8), st0.scales, o0, members_t, progs_t, step,
+                                    NUM_D=len(terms), HAS_A=int(a0 != 0.0), BLOCK=block, VEC=vec, num_warps=warps)
 
 
 def full_triton(states: Sequence, features: Sequence[torch.Tensor]) -> None:
