@@ -456,7 +456,7 @@ def cmd_aggregate(args) -> int:
 
 
 def main(argv=None) -> int:
-    global CANDIDATES
+    global CANDIDATES, DEFAULT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the missing grid runs of one model")
@@ -473,10 +473,14 @@ def main(argv=None) -> int:
     a = sub.add_parser("aggregate", help="tables, worst cases and the rule over every finished run")
     a.add_argument("--root", required=True)
     a.add_argument("--no-cells", action="store_true", help="leave out the per-cell table")
+    a.add_argument("--default", default=None,
+                   help=f"the candidate the 'default minus' tables and the tie-break use (default: {DEFAULT})")
     for p in (r, a):
         p.add_argument("--candidates", nargs="+", default=None,
                        help=f"demo method names compared (default: {' '.join(CANDIDATES)}); taylorseer2 must be one")
     args = ap.parse_args(argv)
+    if getattr(args, "default", None):
+        DEFAULT = args.default
     if args.candidates:
         if REFERENCE not in args.candidates:
             ap.error(f"--candidates must include {REFERENCE}, the reference of the bar")
