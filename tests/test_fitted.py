@@ -275,3 +275,20 @@ def test_calibrate_refuses_what_it_cannot_fit():
         pass  # no generation
     with pytest.raises(RuntimeError, match="no skipped step"):
         cal.config
+
+
+def test_check_keeps_the_fit_only_where_it_holds_in_closed_loop():
+    m = model("cubic")
+    cal, ref = calibrated(m, fit="free")
+    cfg = cal.check(m, lambda: generate(m), torch.stack(ref))
+    assert cal.choice == "fitted" and cfg.method == "fitted"  # the cubic: the fit is better (above)
+    assert cal.check_scores["fitted"] > cal.check_scores["taylorseer"]
+    assert not fk.hooks.is_cache_enabled(m)
+    # weights that are worse than TaylorSeer-2 in closed loop are not kept
+    bad = {k: (0.0, 0.0) for k in cal.weights}  # reuse at every skip
+    cal.weights = bad
+    cfg = cal.check(m, lambda: generate(m), torch.stack(ref))
+    assert cal.choice == "taylorseer" and cfg.method == "taylorseer" and cfg.method_options == {"order": 2}
+    with pytest.raises(ValueError, match="repeat the calibration generation"):
+        cal.check(m, lambda: generate(m)[:-1], torch.stack(ref))
+    assert not fk.hooks.is_cache_enabled(m)

@@ -31,8 +31,9 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..methods import Fitted
@@ -59,6 +60,8 @@ class Calibration:
         self.steps: Dict[int, str] = {}  # step index -> "F" | "s"
         self.weights: Optional[Dict[Key, Tuple[float, float]]] = None
         self.observed = 0  # skipped calls observed
+        self.choice: Optional[str] = None  # check(): "fitted" or "taylorseer"
+        self.check_scores: Optional[dict] = None
 
     # ---- during the generation ------------------------------------------------------------
     def mark(self, step: int, full: bool) -> None:
@@ -132,11 +135,55 @@ class Calibration:
         """The calibration's CacheConfig with method "fitted" and the fitted weights."""
         return replace(self.base_config, method="fitted", method_options=self.method_options)
 
+    def check(self, model_or_pipeline, generate: Callable[[], Any], reference) -> CacheConfig:
+        """Keep the fitted weights only if they hold in closed loop: run ``generate()`` (the
+        calibration generation again, same seed) once cached with the fitted weights and once
+        with TaylorSeer-2, and return the config whose output is closer to ``reference`` (the
+        calibration generation's own output: its full compute) by mean PSNR over the batch
+        (first dimension). ``self.choice`` says which ("fitted" or "taylorseer"); the cache is
+        disabled again afterwards. Costs two cached generations."""
+        ref = _as_tensor(reference)
+        fitted, ts2 = self.config, replace(self.base_config, method="taylorseer", method_options={"order": 2})
+        score = {}
+        for name, cfg in (("fitted", fitted), ("taylorseer", ts2)):
+            enable_cache(model_or_pipeline, cfg)
+            try:
+                out = _as_tensor(generate())
+            finally:
+                disable_cache(model_or_pipeline)
+            if out.shape != ref.shape:
+                raise ValueError(f"check: generate() returned shape {tuple(out.shape)}, the reference has "
+                                 f"{tuple(ref.shape)}: it must repeat the calibration generation")
+            score[name] = _mean_log_closeness(out, ref)
+        self.choice = "fitted" if score["fitted"] > score["taylorseer"] else "taylorseer"
+        self.check_scores = score
+        return fitted if self.choice == "fitted" else ts2
+
     def save(self, path) -> None:
         opts = self.method_options
         rows = [[n, k, a, c] for (n, k), (a, c) in sorted(opts["weights"].items())]
         with open(path, "w") as f:
             json.dump({"method": "fitted", "fit": self.fit, "pattern": opts["pattern"], "weights": rows}, f, indent=1)
+
+
+def _as_tensor(x) -> torch.Tensor:
+    """A generation's output as one float64 tensor: a tensor, a diffusers output's ``images``
+    (tensor, numpy array or list of PIL images / arrays), or a one-item tuple holding a tensor."""
+    if hasattr(x, "images"):
+        x = x.images
+    if isinstance(x, (tuple, list)) and len(x) == 1 and isinstance(x[0], torch.Tensor):
+        x = x[0]
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu()
+    if isinstance(x, (tuple, list)):
+        return torch.stack([torch.as_tensor(np.asarray(v)) for v in x]).double()
+    return torch.as_tensor(np.asarray(x)).double()
+
+
+def _mean_log_closeness(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over the batch of -10 log10(MSE): PSNR up to the data range's constant."""
+    mse = (x - ref).pow(2).flatten(1).mean(1) if x.dim() > 1 else (x - ref).pow(2).mean().reshape(1)
+    return float((-10 * torch.log10(mse.clamp_min(1e-300))).mean())
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
