@@ -52,13 +52,16 @@ def main(argv=None) -> int:
     ap.add_argument("--root", required=True)
     ap.add_argument("--models-dir", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=None, help="only these model folders of the grid")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, worst = [], None
     for name in sorted(os.listdir(args.root)):
         model_dir = None if name in SHIPPED else os.path.join(args.models_dir, name)
-        if not os.path.isdir(os.path.join(args.root, name)):
+        if args.models and name not in args.models:
             continue
+        if not os.path.isdir(os.path.join(args.root, name)) or model_dir and not os.path.isdir(model_dir):
+            continue  # not a model's folder
         spec = resolve_spec(name, model_dir)
         model = load_demo_dit(spec.name, directory=model_dir)
         for setting, extra in SETTINGS.items():
