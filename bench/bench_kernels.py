@@ -29,8 +29,10 @@ import math
 import os
 import resource
 import time
+from typing import Optional
 
 import pytest
+
 import torch
 
 import foca_kernels as fk
@@ -142,6 +144,38 @@ def _copy_fn(nbytes: int):
 
 
 # ---- providers -------------------------------------------------------------------------------
+
+def _timed(benchmark, fn, nbytes: int, group: str, check=None) -> Optional[dict]:
+    """Time ``fn`` (rounds from :func:`_plan`, synchronised), count host page faults per call,
+    run ``check()`` (the state is still what the bytes were planned for), then time the copy
+    floor of ``nbytes`` right after, under the same conditions (a shared machine drifts).
+    The row's measured fields; None under --benchmark-disable."""
+    iterations, rounds = _plan(fn)
+    benchmark.group = group
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
+    # Host page faults per call: on CPU, a fresh temporary above glibc's mmap threshold
+    # (<= 32 MiB) faults in every page on each call, and whether an eager provider's
+    # temporaries get recycled heap memory or fresh pages depends on the allocator's history.
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
+    if check is not None:
+        check()
+    if benchmark.stats is None:  # --benchmark-disable
+        return None
+    stats = benchmark.stats.stats
+    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
+    return {
+        "device": str(DEVICE),
+        "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
+        "bytes_moved": nbytes,
+        "min_s": stats.min,
+        "median_s": stats.median,
+        "gb_per_s": nbytes / stats.min / 1e9,  # from the least disturbed round
+        "copy_floor_s": floor,
+        "fraction_of_copy_floor": floor / stats.min,
+        "page_faults_per_call": faults,
+    }
+
 def _features(shape, dtype):
     """(warm, x): x is the feature of the timed full steps, warm(i) the i-th warm-up feature
     (made on demand: at the video size each one is 1.2 GB in fp32)."""
@@ -281,37 +315,15 @@ def test_step(benchmark, op, size, dtype, provider, foca_bench_rows):
         fn = _copy_fn(nbytes)
     del warm
 
-    iterations, rounds = _plan(fn)
-    benchmark.group = f"{op} {size} {dtype}"
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
-    # Host page faults per call: on CPU, a fresh temporary above glibc's mmap threshold
-    # (<= 32 MiB) faults in every page on each call, and whether an eager provider's
-    # temporaries get recycled heap memory or fresh pages depends on the allocator's history.
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
-    if buf is not None:  # still in the steady state the bytes were planned for
-        assert _next_launch(buf, OPS[op][2]).tensors_moved == tensors_moved
-    if benchmark.stats is None:  # --benchmark-disable
-        return
+    def steady():  # still in the steady state the bytes were planned for
+        if buf is not None:
+            assert _next_launch(buf, OPS[op][2]).tensors_moved == tensors_moved
 
-    stats = benchmark.stats.stats
-    # The floor is timed right after, under the same conditions (a shared machine drifts).
-    del fn
-    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
-    info = {
-        "device": str(DEVICE),
-        "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
-        "backend": ("triton" if DEVICE.type == "cuda" else "torch") if provider == "fused" else provider,
-        "numel": numel,
-        "tensors_moved": tensors_moved,
-        "bytes_moved": nbytes,
-        "min_s": stats.min,
-        "median_s": stats.median,
-        "gb_per_s": nbytes / stats.min / 1e9,  # from the least disturbed round
-        "copy_floor_s": floor,
-        "fraction_of_copy_floor": floor / stats.min,
-        "page_faults_per_call": faults,
-    }
+    info = _timed(benchmark, fn, nbytes, f"{op} {size} {dtype}", steady)
+    if info is None:  # --benchmark-disable
+        return
+    info.update(backend=("triton" if DEVICE.type == "cuda" else "torch") if provider == "fused" else provider,
+                numel=numel, tensors_moved=tensors_moved)
     benchmark.extra_info.update(info)
     foca_bench_rows.append({"op": op, "size": size, "dtype": dtype, "provider": provider, **info})
 
@@ -353,22 +365,10 @@ def test_full_step_of_many_streams(benchmark, op, dtype, provider, foca_bench_ro
             for st, x in zip(states, xs):
                 fk.update_(st, x, 1.0, backend=backend)
 
-    iterations, rounds = _plan(fn)
-    benchmark.group = f"{op} x{GROUP_STREAMS} {GROUP_SHAPE} {dtype}"
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
-    if benchmark.stats is None:  # --benchmark-disable
+    info = _timed(benchmark, fn, nbytes, f"{op} x{GROUP_STREAMS} {GROUP_SHAPE} {dtype}")
+    if info is None:  # --benchmark-disable
         return
-    stats = benchmark.stats.stats
-    del fn
-    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
-    info = {
-        "device": str(DEVICE), "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
-        "backend": backend, "streams": GROUP_STREAMS, "numel": numel, "tensors_moved": tensors_moved,
-        "bytes_moved": nbytes, "min_s": stats.min, "median_s": stats.median, "gb_per_s": nbytes / stats.min / 1e9,
-        "copy_floor_s": floor, "fraction_of_copy_floor": floor / stats.min, "page_faults_per_call": faults,
-    }
+    info.update(backend=backend, streams=GROUP_STREAMS, numel=numel, tensors_moved=tensors_moved)
     benchmark.extra_info.update(info)
     size = f"x{GROUP_STREAMS} " + "x".join(map(str, GROUP_SHAPE))
     foca_bench_rows.append({"op": op, "size": size, "dtype": dtype, "provider": provider, **info})
@@ -405,22 +405,10 @@ def test_skip_by_state_dtype(benchmark, size, state, foca_bench_rows):
     del warm
     fn = lambda: fk.forecast_(buf, out, 1.0, backend=backend)  # noqa: E731
     nbytes = skip_bytes("taylorseer", {"order": 2}, shape[0], shape[1], dtype, torch.bfloat16)
-    iterations, rounds = _plan(fn)
-    benchmark.group = f"taylorseer2_skip {size} bf16: state dtype"
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    benchmark.pedantic(_SyncEvery(fn, iterations), rounds=rounds, iterations=iterations, warmup_rounds=1)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / ((rounds + 1) * iterations)
-    if benchmark.stats is None:  # --benchmark-disable
+    info = _timed(benchmark, fn, nbytes, f"taylorseer2_skip {size} bf16: state dtype")
+    if info is None:  # --benchmark-disable
         return
-    stats = benchmark.stats.stats
-    del fn
-    floor = min(_seconds(_copy_fn(nbytes), ROUND_BUDGET_S / 2))
-    info = {
-        "device": str(DEVICE), "threads": torch.get_num_threads() if DEVICE.type == "cpu" else None,
-        "backend": backend, "state_dtype": str(dtype), "numel": math.prod(shape), "bytes_moved": nbytes,
-        "min_s": stats.min, "median_s": stats.median, "gb_per_s": nbytes / stats.min / 1e9, "copy_floor_s": floor,
-        "fraction_of_copy_floor": floor / stats.min, "page_faults_per_call": faults,
-    }
+    info.update(backend=backend, state_dtype=str(dtype), numel=math.prod(shape))
     benchmark.extra_info.update(info)
     foca_bench_rows.append({"op": f"taylorseer2_skip, {state} state", "size": size, "dtype": "bf16",
                             "provider": "fused", **info})
