@@ -167,6 +167,28 @@ def test_fit_really_runs_in_the_group(monkeypatch):
     assert seen[:3] == [False, False, False] and all(seen[3:]) and len(seen) == 7
 
 
+def test_same_byte_layout_in_another_dtype():
+    """The Triton table is cached by the members' layout; its rows hold offsets in elements, so
+    two groups at the same byte offsets in bf16 and then fp32 need two tables (one shared table
+    sent the fp32 group's second member to twice its distance: a write into other memory)."""
+    if fk.get_backend("cpu") != "triton":
+        pytest.skip("needs the Triton interpreter")
+    arena = torch.zeros(16384, dtype=torch.uint8)  # room for where a wrong table would write
+    for dtype in (torch.bfloat16, torch.float32):
+        arena.zero_()
+        es = torch.empty(0, dtype=dtype).element_size()
+        states = []
+        for k, byte in enumerate((0, 4096)):
+            st = fk.allocate(torch.empty(16, dtype=dtype), "reuse")
+            st.move_to_(arena[byte: byte + st.slots.numel() * es].view(dtype).view(st.slots.shape))
+            states.append(st)
+        feats = [torch.full((16,), 1.0 + k, dtype=dtype) for k in range(2)]
+        fk.update_group_(states, feats, backend="triton")
+        for k, st in enumerate(states):
+            assert torch.equal(st.slots[0, :16], feats[k]), f"{dtype}: member {k} not written"
+        assert int(arena[8192:].count_nonzero()) == 0, f"{dtype}: a write outside both members"
+
+
 # ---- launches ---------------------------------------------------------------------------------------------
 class _Counted:
     def __init__(self, kernel, counts, name):

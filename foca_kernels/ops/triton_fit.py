@@ -150,23 +150,25 @@ def _sum_lanes() -> int:
     return 16 if interpreted() else 128
 
 
-_TABLES: dict = {}  # (slot pointers, strides, sizes, block, device) -> (table, starts, n_programs)
+_TABLES: dict = {}  # (slot byte offsets, element size, strides, sizes, block, device) -> (table, starts, n_programs)
 _TABLE_CACHE = 64
 
 
 def _table(slots: Sequence[torch.Tensor], numels: Sequence[int], block: int, ptrs: Optional[Sequence[int]] = None):
-    """The grouped kernel's table for these members (cached by what it is made of: pointers,
-    strides and sizes, so a reused allocation can never get a stale table). ``ptrs``: the members'
-    byte offsets from the first one's data, if the caller has them."""
+    """The grouped kernel's table for these members (cached by what it is made of: byte
+    offsets, element size, strides and sizes, so a reused allocation can never get a stale
+    table; the rows hold offsets in elements, so the same byte layout in another dtype is
+    another table). ``ptrs``: the members' byte offsets from the first one's data, if the
+    caller has them."""
     s0 = slots[0]
     if ptrs is None:
         ptrs = [s.data_ptr() - s0.data_ptr() for s in slots]
     ptrs = tuple(ptrs)
     strides = tuple([s.stride(0) for s in slots])
-    key = (ptrs, strides, tuple(numels), block, s0.device)
+    es = s0.element_size()
+    key = (ptrs, es, strides, tuple(numels), block, s0.device)
     hit = _TABLES.get(key)
     if hit is None:
-        es = s0.element_size()
         rows, starts = table_rows([(p - ptrs[0]) // es for p in ptrs], [0] * len(ptrs), strides, numels, block)
         # non_blocking: from pageable memory the copy is staged at once, without waiting for the device
         table = torch.tensor(rows, dtype=torch.int64).to(s0.device, non_blocking=True)
