@@ -44,6 +44,7 @@ from .config import CacheConfig
 A_RANGE = (0.0, 1.5)
 C_RANGE = (-1.0, 2.0)
 FITS = ("line", "free")
+CHECK_RULES = ("mean", "confident")  # Calibration.check(keep=...)
 _DEGENERATE = 1e-10  # |K|^2 below this (relative to |D1 x|^2 + |Y - D0|^2): no curvature to fit
 
 
@@ -135,16 +136,29 @@ class Calibration:
         """The calibration's CacheConfig with method "fitted" and the fitted weights."""
         return replace(self.base_config, method="fitted", method_options=self.method_options)
 
-    def check(self, model_or_pipeline, generate: Callable[[], Any], reference) -> CacheConfig:
+    def check(self, model_or_pipeline, generate: Callable[[], Any], reference, *, keep: str = "mean") -> CacheConfig:
         """Keep the fitted weights only if they hold in closed loop: run ``generate()`` (the
         calibration generation again, same seed) once cached with the fitted weights and once
-        with TaylorSeer-2, and return the config whose output is closer to ``reference`` (the
-        calibration generation's own output: its full compute) by mean PSNR over the batch
-        (first dimension). ``self.choice`` says which ("fitted" or "taylorseer"); the cache is
-        disabled again afterwards. Costs two cached generations."""
+        with TaylorSeer-2, score each sample (first dimension of the output) by its closeness to
+        ``reference`` (the calibration generation's own output: its full compute; -10 log10 MSE,
+        i.e. PSNR up to a constant), and return the config that ``keep`` picks:
+
+        * ``"mean"``: the fit if its mean score over the batch is higher;
+        * ``"confident"``: the fit only if the one-sided 95% lower bound of the mean paired
+          difference (fit minus TaylorSeer-2, per sample; Student t) is above zero, so a batch
+          that favours the fit by less than its own noise keeps TaylorSeer-2. Needs >= 2 samples.
+
+        ``self.choice`` says which ("fitted" or "taylorseer"), ``self.check_scores`` the mean
+        scores, ``self.check_difference`` the mean paired difference and its lower bound; the
+        cache is disabled again afterwards. Costs two cached generations."""
+        if keep not in CHECK_RULES:
+            raise ValueError(f"check: keep must be one of {CHECK_RULES}, got {keep!r}")
         ref = _as_tensor(reference)
+        if keep == "confident" and (ref.dim() < 2 or ref.shape[0] < 2):
+            raise ValueError("check: keep='confident' needs a batch of >= 2 samples (first dimension) for its "
+                             f"paired bound, the reference has shape {tuple(ref.shape)}")
         fitted, ts2 = self.config, replace(self.base_config, method="taylorseer", method_options={"order": 2})
-        score = {}
+        per_sample = {}
         for name, cfg in (("fitted", fitted), ("taylorseer", ts2)):
             enable_cache(model_or_pipeline, cfg)
             try:
@@ -154,10 +168,15 @@ class Calibration:
             if out.shape != ref.shape:
                 raise ValueError(f"check: generate() returned shape {tuple(out.shape)}, the reference has "
                                  f"{tuple(ref.shape)}: it must repeat the calibration generation")
-            score[name] = _mean_log_closeness(out, ref)
-        self.choice = "fitted" if score["fitted"] > score["taylorseer"] else "taylorseer"
-        self.check_scores = score
-        return fitted if self.choice == "fitted" else ts2
+            per_sample[name] = _log_closeness(out, ref)
+        d = per_sample["fitted"] - per_sample["taylorseer"]
+        mean = float(d.mean())
+        low = mean - t_quantile_95(d.numel() - 1) * float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else mean
+        self.check_scores = {k: float(v.mean()) for k, v in per_sample.items()}
+        self.check_difference = (mean, low)
+        kept = mean > 0 if keep == "mean" else low > 0
+        self.choice = "fitted" if kept else "taylorseer"
+        return fitted if kept else ts2
 
     def save(self, path) -> None:
         opts = self.method_options
@@ -180,10 +199,33 @@ def _as_tensor(x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x)).double()
 
 
-def _mean_log_closeness(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over the batch of -10 log10(MSE): PSNR up to the data range's constant."""
+def _log_closeness(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """-10 log10(MSE) per sample (first dimension; one value for a 1-d output): PSNR up to the
+    data range's constant."""
     mse = (x - ref).pow(2).flatten(1).mean(1) if x.dim() > 1 else (x - ref).pow(2).mean().reshape(1)
-    return float((-10 * torch.log10(mse.clamp_min(1e-300))).mean())
+    return -10 * torch.log10(mse.clamp_min(1e-300))
+
+
+def t_quantile_95(df: int) -> float:
+    """The 0.95 quantile of Student's t with ``df`` degrees of freedom: the CDF integrated
+    numerically (Simpson, 4096 intervals), then bisected; accurate to ~1e-6."""
+    if df < 1:
+        raise ValueError(f"t_quantile_95 needs df >= 1, got {df}")
+    norm = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float) -> float:
+        n = 4096
+        h = x / n
+        f = [norm * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 8.0
+    while cdf(hi) < 0.95:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
