@@ -18,7 +18,8 @@ from .hooks import (
     CacheConfig, MemoryEstimate, cache_info, cached, calibrate, disable_cache, enable_cache, estimate_cache_memory,
     generation, load_calibration, new_generation, reset_cache,
 )
-from .methods import FoCa, Method, Reuse, TaylorSeer, make_method
+from .methods import FoCa, Method, Reuse, TaylorSeer
+from .registry import make_method
 from .state import CacheState
 
 __version__ = "0.1.0"

@@ -7,9 +7,10 @@ from typing import Optional
 import torch
 
 from .backend import get_backend
-from .methods import RFC, Method, make_method
+from .methods import Method
 from .fp8 import Fp8State, fp8_nbytes, is_fp8
-from .rfc import RFCState, forecast_rfc_, update_rfc_
+from .registry import make_method
+from .rfc import RFC, RFCState, forecast_rfc_, update_rfc_
 from .state import CacheState, slot_stride
 from .step import forecast_state_, run_full, update_state_
 from .validation import check_finite_values, check_method_options, check_state

@@ -35,7 +35,7 @@ from .ops.aliasing import overlaps
 from .ops.fit import PARALLEL, flatten as flatten_fit, run_fit_group_torch
 from .ops.torch_lincomb import lincomb_torch
 from .fp8 import Fp8State, run_full as run_fp8_full
-from .rfc import RFCState
+from .rfc.state import RFCState
 from .state import CacheState, Launch
 from .step import plan_step
 from .validation import check_state, check_step, check_tensor, check_writable, next_time

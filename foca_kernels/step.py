@@ -2,7 +2,7 @@
 
 The machinery under :func:`foca_kernels.update_` / :func:`foca_kernels.forecast_` for a plain
 :class:`~foca_kernels.state.CacheState`, shared by the public API (api.py), RFE's two
-histories (rfc.py) and the grouped paths (group.py, full_group.py). It imports nothing above
+histories (rfc/state.py) and the grouped paths (group.py, full_group.py). It imports nothing above
 it: the public functions dispatch here, never the other way round.
 """
 

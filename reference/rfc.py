@@ -20,7 +20,7 @@ import torch
 
 from .trajectories import make_ref
 
-RFC_FOCA_READING = "r7"  # RFE's default FoCa base (must match foca_kernels.methods.RFC_FOCA_READING)
+RFC_FOCA_READING = "r7"  # RFE's default FoCa base (must match foca_kernels.rfc.RFC_FOCA_READING)
 
 
 def norm(t: torch.Tensor, mode: str) -> torch.Tensor:

@@ -42,7 +42,8 @@ import time
 
 import torch
 
-from foca_kernels.methods import RawHistory, make_method
+from foca_kernels.methods import RawHistory
+from foca_kernels.registry import make_method
 
 from sweep import Sweep, add_arguments, paired
 

@@ -25,18 +25,15 @@ import torch
 import foca_kernels as fk
 from foca_kernels.demo import specs
 from foca_kernels.demo.harness import HarnessConfig
+from foca_kernels.demo.method_table import cache_method
 from foca_kernels.demo.metrics import psnr
 from foca_kernels.demo.model import load_demo_dit
 from foca_kernels.demo.sampler import sample
 from foca_kernels.hooks import CacheConfig
 from foca_kernels.hooks.targets import select_sites
 
-CANDIDATES = {  # name -> (method, options)
-    "reuse": ("reuse", {}),
-    "taylorseer1": ("taylorseer", {"order": 1}),
-    "taylorseer2": ("taylorseer", {"order": 2}),
-    "foca-r7": ("foca", {"reading": "r7"}),
-    "foca-calibrated": ("foca", {"reading": "calibrated"}),
+CANDIDATES = {  # demo name -> (method, options), from the demo's table (checked against the registry)
+    n: cache_method(n) for n in ("reuse", "taylorseer1", "taylorseer2", "foca-r7", "foca-calibrated")
 }
 PRIOR = ("taylorseer2", "foca-r7", "taylorseer1", "reuse")  # before any error is known
 POOLS = {  # candidate sets for the selection

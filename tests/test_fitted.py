@@ -23,7 +23,7 @@ from foca_kernels.hooks import (
 )
 from foca_kernels.hooks import calibration as calibrate_mod
 from foca_kernels.hooks.calibration import A_RANGE, C_RANGE, _solve
-from foca_kernels.methods import make_method
+from foca_kernels.registry import make_method
 from foca_kernels.ops import cpu_codegen
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -205,7 +205,8 @@ def test_rfc_default_base_is_the_measured_foca_reading():
     """RFC's default FoCa base is the reading chosen for it by measurement (r7: docs/fidelity.md,
     "RFC"), pinned on its own (not whatever the package's default reading is), in the package and
     in the reference alike; an explicit reading still wins."""
-    from foca_kernels.methods import DEFAULT_FOCA_READING, RFC_FOCA_READING
+    from foca_kernels.methods import DEFAULT_FOCA_READING
+    from foca_kernels.rfc import RFC_FOCA_READING
     from reference import rfc as rfc_ref
 
     assert RFC_FOCA_READING == rfc_ref.RFC_FOCA_READING == "r7"

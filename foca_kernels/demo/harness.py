@@ -85,6 +85,7 @@ from .method_table import (  # noqa: F401  (re-exported: the harness's names)
     method_choices,
     ordered_methods,
     cache_method,
+    replayable,
 )
 
 
@@ -627,8 +628,7 @@ def run_harness(config: Optional[HarnessConfig] = None, *, model=None, classifie
                 skipped = info.calls_forecast / done if done else 0.0
                 traj = [float((v - r).norm() / r.norm().clamp_min(1e-30)) for v, r in zip(vel, full_v)]
             fc: List[float] = []
-            # duca's token refresh needs the model; rfc needs the module inputs; rcs has no fixed pattern
-            if method not in BASELINES and method not in ("duca", "rfc") + ADAPTIVE:
+            if replayable(method):  # not duca (needs the model), rfc (the inputs), rcs (no fixed pattern)
                 m, opts = cache_method(method)
                 opts = fitted.get((method, interval), opts)
                 fc = replay_forecast_error(records, m, opts, config.schedule(interval), backend=config.backend)

@@ -1,14 +1,41 @@
 """The demo's methods, by name: which names the harness, the CLI and the plots accept, what
 each stands for, how each maps to a cache configuration, and its plot colour. One table for
-harness.py, plots.py, cli.py and the studies; the package's own methods and their options are
-``foca_kernels.methods.make_method``'s.
+harness.py, plots.py, cli.py and the studies. Each cached name is a short name for one method
+of the package's registry (foca_kernels/registry.py) with fixed options (:data:`CACHE_RUNS`),
+checked against the registry when this module loads.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
 
-from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS, make_method
+from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS
+from ..registry import ALIASES, method_spec
+
+TAYLORSEER_ORDERS = (1, 2, 3)
+CACHE_RUNS: Dict[str, Tuple[str, Dict[str, object]]] = {
+    "reuse": ("reuse", {}),
+    **{f"taylorseer{k}": ("taylorseer", {"order": k}) for k in TAYLORSEER_ORDERS},
+    **{f"foca-{r}": ("foca", {"reading": r}) for r in FOCA_READINGS},
+    "foca-bdf2": ("foca", {"reading": "r0", "anchor": "bdf2"}),
+    "duca": ("duca", {}),
+    "rfc": ("rfc", {}),
+    "fitted": ("fitted", {}),  # the weights come from run_harness's calibration
+    "fitted-free": ("fitted", {}),
+}
+"""Every cached run of a fixed schedule: (registry method, method_options), in table order."""
+
+
+def _check_runs() -> None:
+    """Each run's method and options as the registry takes them (fails on import otherwise)."""
+    for name, (method, options) in CACHE_RUNS.items():
+        try:
+            method_spec(method).parse(options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"demo method {name!r}: {e}") from None
+
+
+_check_runs()
 
 
 BASELINES = ("full", "steps")
@@ -22,11 +49,12 @@ FITTED = {"fitted": "line", "fitted-free": "free"}
 a full-compute generation of other seeds before the timed runs."""
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
-METHOD_NAMES = (BASELINES + ("reuse", "taylorseer1", "taylorseer2", "taylorseer3")
-                + tuple(f"foca-{r}" for r in FOCA_READINGS) + ("foca-bdf2", "duca", "rfc") + tuple(FITTED) + ADAPTIVE)
+METHOD_NAMES = BASELINES + tuple(CACHE_RUNS) + ADAPTIVE
 """Every name :func:`canonical_method` returns (the one list of accepted names), in table order."""
-METHOD_ALIASES = {"fora": "reuse", "foca": f"foca-{DEFAULT_FOCA_READING}", "foca-secant": "foca-r0"}
-"""Other accepted names and the method each stands for (``foca``: the package's default reading)."""
+METHOD_ALIASES = {**{a: m for a, m in ALIASES.items() if m in CACHE_RUNS},
+                  "foca": f"foca-{DEFAULT_FOCA_READING}", "foca-secant": "foca-r0"}
+"""Other accepted names and the method each stands for (the registry's aliases; ``foca``: the
+package's default reading)."""
 DEFAULT_INTERVALS = (2, 3, 5, 7, 9)
 DEMO_METHODS = ("full", "steps", "reuse", "taylorseer2", "foca", "rfc")
 DEMO_INTERVALS = (3, 5, 7)
@@ -66,21 +94,22 @@ def ordered_methods(names: Sequence[str]) -> Tuple[str, ...]:
 def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
     """(method, method_options) of a cached harness method, for :class:`CacheConfig`."""
     n = canonical_method(name)
-    if n in ("reuse", "duca", "rfc"):
-        return n, {}
-    if n in FITTED:
-        return "fitted", {}  # the weights come from run_harness's calibration
     if n in ADAPTIVE:
-        return cache_method(n[:-4])
-    if n.startswith("taylorseer"):
-        return "taylorseer", {"order": int(n[-1])}
-    if n == "foca-bdf2":
-        return "foca", {"reading": "r0", "anchor": "bdf2"}
-    if n.startswith("foca-"):
-        opts = {"reading": n[5:]}
-        make_method("foca", **opts)  # validates
-        return "foca", opts
-    raise ValueError(f"{name!r} is not a caching method")
+        return cache_method(n[:-len("-rcs")])
+    if n not in CACHE_RUNS:
+        raise ValueError(f"{name!r} is not a caching method")
+    method, options = CACHE_RUNS[n]
+    return method, dict(options)
+
+
+def replayable(name: str) -> bool:
+    """Whether a cached run can be replayed on recorded module outputs alone: a method on a
+    fixed schedule that needs neither the hooks (duca's token refresh) nor the module inputs (rfc)."""
+    n = canonical_method(name)
+    if n in BASELINES or n in ADAPTIVE:
+        return False
+    spec = method_spec(cache_method(n)[0])
+    return not (spec.hook_level or spec.needs_input)
 
 
 COLORS = {
@@ -110,6 +139,7 @@ no two curves of a plot share a colour: tests/test_demo_output.py checks both)."
 
 __all__ = [
     "BASELINES",
+    "CACHE_RUNS",
     "CACHED",
     "ADAPTIVE",
     "FITTED",
@@ -126,5 +156,7 @@ __all__ = [
     "method_choices",
     "ordered_methods",
     "cache_method",
+    "replayable",
     "COLORS",
+    "TAYLORSEER_ORDERS",
 ]

@@ -9,10 +9,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..methods import Method, make_method
+from ..methods import Method
 from ..fp8 import FP8_DTYPES, check_fp8_method, is_fp8
+from ..registry import MethodSpec, method_spec
 from ..state import STORAGE_DTYPES
-from ..validation import check_method_options
 
 GRANULARITIES = ("module", "block")
 CACHE_MODES = ("output", "residual")
@@ -163,11 +163,12 @@ class CacheConfig:
         if self.final < 0:
             raise ValueError(f"final must be >= 0, got {self.final}")
         self.method_options = dict(self.method_options or {})
-        self.make_method()  # validates method + options now rather than at the first step
+        self._parse_method()  # validates method + options now rather than at the first step
         if is_fp8(self.state_dtype):  # anchor + e4m3 increments: closed-form methods only (foca_kernels/fp8.py)
-            if isinstance(self.method, str) and self.method.lower() == "duca":
-                raise ValueError("fp8 state storage applies to closed-form methods (taylorseer, foca reading r3 / "
-                                 "r6 / r7); DuCa caches tokens of its stored value; use state_dtype=torch.bfloat16")
+            if self.method_spec is not None and self.method_spec.hook_level:
+                raise ValueError(f"fp8 state storage applies to closed-form methods (taylorseer, foca reading r3 / "
+                                 f"r6 / r7); method {self.method_spec.name!r} rewrites token rows of its stored value; "
+                                 "use state_dtype=torch.bfloat16")
             check_fp8_method(self.make_method())
         elif self.state_dtype is not None and self.state_dtype not in STORAGE_DTYPES:
             raise TypeError(f"state_dtype must be None or one of {STORAGE_DTYPES + FP8_DTYPES}, got {self.state_dtype}")
@@ -233,8 +234,8 @@ class CacheConfig:
         if self.schedule == "rcs":
             if self.mask is not None:
                 raise ValueError("schedule='rcs' decides every step itself: it takes no mask")
-            if isinstance(self.method, str) and self.method.lower() == "duca":
-                raise ValueError("schedule='rcs' is not available with method 'duca' "
+            if self.method_spec is not None and self.method_spec.hook_level:
+                raise ValueError(f"schedule='rcs' is not available with method {self.method_spec.name!r} "
                                  "(its phases follow the fixed schedule)")
 
     @classmethod
@@ -260,18 +261,42 @@ class CacheConfig:
                 f"unknown option(s) {sorted(extra)}: neither CacheConfig fields nor options of method {method!r} ({e})"
             ) from None
 
-    def make_method(self) -> Method:
-        """A fresh :class:`~foca_kernels.Method` for this configuration."""
+    def _parse_method(self) -> None:
+        """The method's registry entry and its options, parsed once (foca_kernels/registry.py)."""
         if isinstance(self.method, Method):
             if self.method_options:
                 raise TypeError("method_options given together with a Method instance")
-            return self.method
-        if isinstance(self.method, str) and self.method.lower() == "duca":
-            from ..duca.method import duca_method
-            from ..duca.options import DucaOptions
+            spec, parsed = None, None
+        else:
+            spec = method_spec(self.method)
+            parsed = spec.parse(self.method_options)
+        self._parsed_from = (self.method, self.method_options)
+        self._spec, self._parsed = spec, parsed
 
-            return duca_method(DucaOptions.from_dict(self.method_options))  # validates DuCa's options
-        return make_method(self.method, **check_method_options(self.method_options))
+    def _parsed_now(self):
+        """(registry entry, parsed options), parsed again if ``method`` or ``method_options`` was
+        assigned since (options changed in place are not seen: assign a new dict)."""
+        if self._parsed_from[0] is not self.method or self._parsed_from[1] is not self.method_options:
+            self.method_options = dict(self.method_options or {})
+            self._parse_method()
+        return self._spec, self._parsed
+
+    @property
+    def method_spec(self) -> Optional[MethodSpec]:
+        """The registry entry of ``method`` (None when ``method`` is a Method instance)."""
+        return self._parsed_now()[0]
+
+    @property
+    def parsed_options(self) -> Any:
+        """``method_options`` as the registry parsed them (once; e.g. a DucaOptions for "duca";
+        None when ``method`` is a Method instance)."""
+        return self._parsed_now()[1]
+
+    def make_method(self) -> Method:
+        """A fresh :class:`~foca_kernels.Method` for this configuration (for a hook-level method
+        such as "duca", the state method of its cached streams)."""
+        spec, parsed = self._parsed_now()
+        return self.method if spec is None else spec.build(parsed)
 
     def pattern(self, num_steps: int) -> str:
         """The planned schedule as a string, 'F' computed and 's' skipped, e.g. 'FFssFssF'.

@@ -21,11 +21,15 @@ import torch
 
 from .config import CacheConfig, FocaCacheWarning
 from .context import ContextStack, ContextState
+from .duca import DucaRuntime
 from .pending import PendingUpdates
 from .rcs import make_rcs
 from .schedule import Schedule
 from .stream import StreamGroup, input_signature
 from .targets import Site
+
+HOOK_RUNTIMES = {"duca": DucaRuntime}
+"""The hooks' part of each hook-level method of the registry (foca_kernels/registry.py), by its name."""
 
 
 class _Mode:
@@ -112,10 +116,11 @@ class CacheController:
         self.memory_estimate = None  # enable_cache's MemoryEstimate for this model (hooks/memory.py), if made
         self.rcs = make_rcs(config)  # schedule="rcs": the adaptive decision (hooks/rcs.py), else None
         self.duca = None  # DuCa's token selection and partial calls (method="duca")
-        if isinstance(config.method, str) and config.method.lower() == "duca":
-            from .duca import DucaRuntime
-
-            self.duca = DucaRuntime(config)
+        spec = config.method_spec
+        if spec is not None and spec.hook_level:
+            if spec.name not in HOOK_RUNTIMES:
+                raise NotImplementedError(f"method {spec.name!r} needs the hooks, and they have no runtime for it")
+            self.duca = HOOK_RUNTIMES[spec.name](config)
 
     # ---- helpers -----------------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:

@@ -46,7 +46,7 @@ def _hidden(args, kwargs):
 class DucaRuntime:
     def __init__(self, config):
         self.config = config
-        self.opts = DucaOptions.from_dict(config.method_options)
+        self.opts: DucaOptions = config.parsed_options  # parsed once, by the registry (CacheConfig)
         self.partial_rx = [re.compile(p) for p in self.opts.partial]
         self.partial_sites: Dict[str, int] = {}  # name -> position (seeds the random score)
         self.vnorm: Dict[Tuple[str, str], torch.Tensor] = {}  # (context, site) -> (B, N) score

@@ -36,7 +36,9 @@ from typing import Deque, Dict, Optional, Tuple
 import torch
 
 from .. import api as _api
-from ..methods import CLOSED_FOCA_READING, RFC, RawHistory, Reuse, make_method
+from ..methods import CLOSED_FOCA_READING, RawHistory, Reuse
+from ..registry import make_method
+from ..rfc.method import RFC
 from .rfe import module_input
 
 RCS_REDUCE = ("max", "sum")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..methods import RFC
+from ..rfc.method import RFC
 
 
 def module_input(site, args, kwargs) -> Optional[torch.Tensor]:
@@ -30,9 +30,9 @@ def module_input(site, args, kwargs) -> Optional[torch.Tensor]:
 
 
 def is_relational(config) -> bool:
-    """Whether ``config`` caches with method "rfc" (no method is built: called every skipped step)."""
-    m = config.method
-    return isinstance(m, RFC) or (isinstance(m, str) and m.lower() == "rfc")
+    """Whether ``config``'s method keeps module inputs (rfc; the registry's ``needs_input``)."""
+    spec = config.method_spec
+    return isinstance(config.method, RFC) if spec is None else spec.needs_input
 
 
 def relational_input(group, method, args, kwargs) -> Optional[torch.Tensor]:

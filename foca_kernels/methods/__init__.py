@@ -1,4 +1,7 @@
-"""Forecasting methods, each a set of step-size-dependent linear transitions over roles."""
+"""Forecasting methods, each a set of step-size-dependent linear transitions over roles.
+
+By name, with their options parsed once: foca_kernels/registry.py (``make_method``). RFC's
+method is foca_kernels/rfc/, DuCa's foca_kernels/duca/ (both built on these)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,12 @@ from .foca_closed import FoCaClosed
 from .fitted import Fitted
 from .history import RawHistory
 from .reuse import Reuse
-from .rfc import RFC
 from .taylorseer import TaylorSeer
 
-METHOD_NAMES = ("foca", "taylorseer", "reuse", "rfc", "fitted")
 FOCA_READINGS = ("r0", "r3", "r4", "r6", "r7", "calibrated")
 DEFAULT_FOCA_READING = "calibrated"  # chosen by a rule fixed before its runs, on both shipped models: docs/fidelity.md
 CLOSED_FOCA_READING = "r7"  # the default among the closed forms (where a method must be one: DuCa, RCS's probe)
 R4_CONTRACTION = 0.5
-RFC_FOCA_READING = "r7"  # RFE's default base, by RFE over r3 vs r7 on three trained DiTs (docs/fidelity.md, "RFC")
 
 
 def make_foca(reading=None, **options) -> Method:
@@ -44,45 +44,8 @@ def make_foca(reading=None, **options) -> Method:
     return FoCa(**options)
 
 
-def make_method(method="foca", **options) -> Method:
-    """Build a method from its name and options, or pass a :class:`Method` through.
-
-    ``make_method("foca", reading="r3")``, ``make_method("foca", reading="r0", anchor="bdf2")``,
-    ``make_method("taylorseer", order=2)``,
-    ``make_method("reuse")``; "fora" is an alias of "reuse".
-    """
-    if isinstance(method, Method):
-        if options:
-            raise TypeError("options given together with a Method instance")
-        return method
-    name = str(method).lower()
-    if name == "foca":
-        if "anchor" in options and "reading" not in options:
-            options["reading"] = "r0"  # the anchor choice belongs to reading r0
-        return make_foca(**options)
-    if name == "taylorseer":
-        return TaylorSeer(**options)
-    if name == "rfc":  # RFE over a closed-form temporal method (methods/rfc.py)
-        rfe = {k: options.pop(k) for k in ("norm", "estimate", "clip", "sharded") if k in options}
-        base = options.pop("base", "foca")
-        if str(base).lower() == "rfc":
-            raise ValueError("rfc cannot wrap itself")
-        if str(base).lower() == "foca" and "reading" not in options and "anchor" not in options:
-            options["reading"] = RFC_FOCA_READING
-        return RFC(make_method(base, **options), **rfe)
-    if name == "fitted":  # TaylorSeer-2's terms, weights fitted per model (methods/fitted.py, hooks/calibration.py)
-        if set(options) - {"weights", "pattern"}:
-            raise TypeError(f"fitted takes only weights= and pattern=, got {sorted(options)}")
-        return Fitted(**options)
-    if name in ("reuse", "fora"):
-        if options:
-            raise TypeError(f"reuse takes no options, got {sorted(options)}")
-        return Reuse()
-    raise ValueError(f"unknown method {method!r}; expected one of {METHOD_NAMES}")
-
-
 __all__ = [
     "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated",
-    "FoCaClosed", "Fitted", "Keep", "RawHistory", "METHOD_NAMES", "Method", "RFC", "Reuse", "Same",
-    "StepContext", "TaylorSeer", "Transition", "make_foca", "make_method",
+    "FoCaClosed", "Fitted", "Keep", "RawHistory", "Method", "Reuse", "Same", "StepContext", "TaylorSeer",
+    "Transition", "make_foca",
 ]

@@ -4,7 +4,7 @@ Relational feature estimation forecasts a module's output with a temporal method
 form (FoCa r7 by default, TaylorSeer or reuse as options) and rescales the forecast's change
 from the last computed output by how far the module's *input* moved (docs/method.md, "RFC").
 The input is known at a skipped step, so the rescaling needs reductions over tensors: that
-part lives in ``foca_kernels/rfc.py`` (:class:`~foca_kernels.rfc.RFCState`), never here.
+part lives in ``rfc/state.py`` (:class:`~foca_kernels.rfc.RFCState`), never here.
 
 At the level of transitions RFC *is* its base method: the output history and the input
 history are two closed-form histories over the same step times, so every full step and
@@ -14,15 +14,17 @@ the base method and RFE's options.
 
 from __future__ import annotations
 
-from .base import Method, StepContext, Transition
-from .history import RawHistory
-from .reuse import Reuse
+from ..methods.base import Method, StepContext, Transition
+from ..methods.history import RawHistory
+from ..methods.reuse import Reuse
 
 RFE_NORMS = ("token", "sample")
 RFE_ESTIMATES = ("ratio", "gain")
 DEFAULT_RFE_NORM = "sample"
 DEFAULT_RFE_ESTIMATE = "ratio"
 DEFAULT_RFE_CLIP = 1.0
+RFE_OPTIONS = ("norm", "estimate", "clip", "sharded")  # RFC's own options; the others go to its base
+RFC_FOCA_READING = "r7"  # RFE's default base, by RFE over r3 vs r7 on three trained DiTs (docs/fidelity.md, "RFC")
 
 
 class RFC(Method):

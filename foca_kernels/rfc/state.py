@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from .methods.rfc import RFC
-from .state import CacheState, slot_stride
-from .step import forecast_state_, update_state_
+from ..state import CacheState, slot_stride
+from ..step import forecast_state_, update_state_
+from .method import RFC
 
 TINY = 1e-30  # floor of a norm in a denominator (fp32)
 
