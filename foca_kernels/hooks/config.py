@@ -46,8 +46,10 @@ class CacheConfig:
       A module that has not seen enough full steps for its method (FoCa: 2) is computed on a
       skipped step, so the first forecasts of a generation may come one step later.
 
-    Method: ``method`` "taylorseer" (default: order 2) | "foca" | "reuse" | "rfc" | "duca" (or a
-      :class:`foca_kernels.Method`), ``method_options`` e.g. ``{"order": 1}`` (TaylorSeer) or
+    Method: ``method`` "taylorseer" (default: order 2) | "foca" | "reuse" ("fora") | "rfc" | "fitted" |
+      "duca" (the names of foca_kernels/registry.py, which parses ``method_options`` once, on
+      creation: :attr:`method_spec`, :attr:`parsed_options`; or a :class:`foca_kernels.Method`),
+      ``method_options`` e.g. ``{"order": 1}`` (TaylorSeer) or
       ``{"reading": "r7"}`` (FoCa: "calibrated" (FoCa's default) | "r7" | "r3" | "r6" | "r4" | "r0", see
       docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``). TaylorSeer-2 is the default because it
       has the best worst case over the models, step counts and intervals measured (docs/fidelity.md,
