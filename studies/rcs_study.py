@@ -7,7 +7,7 @@ to compute as many steps of a generation as the fixed schedule (docs/method.md, 
 
 import argparse
 
-from foca_kernels.demo.harness import HarnessConfig, calibrate_rcs
+from foca_kernels.demo.harness import ADAPTIVE, HarnessConfig, calibrate_rcs
 
 from sweep import Sweep, add_arguments
 
@@ -20,7 +20,8 @@ VARIANTS = {
 
 def main(argv=None):
     ap = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    ap.add_argument("--methods", nargs="+", default=["foca", "rfc"])
+    ap.add_argument("--methods", nargs="+", default=["foca", "rfc"],  # the demo's RCS runs, by their method
+                    choices=[m[:-len("-rcs")] for m in ADAPTIVE])
     a = ap.parse_args(argv)
     sw = Sweep.from_args(a)
 
