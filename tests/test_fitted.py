@@ -292,3 +292,43 @@ def test_check_keeps_the_fit_only_where_it_holds_in_closed_loop():
     with pytest.raises(ValueError, match="repeat the calibration generation"):
         cal.check(m, lambda: generate(m)[:-1], torch.stack(ref))
     assert not fk.hooks.is_cache_enabled(m)
+
+
+def test_confident_check_needs_the_difference_above_its_noise():
+    """keep="confident": the fit only if the one-sided 95% lower bound of the paired per-sample
+    difference is above zero. Outputs that favour the fit on average by less than their spread
+    keep TaylorSeer-2 under it (and the fit under keep="mean")."""
+    m = model("cubic")
+    cal, ref = calibrated(m, fit="free")
+    cfg = cal.check(m, lambda: generate(m), torch.stack(ref), keep="confident")  # a clear win holds
+    assert cal.choice == "fitted" and cfg.method == "fitted" and cal.check_difference[1] > 0
+    # per-sample log10 errors: the fit 3 dB better on two samples, 2 dB worse on two (mean +0.5)
+    ref4 = torch.zeros(4, 8, dtype=torch.float64)
+    err_fit = torch.tensor([10 ** -0.3, 10 ** 0.2, 10 ** -0.3, 10 ** 0.2], dtype=torch.float64).sqrt()
+    outs = {"fitted": ref4 + err_fit[:, None], "taylorseer": ref4 + 1.0}
+    calls = []
+
+    def gen():
+        calls.append("taylorseer" if fk.hooks.cache_info(m).method.startswith("taylorseer") else "fitted")
+        return outs[calls[-1]]
+
+    picks = {}
+    for keep in ("mean", "confident"):
+        cal.check(m, gen, ref4, keep=keep)
+        picks[keep] = cal.choice
+    mean, low = cal.check_difference
+    assert calls == ["fitted", "taylorseer"] * 2
+    assert mean == pytest.approx(0.5, abs=1e-9)
+    se = (torch.tensor([3.0, -2.0, 3.0, -2.0]).std().item()) / 2
+    assert low == pytest.approx(0.5 - 2.353363 * se, abs=1e-5)  # t(0.95, 3 df) = 2.353363
+    assert picks == {"mean": "fitted", "confident": "taylorseer"}
+    with pytest.raises(ValueError, match="keep must be one of"):
+        cal.check(m, gen, ref4, keep="median")
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        cal.check(m, lambda: ref4[0], ref4[0].reshape(-1)[:1].reshape(()), keep="confident")
+    assert not fk.hooks.is_cache_enabled(m)
+
+
+@pytest.mark.parametrize("df,quantile", [(1, 6.313752), (3, 2.353363), (7, 1.894579), (30, 1.697261)])
+def test_t_quantile_95(df, quantile):
+    assert calibrate_mod.t_quantile_95(df) == pytest.approx(quantile, abs=2e-6)
