@@ -14,9 +14,13 @@ need, per sample, so the decision is applied by ``aggregate`` and nothing is gen
 
     python studies/fitted_confident.py run --root OUT --model digits --setting euler-cfg --steps 25 --n 4 6 8
     python studies/fitted_confident.py run --root OUT --model textures --model-dir MODELS/textures ...
+    python studies/fitted_confident.py recheck --grid GRID --models-dir MODELS --root OUT2 [--models NAME]
     python studies/fitted_confident.py aggregate --root OUT > fitted_confident.md
 
-``run`` writes ``OUT/<model>/<setting>/steps<S>/n<N>.json`` per cell (a cell that exists is
+``recheck`` does the calibration and the check for every cell of an earlier grid
+(``studies/worst_case.py run ... --candidates taylorseer2 fitted-free ...``) and takes the judged
+per-sample PSNRs from that grid's runs (same seeds, deterministic), so the rule can be read on it
+too. ``run`` writes ``OUT/<model>/<setting>/steps<S>/n<N>.json`` per cell (a cell that exists is
 skipped, so a stopped run resumes). ``aggregate`` prints per cell the check's paired difference
 on the calibration batch (mean and one-sided 95% lower bound), the method each rule keeps and
 its mean difference to TaylorSeer-2 on the judged batch with a 95% interval, then per rule the
@@ -49,7 +53,8 @@ def per_sample_psnr(x: torch.Tensor, ref: torch.Tensor) -> List[float]:
     return [float(v) for v in psnr(x, ref, reduction="none")]
 
 
-def run_cell(model, cfg: HarnessConfig, n: int, judged_ref: torch.Tensor, labels: torch.Tensor) -> dict:
+def check_cell(model, cfg: HarnessConfig, n: int):
+    """The calibration and its check: (fitted method options, {method: per-sample PSNR})."""
     gen = dict(num_steps=cfg.num_steps, **cfg.sample_options())
     cal_labels = torch.arange(cfg.calibration_samples) % 10
     cal_seed = cfg.seed + CALIBRATION_SEED_OFFSET
@@ -57,13 +62,59 @@ def run_cell(model, cfg: HarnessConfig, n: int, judged_ref: torch.Tensor, labels
         cal_ref = sample(model, cal_labels, seed=cal_seed, **gen)
     configs = {"fitted-free": cfg.cache_config("fitted-free", n, weights=cal.method_options),
                "taylorseer2": cfg.cache_config("taylorseer2", n)}
-    out = {"n": n, "check": {}, "judged": {}}
+    scores = {}
     for name, config in configs.items():
         with cached(model, config):
-            out["check"][name] = per_sample_psnr(sample(model, cal_labels, seed=cal_seed, **gen), cal_ref)
+            scores[name] = per_sample_psnr(sample(model, cal_labels, seed=cal_seed, **gen), cal_ref)
+    return configs, scores
+
+
+def run_cell(model, cfg: HarnessConfig, n: int, judged_ref: torch.Tensor, labels: torch.Tensor) -> dict:
+    configs, scores = check_cell(model, cfg, n)
+    out = {"n": n, "check": scores, "judged": {}}
+    for name, config in configs.items():
         with cached(model, config):
-            out["judged"][name] = per_sample_psnr(sample(model, labels, seed=cfg.seed, **gen), judged_ref)
+            out["judged"][name] = per_sample_psnr(
+                sample(model, labels, seed=cfg.seed, num_steps=cfg.num_steps, **cfg.sample_options()), judged_ref)
     return out
+
+
+def save(path: str, cell: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(cell, f)
+    os.replace(path + ".tmp", path)
+
+
+def cmd_recheck(args) -> int:
+    torch.set_num_threads(args.threads)
+    for name in sorted(os.listdir(args.grid)):
+        if args.models and name not in args.models:
+            continue
+        model_dir = None if name in ("digits", "mnist") else os.path.join(args.models_dir, name)
+        if model_dir and not os.path.isdir(model_dir):
+            continue
+        model = load_demo_dit(resolve_spec(name, model_dir).name, directory=model_dir)
+        for setting, extra in SETTINGS.items():
+            sdir = os.path.join(args.grid, name, setting)
+            for entry in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else ():
+                res = os.path.join(sdir, entry, "results.json")
+                if not (entry.startswith("steps") and os.path.isfile(res)):
+                    continue
+                steps = int(entry[5:])
+                runs = json.load(open(res))["runs"]
+                judged = {(r["method"], r.get("interval")): r["psnr_per_image"] for r in runs}
+                folder = os.path.join(args.root, name, setting, entry)
+                os.makedirs(folder, exist_ok=True)
+                cfg = HarnessConfig(model=name, model_dir=model_dir, num_steps=steps, **extra)
+                for n in sorted({r.get("interval") for r in runs if r.get("interval")}):
+                    path = os.path.join(folder, f"n{n}.json")
+                    if os.path.exists(path):
+                        continue
+                    _, scores = check_cell(model, cfg, n)
+                    save(path, {"n": n, "check": scores, "model": name, "setting": setting, "steps": steps,
+                                "seed": cfg.seed, "judged": {k: judged[(k, n)] for k in scores}})
+                    print(f"{name} {setting} {steps} N={n} rechecked", flush=True)
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -84,9 +135,7 @@ def cmd_run(args) -> int:
             judged_ref = sample(model, labels, seed=cfg.seed, num_steps=cfg.num_steps, **cfg.sample_options())
         cell = run_cell(model, cfg, n, judged_ref, labels)
         cell.update(model=args.model, setting=args.setting, steps=args.steps, seed=args.seed)
-        with open(path + ".tmp", "w") as f:
-            json.dump(cell, f)
-        os.replace(path + ".tmp", path)
+        save(path, cell)
         print(f"{args.model} {args.setting} {args.steps} N={n} done", flush=True)
     return 0
 
@@ -168,10 +217,16 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=7)
     r.add_argument("--samples", type=int, default=32)
     r.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("recheck")
+    c.add_argument("--grid", required=True)
+    c.add_argument("--models-dir", required=True)
+    c.add_argument("--root", required=True)
+    c.add_argument("--models", nargs="+", default=None)
+    c.add_argument("--threads", type=int, default=1)
     a = sub.add_parser("aggregate")
     a.add_argument("--root", required=True)
     args = ap.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_aggregate(args)
+    return {"run": cmd_run, "recheck": cmd_recheck, "aggregate": cmd_aggregate}[args.cmd](args)
 
 
 if __name__ == "__main__":
