@@ -20,7 +20,7 @@ names and are checked against them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .duca.method import duca_method
 from .duca.options import DucaOptions
@@ -41,7 +41,7 @@ class MethodSpec:
     needs_input: bool = False  # the state keeps the module's input too (the hooks record it)
     aliases: Tuple[str, ...] = ()
 
-    def parse(self, options: Mapping[str, Any] = None) -> Any:
+    def parse(self, options: Optional[Mapping[str, Any]] = None) -> Any:
         """``options`` checked and normalised (raises TypeError / ValueError naming the problem)."""
         options = dict(options or {})
         return self.parse_options(check_method_options(options))
