@@ -174,8 +174,8 @@ def cmd_aggregate(args) -> int:
     found = cells(args.root)
     rules = ("confident", "better", "fitted")
     print("| model | setting | steps | N | check: fitted - TS-2, mean [one-sided 95% low] | kept (confident) | "
-          "kept - TS-2, judged [95%] | kept (better) | kept - TS-2 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "kept - TS-2, judged [95%] | kept (better) | kept - TS-2 | fitted alone - TS-2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     summary: Dict[str, list] = {r: [] for r in rules}
     for c in found:
         m, se = paired(c["check"]["fitted-free"], c["check"]["taylorseer2"])
@@ -184,8 +184,10 @@ def cmd_aggregate(args) -> int:
         for r in rules:
             k = keeps(r, c)
             jm, jse = paired(c["judged"][k], c["judged"]["taylorseer2"]) if k != "taylorseer2" else (0.0, 0.0)
-            summary[r].append((jm, k, c))
-            if r != "fitted":
+            summary[r].append((jm, k, c, jm - 1.96 * jse if k != "taylorseer2" else 0.0))
+            if r == "fitted":
+                row.append(f"{jm:+.2f}")
+            else:
                 row += [k, f"{jm:+.2f} [{jm - 1.96 * jse:+.2f}, {jm + 1.96 * jse:+.2f}]" if r == "confident"
                         else f"{jm:+.2f}"]
         print("| " + " | ".join(row) + " |")
@@ -198,7 +200,8 @@ def cmd_aggregate(args) -> int:
         below = [x for x in rows if x[0] < BAR]
         wins = sum(x[0] > 0.5 for x in rows)
         print(f"- rule {r}: cells {len(rows)}, fitted kept in {sum(x[1] == 'fitted-free' for x in rows)}, "
-              f"above TS-2 by > 0.5 dB in {wins}, below the bar ({BAR} dB) in {len(below)}; worst "
+              f"above TS-2 by > 0.5 dB in {wins} (interval above zero in {sum(x[3] > 0 for x in rows)}), "
+              f"below the bar ({BAR} dB) in {len(below)}; worst "
               f"{worst[0]:+.2f} dB ({worst[2]['model']} {worst[2]['setting']} {worst[2]['steps']} steps "
               f"N={worst[2]['n']})")
     return 0
