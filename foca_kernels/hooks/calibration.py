@@ -278,9 +278,10 @@ def calibrate(model_or_pipeline, config: Optional[CacheConfig] = None, *, fit: s
     for ``config``'s schedule and targets (see the module docstring); yields the
     :class:`Calibration`, whose ``config`` / ``method_options`` / ``save`` hold the result."""
     config = CacheConfig.build(config, **options)
-    if isinstance(config.method, str) and config.method.lower() == "fitted":
+    name = None if config.method_spec is None else config.method_spec.name  # None: a Method instance
+    if name == "fitted":
         config = replace(config, method_options={})
-    elif config.method != "taylorseer" or config.method_options not in ({}, {"order": 2}):
+    elif name != "taylorseer" or config.parsed_options != {"order": 2}:
         raise ValueError(
             f"calibrate fits the 'fitted' method (TaylorSeer-2's terms); leave method at its default or "
             f"'fitted', got method={config.method!r} with options {config.method_options}")
