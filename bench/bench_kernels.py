@@ -36,15 +36,17 @@ import pytest
 import torch
 
 import foca_kernels as fk
+from foca_kernels.methods import FOCA_STUDY_READINGS, make_foca
 from reference import make_ref
 
-# op: (method, options, step)
+# op: (method, options, step), as the reference names them (the package builds a study reading,
+# r4, as a Method: _package_method)
 OPS = {
     "foca_skip": ("foca", {"anchor": "secant"}, "skip"),  # reading r0
     "foca_full": ("foca", {"anchor": "secant"}, "full"),
     "foca_r3_skip": ("foca", {"reading": "r3"}, "skip"),  # closed form (r6 and r7, the default, move the same tensors)
     "foca_r3_full": ("foca", {"reading": "r3"}, "full"),
-    "foca_r4_skip": ("foca", {"reading": "r4"}, "skip"),
+    "foca_r4_skip": ("foca", {"reading": "r4"}, "skip"),  # a study reading: its state moves on skipped steps
     "foca_calibrated_skip": ("foca", {"reading": "calibrated"}, "skip"),  # the default: X0 + x Y
     "foca_calibrated_full": ("foca", {"reading": "calibrated"}, "full"),  # the copy plus the fit (two passes)
     "taylorseer2_skip": ("taylorseer", {"order": 2}, "skip"),
@@ -190,8 +192,18 @@ def _next_launch(buf, step):
     return buf.plan(buf.method.full(ctx) if step == "full" else buf.method.skip(ctx), t)
 
 
+def _package_method(op):
+    """(method, options) of ``op`` for foca_kernels: a study reading (r4), which the package
+    refuses by name, as its Method (docs/method.md, "Which reading to choose")."""
+    method, options, _ = OPS[op]
+    if method == "foca" and options.get("reading") in FOCA_STUDY_READINGS:
+        return make_foca(**options), {}
+    return method, dict(options)
+
+
 def _fused(op, warm, x):
-    method, options, step = OPS[op]
+    method, options = _package_method(op)
+    step = OPS[op][2]
     backend = "triton" if DEVICE.type == "cuda" else "torch"
     buf = fk.allocate(x, method, **options)
     out = torch.empty_like(x)
@@ -208,7 +220,7 @@ def _fused(op, warm, x):
 
 def _meta_state(op, kinds, shape=(16,), dtype=torch.float32):
     """A meta-device state (no memory, no work) driven through ``kinds`` as bookkeeping only."""
-    method, options, _ = OPS[op]
+    method, options = _package_method(op)
     buf = fk.allocate(torch.empty(shape, dtype=dtype, device="meta"), method, **options)
     for kind in kinds:
         t = 0.0 if buf.t is None else buf.t + 1.0
@@ -347,7 +359,7 @@ def test_full_step_of_many_streams(benchmark, op, dtype, provider, foca_bench_ro
     """provider "group": fk.update_group_ over every stream (O(1) launches per step); "loop": one
     fk.update_ per stream, as the hooks did before. Both in the steady state (the fit runs at
     every calibrated full step); bytes are the fused launches' (fit at its two-pass floor)."""
-    method, options, _ = OPS[op]
+    method, options = _package_method(op)
     torch_dtype = DTYPES[dtype]
     backend = "triton" if DEVICE.type == "cuda" else "torch"
     numel = math.prod(GROUP_SHAPE)

@@ -18,13 +18,14 @@ import torch
 
 import foca_kernels as fk
 from foca_kernels.fp8 import FP8_DTYPE, Fp8State  # noqa: E402
+from foca_kernels.methods import make_foca
 
 METHODS = [
     ("foca calibrated (fitted weights, default)", "foca", {"reading": "calibrated"}),
     ("foca r7 (closed form)", "foca", {"reading": "r7"}),
     ("foca r3 (closed form)", "foca", {"reading": "r3"}),
-    ("foca r6 (closed form)", "foca", {"reading": "r6"}),
-    ("foca r4", "foca", {"reading": "r4"}),
+    ("foca r6 (closed form; study reading)", make_foca(reading="r6"), {}),  # study readings: as a Method
+    ("foca r4 (study reading)", make_foca(reading="r4"), {}),
     ("foca r0 (secant anchor)", "foca", {"reading": "r0"}),
     ("taylorseer-1", "taylorseer", {"order": 1}),
     ("taylorseer-2", "taylorseer", {"order": 2}),

@@ -70,7 +70,7 @@ def check_fp8_supported(device) -> None:
 def check_fp8_method(method: Method) -> None:
     if not isinstance(method, RawHistory) or method.n_slots < 2:
         raise ValueError(
-            f"fp8 state storage applies to closed-form methods (taylorseer, foca reading r3 / r6 / r7), "
+            f"fp8 state storage applies to closed-form methods (taylorseer, foca reading r3 / r7), "
             f"whose state is the last computed values; {method.describe()} stores "
             + ("one value only (nothing to keep in fp8)" if getattr(method, "n_slots", 0) < 2 else
                "derivatives or fitted slopes")

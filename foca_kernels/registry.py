@@ -13,6 +13,11 @@ read the parsed form) and builds the state method of its cached streams, but
 :func:`make_method` refuses it. ``needs_input``: the method's state keeps the module's input
 too (rfc: :class:`foca_kernels.rfc.RFCState`); the hooks record the input for it.
 
+"foca" takes the public readings (:data:`FOCA_READINGS`: calibrated, the default, r7, r3, r0),
+each with a measured reason to choose it (docs/method.md, "Which reading to choose"). The study
+readings r4 and r6 have none: refused by name, they are built as a Method
+(``foca_kernels.methods.make_foca(reading="r6")``), which every call that takes a method accepts.
+
 The demo's method names (foca_kernels/demo/method_table.py) and the studies map onto these
 names and are checked against them.
 """
@@ -24,7 +29,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .duca.method import duca_method
 from .duca.options import DucaOptions
-from .methods import DEFAULT_FOCA_READING, Method, Reuse, TaylorSeer, make_foca
+from .methods import DEFAULT_FOCA_READING, FOCA_READINGS, FOCA_STUDY_READINGS, Method, Reuse, TaylorSeer, make_foca
 from .methods.fitted import Fitted
 from .rfc.method import RFC, RFC_FOCA_READING, RFE_OPTIONS
 from .validation import check_method_options
@@ -67,7 +72,16 @@ def _parse_foca(options):
         o["reading"] = "r0"  # the anchor choice belongs to reading r0
     if o.get("reading") is None:
         o["reading"] = DEFAULT_FOCA_READING
-    make_foca(**o)  # refuses an unknown reading or an option the reading does not take
+    reading = o["reading"]
+    if reading in FOCA_STUDY_READINGS:
+        raise ValueError(
+            f"FoCa reading {reading!r} is a study reading: r4 and r6 have no measured reason to choose them "
+            f"(docs/method.md, 'Which reading to choose'); the public readings are {FOCA_READINGS} (default "
+            f"{DEFAULT_FOCA_READING!r}). For a study, build it as a Method, "
+            f"foca_kernels.methods.make_foca(reading={reading!r}), and pass that instead of the name")
+    if reading not in FOCA_READINGS:
+        raise ValueError(f"FoCa reading must be one of {FOCA_READINGS}, got {reading!r}")
+    make_foca(**o)  # refuses an option the reading does not take
     return o
 
 
@@ -99,7 +113,7 @@ def _parse_rfc(options):
             raise ValueError("rfc cannot wrap itself")
         if spec.hook_level:
             raise ValueError(f"rfc cannot wrap {spec.name!r}: it needs the hooks; rfc's base is a temporal method in "
-                             "closed form (foca r3/r6/r7, taylorseer, reuse)")
+                             "closed form (foca r3/r7, taylorseer, reuse)")
         if spec.name == "foca" and "reading" not in o and "anchor" not in o:
             o["reading"] = RFC_FOCA_READING
         parsed = {"base": (spec.name, spec.parse(o)), **rfe}
@@ -163,4 +177,4 @@ def make_method(method="foca", **options) -> Method:
     return spec.build(spec.parse(options))
 
 
-__all__ = ["ALIASES", "METHOD_NAMES", "MethodSpec", "REGISTRY", "make_method", "method_spec"]
+__all__ = ["ALIASES", "FOCA_READINGS", "METHOD_NAMES", "MethodSpec", "REGISTRY", "make_method", "method_spec"]

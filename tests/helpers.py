@@ -35,12 +35,44 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import foca_kernels as fk
-from foca_kernels.methods import Fitted, FoCa, FoCaClosed, Reuse, TaylorSeer
-from reference import FittedRef, FoCaRef, FoCaRestartRef, ReuseRef, TaylorSeerRef, interval_schedule, make_ref
+from foca_kernels.methods import FOCA_STUDY_READINGS, Fitted, FoCa, FoCaClosed, Method, Reuse, TaylorSeer, make_foca
+from reference import FittedRef, FoCaRef, FoCaRestartRef, ReuseRef, TaylorSeerRef, interval_schedule
+from reference import make_ref as _make_ref
+
 
 # --------------------------------------------------------------------------------------
 # methods under test
 # --------------------------------------------------------------------------------------
+def study(reading: str) -> Method:
+    """FoCa's study reading ``reading`` (r4, r6), which the public API refuses by name (no
+    measured reason to choose it, docs/method.md), as the Method instance studies pass. A test
+    takes it as ``(study(r), {})`` where it takes ``(method name, options)``."""
+    return make_foca(reading=reading)
+
+
+def foca_reading(reading: str):
+    """(method, options) of FoCa's reading ``reading`` as tests pass them to allocate: a public
+    reading by name, a study reading as its Method (:func:`study`)."""
+    return (study(reading), {}) if reading in FOCA_STUDY_READINGS else ("foca", {"reading": reading})
+
+
+def study_options(method: Method) -> dict:
+    """The reference's options (reference.make_ref("foca", ...)) of a FoCa Method instance."""
+    if isinstance(method, FoCa) and method.contraction:
+        return {"reading": method.reading, "contraction": method.contraction}
+    if isinstance(method, FoCa):
+        return {"reading": "r0", "anchor": method.anchor}
+    return {"reading": method.reading}
+
+
+def make_ref(method="foca", **opts):
+    """reference.make_ref, also for a FoCa Method instance (a study reading)."""
+    if isinstance(method, Method):
+        assert not opts and method.name == "foca", (method, opts)
+        return _make_ref("foca", **study_options(method))
+    return _make_ref(method, **opts)
+
+
 METHODS = [
     ("foca", {"anchor": "secant"}),
     ("foca", {"anchor": "bdf2"}),
@@ -48,10 +80,11 @@ METHODS = [
     ("taylorseer", {"order": 2}),
     ("taylorseer", {"order": 3}),
     ("reuse", {}),
-    # readings r3, r4, r6, r7 (docs/method.md); appended so the indices above stay valid
+    # readings r3, r4, r6, r7 (docs/method.md; r4 and r6 are study readings, built as a Method);
+    # appended so the indices above stay valid
     ("foca", {"reading": "r3"}),
-    ("foca", {"reading": "r4"}),
-    ("foca", {"reading": "r6"}),
+    (study("r4"), {}),
+    (study("r6"), {}),
     ("foca", {"reading": "r7"}),
     # the fitted forecaster with weights as a calibration could give them (a != 1, c < 0, c > 1,
     # keys missing: TaylorSeer-2 there), dyadic so that lines stay exact in every dtype
@@ -60,7 +93,15 @@ METHODS = [
 ]
 
 
-def method_id(method: str, opts: dict) -> str:
+def method_name(method) -> str:
+    """The registry name of a method given by name or as a Method instance ("foca" for every
+    FoCa reading)."""
+    return method.name if isinstance(method, Method) else method
+
+
+def method_id(method, opts: dict) -> str:
+    if isinstance(method, Method):  # a study reading: its id as if it were given by name
+        return f"{method.name}-{method.reading}"
     if method == "fitted":
         return "fitted"
     return "-".join([method] + [str(v) for v in opts.values()])
@@ -393,7 +434,8 @@ def run_ref(ref, xs, full, steps) -> Dict[int, torch.Tensor]:
 
 __all__ = [
     "DTYPES", "DTYPE_IDS", "METHODS", "METHOD_IDS", "RULE_EPS", "StorageRoundedRef", "TOL",
-    "assert_close", "assert_low_precision_rule", "interval_schedule", "make_steps", "max_err",
-    "method_id", "random_schedule", "ref_from_state", "ref_role_times", "ref_roles", "role_time",
-    "round_to", "rounding_mode", "run_kernel", "run_ref", "smooth_features", "times_of",
+    "assert_close", "assert_low_precision_rule", "foca_reading", "interval_schedule", "make_steps", "max_err",
+    "make_ref", "method_id", "method_name", "random_schedule", "ref_from_state", "ref_role_times", "ref_roles",
+    "role_time", "round_to", "rounding_mode", "run_kernel", "run_ref", "smooth_features", "study", "study_options",
+    "times_of",
 ]

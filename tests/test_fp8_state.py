@@ -21,7 +21,7 @@ from foca_kernels.ops import cpu_codegen
 from foca_kernels.fp8 import FP8_DTYPE, Fp8State, anchor_dtype_for
 from helpers import (
     DTYPE_IDS, DTYPES, assert_close, assert_low_precision_rule, make_steps, random_schedule, round_to,
-    rounding_mode, smooth_features, times_of,
+    rounding_mode, smooth_features, study, times_of,
 )
 from reference import FoCaRestartRef, TaylorSeerRef
 from reference.fp8 import Fp8StorageRef, dequantize, quantize
@@ -59,7 +59,7 @@ METHODS = [
     ("taylorseer", {"order": 2}, lambda: TaylorSeerRef(2), 3),
     ("taylorseer", {"order": 3}, lambda: TaylorSeerRef(3), 4),
     ("foca", {"reading": "r7"}, lambda: FoCaRestartRef("r7"), 3),
-    ("foca", {"reading": "r6"}, lambda: FoCaRestartRef("r6"), 3),
+    (study("r6"), {}, lambda: FoCaRestartRef("r6"), 3),
 ]
 METHOD_IDS = ["ts1", "ts2", "ts3", "r7", "r6"]
 SHAPES = [(3, 7, 37), (1, 129), (5,)]  # odd row lengths and row counts; a 1-D tensor is one row
@@ -239,7 +239,7 @@ def test_nbytes_and_estimate():
     assert st.nbytes < bf16.nbytes * 0.7
 
 
-@pytest.mark.parametrize("method,opts", [("foca", {}), ("foca", {"reading": "r0"}), ("foca", {"reading": "r4"}),
+@pytest.mark.parametrize("method,opts", [("foca", {}), ("foca", {"reading": "r0"}), (study("r4"), {}),
                                          ("reuse", {})], ids=["calibrated", "r0", "r4", "reuse"])
 def test_refused_for_methods_without_increments(method, opts):
     with pytest.raises(ValueError, match="closed-form methods"):

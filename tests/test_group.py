@@ -24,8 +24,9 @@ import torch
 
 import foca_kernels as fk
 from foca_kernels.group import StateGroup, forecast_group_, pack_states_
-from helpers import METHOD_IDS, METHODS, assert_close, interval_schedule, make_steps, smooth_features, times_of
-from reference import make_ref
+from helpers import (
+    METHOD_IDS, METHODS, assert_close, interval_schedule, make_ref, make_steps, smooth_features, study, times_of,
+)
 
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # (feature/out dtype, state dtype)
@@ -679,7 +680,7 @@ def _kinds(device):
     f32, bf = torch.float32, torch.bfloat16
     return [  # shape, method, opts, io dtype, state dtype, kind
         ((3, 5), "foca", {}, f32, f32, "fp32-4"),  # the default reading, calibrated: 4 slots
-        ((70,), "foca", {"reading": "r6"}, f32, f32, "fp32-3"),
+        ((70,), study("r6"), {}, f32, f32, "fp32-3"),
         ((7,), "taylorseer", {"order": 2}, f32, f32, "fp32-3"),
         ((9,), "reuse", {}, f32, f32, "fp32-1"),
         ((17,), "foca", {"anchor": "secant"}, f32, f32, "fp32-4"),

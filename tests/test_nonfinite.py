@@ -27,7 +27,7 @@ import foca_kernels as fk
 from foca_kernels.hooks import cache_info, disable_cache, enable_cache
 from foca_kernels.ops import cpu_codegen
 from foca_kernels.ops import fit as fit_ops
-from helpers import assert_close
+from helpers import assert_close, method_id, study
 from reference.foca_calibrated import R7_WEIGHTS, FoCaCalibratedRef
 from test_hooks_plain import toy
 
@@ -41,10 +41,10 @@ RECOVERY = [
     ("taylorseer", {"order": 3}, 4),
     ("foca", {"anchor": "secant"}, None),
     ("foca", {"anchor": "bdf2"}, None),
-    ("foca", {"reading": "r4"}, None),  # carries a forecast across windows, as r0
+    (study("r4"), {}, None),  # carries a forecast across windows, as r0 (a study reading, as a Method)
     # closed forms over the last three computed values
     ("foca", {"reading": "r3"}, 3),
-    ("foca", {"reading": "r6"}, 3),
+    (study("r6"), {}, 3),
     ("foca", {"reading": "r7"}, 3),
     # the fit falls back to r7's weights while the value is among the X0..X3 it reads (four full
     # steps); on the last of them the slope's own three values are clean, so 3, as r7
@@ -72,7 +72,7 @@ def _forecasts_after_bad_full_step(method, opts, backend, windows=8):
 
 
 @pytest.mark.parametrize("method,opts,after", RECOVERY,
-                         ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o, _ in RECOVERY])
+                         ids=[method_id(m, o) for m, o, _ in RECOVERY])
 def test_which_methods_forget_a_nan(method, opts, after, backend):
     finite = _forecasts_after_bad_full_step(method, opts, backend)
     assert finite[0] is False  # the window right after the bad step forecasts from it

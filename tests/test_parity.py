@@ -20,10 +20,9 @@ import torch
 import foca_kernels as fk
 from helpers import (
     DTYPE_IDS, DTYPES, METHOD_IDS, METHODS, StorageRoundedRef, assert_close, assert_low_precision_rule,
-    interval_schedule, make_steps, ref_from_state, ref_role_times, ref_roles, role_time, round_to,
-    rounding_mode, run_kernel, smooth_features, times_of,
+    interval_schedule, make_ref, make_steps, method_name, ref_from_state, ref_role_times, ref_roles, role_time,
+    round_to, rounding_mode, run_kernel, smooth_features, times_of,
 )
-from reference import make_ref
 
 LOW = (torch.float16, torch.bfloat16)
 PLAIN_RULE_MIN_NUMEL = 64
@@ -143,7 +142,7 @@ def check_schedule(method, opts, backend, device, io_dtype, full, steps, shape, 
 def _sequence_cases():
     cases = []
     for (method, opts), mid in zip(METHODS, METHOD_IDS):
-        intervals = range(2, 10) if method == "foca" else (2, 5, 9)
+        intervals = range(2, 10) if method_name(method) == "foca" else (2, 5, 9)
         for dtype, did in zip(DTYPES, DTYPE_IDS):
             for n in intervals:
                 cases.append(pytest.param(method, opts, dtype, n, id=f"{mid}-{did}-N{n}"))
@@ -153,7 +152,7 @@ def _sequence_cases():
 @pytest.mark.parametrize("method,opts,dtype,interval", _sequence_cases())
 def test_sequence(method, opts, dtype, interval, backend, device, gen):
     """Warm-up (2 full steps), then one full step every ``interval`` steps; unequal steps."""
-    rng = random.Random(1000 * interval + len(method))
+    rng = random.Random(1000 * interval + len(method_name(method)))
     n_steps = 2 + 2 * interval + 3  # two full cycles and a partial one: recursion across full steps
     full = interval_schedule(n_steps, interval)
     steps = make_steps(n_steps, rng)

@@ -20,12 +20,11 @@ import torch
 
 import foca_kernels as fk
 from foca_kernels.methods import FEATURE  # noqa: F401  (documents the column convention)
-from helpers import assert_close, interval_schedule, run_kernel, run_ref, times_of
-from reference import make_ref
+from helpers import assert_close, foca_reading, interval_schedule, make_ref, run_kernel, run_ref, study, times_of
 
 EXACT_METHODS = [
     ("foca", {"anchor": "secant"}), ("foca", {"anchor": "bdf2"}),
-    ("foca", {"reading": "r3"}), ("foca", {"reading": "r4"}), ("foca", {"reading": "r6"}), ("foca", {"reading": "r7"}),
+    ("foca", {"reading": "r3"}), (study("r4"), {}), (study("r6"), {}), ("foca", {"reading": "r7"}),
     ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2}), ("taylorseer", {"order": 3}),
 ]
 EXACT_IDS = ["foca-secant", "foca-bdf2", "foca-r3", "foca-r4", "foca-r6", "foca-r7",
@@ -278,8 +277,8 @@ ORDER_CASES = [
     ("taylorseer-3", lambda: Shadow64("taylorseer", (2,), order=3), 4, 2),
     ("reuse", lambda: Shadow64("reuse", (2,)), 1, 1),
     ("foca-r3", lambda: Shadow64("foca", (2,), reading="r3"), 3, 2),
-    ("foca-r4", lambda: Shadow64("foca", (2,), reading="r4"), 2, 2),
-    ("foca-r6", lambda: Shadow64("foca", (2,), reading="r6"), 3, 2),
+    ("foca-r4", lambda: Shadow64(study("r4"), (2,)), 2, 2),
+    ("foca-r6", lambda: Shadow64(study("r6"), (2,)), 3, 2),
     ("foca-r7", lambda: Shadow64("foca", (2,), reading="r7"), 2, 2),  # a line per window: TaylorSeer-1's order
     ("ref-foca-r7", lambda: make_ref("foca", reading="r7"), 2, 2),
     ("ref-foca-secant", lambda: make_ref("foca", anchor="secant"), 2, 2),
@@ -419,7 +418,7 @@ def test_readings_grow_linearly_on_decay(reading, lam, h):
     y' = lambda y; each grows about linearly (fitted exponent over k = 30..60 below 1.3, error
     at k = 60 over 10x the first), slower than TaylorSeer-2 (exponent >= 1.8)."""
     K, ks = 60, np.arange(1, 61)
-    e = _decay_errors("foca", {"reading": reading}, lam, h, N_FULL, K)
+    e = _decay_errors(*foca_reading(reading), lam, h, N_FULL, K)
     half = slice(K // 2, K)
     assert e[-1] > 10 * e[0]
     assert _slope(ks[half], e[half]) <= 1.3

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import foca_kernels as fk
-from foca_kernels.methods import DEFAULT_FOCA_READING, FOCA_READINGS
+from foca_kernels.methods import DEFAULT_FOCA_READING, FOCA_READINGS, FOCA_STUDY_READINGS, FoCa, FoCaClosed, make_foca
+from helpers import foca_reading, study
 from reference import make_ref
 from reference.trajectories import DEFAULT_READING
 
@@ -123,8 +124,9 @@ def test_closed_forms_ignore_older_history(method, opts, m):
 def test_refused_forecast_leaves_the_memo_alone(reading):
     """The window's coefficient vectors live on the host (Transition.memo); a refused call
     mid-window must not advance them: the next forecasts equal an undisturbed twin's."""
-    a = fk.allocate(torch.zeros(6), "foca", reading=reading)
-    b = fk.allocate(torch.zeros(6), "foca", reading=reading)
+    method, opts = foca_reading(reading)  # r6: a study reading, as its Method
+    a = fk.allocate(torch.zeros(6), method, **opts)
+    b = fk.allocate(torch.zeros(6), method, **opts)
     g = torch.Generator().manual_seed(1)
     for buf in (a, b):
         g.manual_seed(1)
@@ -141,7 +143,8 @@ def test_refused_forecast_leaves_the_memo_alone(reading):
 
 
 def test_readings_and_defaults():
-    assert set(FOCA_READINGS) == {"r0", "r3", "r4", "r6", "r7", "calibrated"}
+    assert set(FOCA_READINGS) == {"r0", "r3", "r7", "calibrated"}
+    assert set(FOCA_STUDY_READINGS) == {"r4", "r6"}
     assert DEFAULT_READING == DEFAULT_FOCA_READING, "reference and package must share the default reading"
     assert fk.allocate(torch.zeros(3), "foca").method.reading == DEFAULT_FOCA_READING
     assert fk.allocate(torch.zeros(3), "foca", anchor="bdf2").method.reading == "r0"
@@ -150,6 +153,72 @@ def test_readings_and_defaults():
     with pytest.raises(TypeError):
         fk.allocate(torch.zeros(3), "foca", reading="r3", anchor="bdf2")
     with pytest.raises(TypeError):
-        fk.allocate(torch.zeros(3), "foca", reading="r4", anchor="bdf2")
+        make_foca(reading="r4", anchor="bdf2")
     with pytest.raises(ValueError, match="contraction"):
-        fk.allocate(torch.zeros(3), "foca", reading="r4", contraction=1.5)
+        make_foca(reading="r4", contraction=1.5)
+    with pytest.raises(TypeError, match="contraction"):
+        fk.allocate(torch.zeros(3), "foca", reading="r0", contraction=0.5)
+
+
+STUDY_REFUSAL = r"FoCa reading 'r[46]' is a study reading: .*no measured reason.*\('r0', 'r3', 'r7', 'calibrated'\)"
+
+
+@pytest.mark.parametrize("reading", ["r4", "r6"])
+def test_the_public_api_refuses_the_study_readings_by_name(reading):
+    """r4 and r6 have no measured reason to choose them (docs/method.md, "Which reading to
+    choose"): every call that takes a method by name refuses them with an error that names the
+    public readings and the way to build them for a study; nothing is allocated or hooked."""
+    from foca_kernels.hooks import cache_info, enable_cache
+    from test_hooks_plain import toy
+
+    x = torch.zeros(4, 3)
+    calls = [
+        lambda: fk.make_method("foca", reading=reading),
+        lambda: fk.allocate(x, "foca", reading=reading),
+        lambda: fk.state_nbytes(x, "foca", reading=reading),
+        lambda: fk.CacheConfig(method="foca", method_options={"reading": reading}),
+        lambda: fk.CacheConfig.build(method="foca", reading=reading),
+        lambda: fk.make_method("rfc", base="foca", reading=reading),
+        lambda: fk.allocate(x, "rfc", input=x, reading=reading),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=STUDY_REFUSAL) as e:
+            call()
+        assert f"make_foca(reading='{reading}')" in str(e.value)
+    model = toy()
+    with pytest.raises(ValueError, match=STUDY_REFUSAL):
+        enable_cache(model, method="foca", reading=reading)
+    with pytest.raises(ValueError, match=STUDY_REFUSAL):
+        enable_cache(model, method="foca", method_options={"reading": reading})
+    assert not cache_info(model).enabled, "a refused enable_cache leaves the model unhooked"
+
+
+@pytest.mark.parametrize("reading,cls", [("r4", FoCa), ("r6", FoCaClosed)])
+def test_make_foca_builds_the_study_readings(reading, cls):
+    """The study readings are built as Methods and accepted wherever a method is: the state,
+    its size, a cache configuration and RFC's base."""
+    m = make_foca(reading=reading)
+    assert isinstance(m, cls) and m.reading == reading and m is not make_foca(reading=reading)
+    assert study(reading).describe() == m.describe()
+    x = torch.zeros(4, 3)
+    st = fk.allocate(x, m)
+    assert st.method is m and fk.state_nbytes(x, m) == st.nbytes
+    assert fk.make_method(m) is m
+    cfg = fk.CacheConfig(method=m, interval=3)
+    assert cfg.make_method() is m and cfg.method_spec is None
+    if isinstance(m, FoCaClosed):  # a closed form: RFC's base, and the fp8 state
+        assert fk.allocate(x, "rfc", input=x, base=m).method.base is m
+        assert fk.CacheConfig(method=m, state_dtype=torch.float8_e4m3fn).make_method() is m
+    with pytest.raises(TypeError, match="Method instance"):
+        fk.allocate(x, m, reading=reading)
+    from foca_kernels.hooks import cache_info, disable_cache, enable_cache
+    from test_hooks_plain import sample, toy
+
+    model = toy()
+    enable_cache(model, method=m, interval=3)
+    try:
+        sample(model)
+        info = cache_info(model)
+        assert info.method == m.describe() and info.calls_forecast > 0
+    finally:
+        disable_cache(model)

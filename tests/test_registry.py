@@ -18,8 +18,8 @@ from foca_kernels.duca.options import DucaOptions
 from foca_kernels.hooks import CacheConfig
 from foca_kernels.hooks.controller import HOOK_RUNTIMES
 from foca_kernels.hooks.rfe import is_relational
-from foca_kernels.methods import DEFAULT_FOCA_READING, Method, Reuse
-from foca_kernels.registry import ALIASES, METHOD_NAMES, REGISTRY, make_method, method_spec
+from foca_kernels.methods import DEFAULT_FOCA_READING, FOCA_STUDY_READINGS, Method, Reuse
+from foca_kernels.registry import ALIASES, FOCA_READINGS, METHOD_NAMES, REGISTRY, make_method, method_spec
 from foca_kernels.rfc import RFC, RFC_FOCA_READING
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,10 +133,36 @@ def test_duca_options_are_parsed_once_per_enable_cache(monkeypatch):
     assert calls == [{"ratio_schedule": "constant", "fresh_ratio": 0.25}]
 
 
+def test_foca_takes_exactly_the_public_readings():
+    """The readings "foca" takes by name are the public ones, each with a measured reason to
+    choose it (docs/method.md); r4 and r6 are study readings, refused by name."""
+    assert set(FOCA_READINGS) == {"calibrated", "r7", "r3", "r0"} and DEFAULT_FOCA_READING in FOCA_READINGS
+    assert set(FOCA_STUDY_READINGS) == {"r4", "r6"} and not set(FOCA_READINGS) & set(FOCA_STUDY_READINGS)
+    spec = method_spec("foca")
+    for r in FOCA_READINGS:
+        assert spec.parse({"reading": r})["reading"] == r
+        assert spec.build(spec.parse({"reading": r})).reading == r
+    for r in FOCA_STUDY_READINGS:
+        with pytest.raises(ValueError, match=f"FoCa reading '{r}' is a study reading"):
+            spec.parse({"reading": r})
+    with pytest.raises(ValueError, match=r"FoCa reading must be one of \('r0', 'r3', 'r7', 'calibrated'\)"):
+        spec.parse({"reading": "r9"})
+    # the demo's FoCa names: one per public reading by name (and r0's bdf2 anchor); the study
+    # readings as study runs, each a fresh Method
+    foca_runs = {n: o["reading"] for n, (m, o) in mt.CACHE_RUNS.items() if m == "foca" and "anchor" not in o}
+    assert foca_runs == {f"foca-{r}": r for r in FOCA_READINGS}
+    assert set(mt.STUDY_RUNS) == {f"foca-{r}" for r in FOCA_STUDY_READINGS}
+    for name in mt.STUDY_RUNS:
+        method, options = mt.cache_method(name)
+        assert isinstance(method, Method) and options == {} and f"foca-{method.reading}" == name
+        assert mt.cache_method(name)[0] is not method and mt.replayable(name)
+        assert name in mt.method_choices()
+
+
 def test_every_demo_name_resolves_through_the_registry():
     covered = set()
     for name in mt.METHOD_NAMES:
-        if name in mt.BASELINES:
+        if name in mt.BASELINES or name in mt.STUDY_RUNS:  # study runs: test_foca_takes_exactly_the_public_readings
             continue
         method, options = mt.cache_method(name)
         cfg = CacheConfig(method=method, method_options=options)

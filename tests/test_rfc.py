@@ -6,11 +6,18 @@ import pytest
 import torch
 
 import foca_kernels as fk
+from foca_kernels.methods import Method
 from foca_kernels.rfc import RFCState
+from helpers import study, study_options
 from reference import RFCRef
 
-BASES = [("foca", {"reading": "r3"}), ("foca", {"reading": "r6"}),
+BASES = [("foca", {"reading": "r3"}), (study("r6"), {}),  # r6: a study reading, built as a Method
          ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2})]
+
+
+def _ref_base(base, opts):
+    """The reference's (base, options) of a base given by name or as a FoCa Method instance."""
+    return ("foca", study_options(base)) if isinstance(base, Method) else (base, opts)
 
 
 def _traj(shape, seed=0):
@@ -82,7 +89,8 @@ def test_matches_reference(base, opts, norm, estimate):
     ys = [torch.randn(shape, generator=g) for _ in range(12)]
     xs = [torch.randn(shape, generator=g) for _ in range(12)]
     st = fk.allocate(ys[0], "rfc", input=xs[0], base=base, norm=norm, estimate=estimate, clip=3.0, **opts)
-    ref = RFCRef(base, norm=norm, estimate=estimate, clip=3.0, **opts)
+    ref_base, ref_opts = _ref_base(base, opts)
+    ref = RFCRef(ref_base, norm=norm, estimate=estimate, clip=3.0, **ref_opts)
     full = [True, True, False, False, True, False, True, True, False, False, False, True]
     for k in range(12):
         h = [1.0, 1.0, 0.5, 2.0][k % 4]
@@ -213,5 +221,6 @@ def test_rfc_default_base_is_the_measured_foca_reading():
     assert rfc_ref.RFCRef("foca").out.reading == "r7" and rfc_ref.RFCRef("foca", reading="r3").out.reading == "r3"
     y, u = torch.zeros(4, 3), torch.zeros(4, 2)
     assert fk.allocate(y, "rfc", input=u).method.base.reading == "r7"
-    assert fk.allocate(y, "rfc", input=u, reading="r6").method.base.reading == "r6"
+    assert fk.allocate(y, "rfc", input=u, reading="r3").method.base.reading == "r3"
+    assert fk.allocate(y, "rfc", input=u, base=study("r6")).method.base.reading == "r6"
     assert fk.allocate(y, "foca").method.reading == DEFAULT_FOCA_READING

@@ -11,7 +11,7 @@ import torch
 
 import foca_kernels as fk
 from foca_kernels.state import SLOT_ALIGN
-from helpers import METHOD_IDS, METHODS
+from helpers import METHOD_IDS, METHODS, study
 
 BACKEND = "torch"  # bookkeeping is backend-independent; the kernels are tested in test_parity
 
@@ -297,7 +297,7 @@ def test_update_leaves_feature_untouched_and_returns_state():
 
 
 @pytest.mark.parametrize("method,opts", [
-    ("foca", {"reading": "r7"}), ("foca", {"reading": "r3"}), ("foca", {"reading": "r6"}),
+    ("foca", {"reading": "r7"}), ("foca", {"reading": "r3"}), (study("r6"), {}),
     ("taylorseer", {"order": 1}), ("taylorseer", {"order": 2}), ("taylorseer", {"order": 3}),
 ])
 def test_rotation_plan_is_the_generic_plan(method, opts):

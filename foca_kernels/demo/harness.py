@@ -16,8 +16,9 @@ Runs (each from the same seeds, one batch of ``samples`` images, labels ``i % 10
   runs at interval N compute fully (e.g. 11 for N = 5: the warm-up plus one full step per
   window), so it does the same number of full transformer evaluations.
 * ``reuse`` (FORA), ``taylorseer1``/``taylorseer2``/``taylorseer3``, FoCa in each reading
-  ``foca-calibrated``/``foca-r7``/``foca-r0``/``foca-r3``/``foca-r4``/``foca-r6`` (``foca-secant`` = ``foca-r0``,
-  ``foca-bdf2`` = r0 with the bdf2 anchor; ``foca`` alone is the package default): :func:`foca_kernels.hooks.cached`
+  ``foca-calibrated``/``foca-r7``/``foca-r0``/``foca-r3`` (``foca-secant`` = ``foca-r0``, ``foca-bdf2`` = r0
+  with the bdf2 anchor; ``foca`` alone is FoCa's default reading) and the study readings ``foca-r4``/``foca-r6``
+  (a Method instance as ``method``): :func:`foca_kernels.hooks.cached`
   on the model with ``CacheConfig(interval=N, method=..., method_options=...)``, module
   granularity by default (attention and feed-forward of every block), so skipped modules do
   not run and their forecasts come from the fused kernels.
@@ -57,7 +58,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -66,6 +67,7 @@ from ..backend import get_backend
 from ..hooks import CacheConfig, cache_info, cached, calibrate
 from ..hooks.schedule import Schedule
 from ..hooks.targets import select_sites
+from ..methods import Method
 from .specs import resolve_spec
 from .method_table import (  # noqa: F401  (re-exported: the harness's names)
     BASELINES,
@@ -427,7 +429,7 @@ class _Probe:
         return names, torch.stack([torch.stack(self.records[n]) for n in names], dim=1)
 
 
-def replay_forecast_error(records: torch.Tensor, method: str, options: Dict[str, object], pattern: str,
+def replay_forecast_error(records: torch.Tensor, method: Union[str, Method], options: Dict[str, object], pattern: str,
                           backend: Optional[str] = None) -> List[float]:
     """Teacher-forced forecast error per step: ``records`` ``(steps, modules, elements)`` are
     true features along a trajectory; each method is fed the computed steps of ``pattern``

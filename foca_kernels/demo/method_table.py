@@ -2,14 +2,16 @@
 each stands for, how each maps to a cache configuration, and its plot colour. One table for
 harness.py, plots.py, cli.py and the studies. Each cached name is a short name for one method
 of the package's registry (foca_kernels/registry.py) with fixed options (:data:`CACHE_RUNS`),
-checked against the registry when this module loads.
+checked against the registry when this module loads, or a study run (:data:`STUDY_RUNS`: FoCa's
+study readings r4 and r6, which the registry does not take by name, built as a Method).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, Sequence, Tuple, Union
 
-from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS
+from ..methods import DEFAULT_FOCA_READING, FOCA_READINGS, FOCA_STUDY_READINGS, Method, make_foca
 from ..registry import ALIASES, method_spec
 
 TAYLORSEER_ORDERS = (1, 2, 3)
@@ -24,6 +26,10 @@ CACHE_RUNS: Dict[str, Tuple[str, Dict[str, object]]] = {
     "fitted-free": ("fitted", {}),
 }
 """Every cached run of a fixed schedule: (registry method, method_options), in table order."""
+STUDY_RUNS: Dict[str, Callable[[], Method]] = {f"foca-{r}": partial(make_foca, reading=r) for r in FOCA_STUDY_READINGS}
+"""Study runs: FoCa's study readings (no measured reason to choose them, docs/method.md), each a
+factory of a fresh Method (the registry refuses them by name); kept for the studies that compare
+every reading (studies/fidelity_frontier.py)."""
 
 
 def _check_runs() -> None:
@@ -49,7 +55,7 @@ FITTED = {"fitted": "line", "fitted-free": "free"}
 a full-compute generation of other seeds before the timed runs."""
 ALL_METHODS = BASELINES + CACHED
 """Every run of the full table, in table order."""
-METHOD_NAMES = BASELINES + tuple(CACHE_RUNS) + ADAPTIVE
+METHOD_NAMES = BASELINES + tuple(CACHE_RUNS) + tuple(STUDY_RUNS) + ADAPTIVE
 """Every name :func:`canonical_method` returns (the one list of accepted names), in table order."""
 METHOD_ALIASES = {**{a: m for a, m in ALIASES.items() if m in CACHE_RUNS},
                   "foca": f"foca-{DEFAULT_FOCA_READING}", "foca-secant": "foca-r0"}
@@ -69,9 +75,10 @@ def default_reading() -> str:
 
 def canonical_method(name: str) -> str:
     """Harness method name: one of :data:`METHOD_NAMES` (``full``, ``steps``, ``reuse``,
-    ``taylorseerK`` (K = 1..3), ``foca-<reading>``, ``foca-bdf2`` (r0 with the bdf2 anchor),
-    ``duca``, ``rfc``, the RCS runs), or an alias of :data:`METHOD_ALIASES` (``foca`` alone is
-    the package default reading, ``foca-secant`` is ``foca-r0``, ``fora`` is ``reuse``)."""
+    ``taylorseerK`` (K = 1..3), ``foca-<reading>`` (the study runs ``foca-r4`` and ``foca-r6``
+    too), ``foca-bdf2`` (r0 with the bdf2 anchor), ``duca``, ``rfc``, the RCS runs), or an
+    alias of :data:`METHOD_ALIASES` (``foca`` alone is FoCa's default reading, ``foca-secant``
+    is ``foca-r0``, ``fora`` is ``reuse``)."""
     n = str(name).strip().lower().replace("_", "-")
     n = METHOD_ALIASES.get(n, n)
     if n in METHOD_NAMES:
@@ -82,7 +89,9 @@ def canonical_method(name: str) -> str:
 def method_choices() -> str:
     """Every accepted method name, the aliases with what they stand for (for messages and help)."""
     aliases = ", ".join(f"{a} = {m}" for a, m in METHOD_ALIASES.items())
-    return f"{', '.join(METHOD_NAMES)} (aliases: {aliases})"
+    study = ", ".join(STUDY_RUNS)
+    return (f"{', '.join(METHOD_NAMES)} (aliases: {aliases}; {study}: study readings of FoCa, with no measured "
+            "reason to choose them, docs/method.md)")
 
 
 def ordered_methods(names: Sequence[str]) -> Tuple[str, ...]:
@@ -91,11 +100,14 @@ def ordered_methods(names: Sequence[str]) -> Tuple[str, ...]:
     return tuple(sorted({canonical_method(m) for m in names}, key=order.__getitem__))
 
 
-def cache_method(name: str) -> Tuple[str, Dict[str, object]]:
-    """(method, method_options) of a cached harness method, for :class:`CacheConfig`."""
+def cache_method(name: str) -> Tuple[Union[str, Method], Dict[str, object]]:
+    """(method, method_options) of a cached harness method, for :class:`CacheConfig`: a registry
+    name and its options, or for a study run a fresh Method and no options."""
     n = canonical_method(name)
     if n in ADAPTIVE:
         return cache_method(n[:-len("-rcs")])
+    if n in STUDY_RUNS:
+        return STUDY_RUNS[n](), {}
     if n not in CACHE_RUNS:
         raise ValueError(f"{name!r} is not a caching method")
     method, options = CACHE_RUNS[n]
@@ -108,6 +120,8 @@ def replayable(name: str) -> bool:
     n = canonical_method(name)
     if n in BASELINES or n in ADAPTIVE:
         return False
+    if n in STUDY_RUNS:
+        return True  # FoCa readings: state-level, on the module outputs alone
     spec = method_spec(cache_method(n)[0])
     return not (spec.hook_level or spec.needs_input)
 
@@ -140,6 +154,7 @@ no two curves of a plot share a colour: tests/test_demo_output.py checks both)."
 __all__ = [
     "BASELINES",
     "CACHE_RUNS",
+    "STUDY_RUNS",
     "CACHED",
     "ADAPTIVE",
     "FITTED",

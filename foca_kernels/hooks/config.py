@@ -50,14 +50,15 @@ class CacheConfig:
       "duca" (the names of foca_kernels/registry.py, which parses ``method_options`` once, on
       creation: :attr:`method_spec`, :attr:`parsed_options`; or a :class:`foca_kernels.Method`),
       ``method_options`` e.g. ``{"order": 1}`` (TaylorSeer) or
-      ``{"reading": "r7"}`` (FoCa: "calibrated" (FoCa's default) | "r7" | "r3" | "r6" | "r4" | "r0", see
-      docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``). TaylorSeer-2 is the default because it
+      ``{"reading": "r7"}`` (FoCa: "calibrated" (FoCa's default) | "r7" | "r3" | "r0", see
+      docs/method.md; ``{"reading": "r0", "anchor": "bdf2"}``; the study readings r4 and r6 only as a
+      Method, ``method=make_foca(reading="r6")``). TaylorSeer-2 is the default because it
       has the best worst case over the models, step counts and intervals measured (docs/fidelity.md,
       "The default by its worst case"); FoCa calibrated is better on some of them and up to 1.8 dB
       worse on others.
       ``state_dtype`` stores the cached tensors in another precision (e.g. torch.bfloat16
       for an fp32 model); None keeps the features' dtype. torch.float8_e4m3fn (closed-form
-      methods: TaylorSeer, FoCa r3 / r6 / r7) keeps a 16-bit anchor and e4m3 increments with
+      methods: TaylorSeer, FoCa r3 / r7) keeps a 16-bit anchor and e4m3 increments with
       per-token scales (docs/method.md, "fp8 state").
 
     What is cached:
@@ -169,7 +170,7 @@ class CacheConfig:
         if is_fp8(self.state_dtype):  # anchor + e4m3 increments: closed-form methods only (foca_kernels/fp8.py)
             if self.method_spec is not None and self.method_spec.hook_level:
                 raise ValueError(f"fp8 state storage applies to closed-form methods (taylorseer, foca reading r3 / "
-                                 f"r6 / r7); method {self.method_spec.name!r} rewrites token rows of its stored value; "
+                                 f"r7); method {self.method_spec.name!r} rewrites token rows of its stored value; "
                                  "use state_dtype=torch.bfloat16")
             check_fp8_method(self.make_method())
         elif self.state_dtype is not None and self.state_dtype not in STORAGE_DTYPES:

@@ -14,19 +14,29 @@ from .history import RawHistory
 from .reuse import Reuse
 from .taylorseer import TaylorSeer
 
-FOCA_READINGS = ("r0", "r3", "r4", "r6", "r7", "calibrated")
+FOCA_READINGS = ("r0", "r3", "r7", "calibrated")
+"""The public readings, the ones ``method="foca"`` takes by name: each has a measured reason to
+choose it (docs/method.md, "Which reading to choose")."""
+FOCA_STUDY_READINGS = ("r4", "r6")
+"""Readings kept for studies only: no measured reason to choose them (docs/method.md). Refused by
+name; built as a Method with :func:`make_foca` (``make_foca(reading="r6")``), which every call
+that takes a method accepts in place of a name."""
 DEFAULT_FOCA_READING = "calibrated"  # chosen by a rule fixed before its runs, on both shipped models: docs/fidelity.md
 CLOSED_FOCA_READING = "r7"  # the default among the closed forms (where a method must be one: DuCa, RCS's probe)
 R4_CONTRACTION = 0.5
 
 
 def make_foca(reading=None, **options) -> Method:
-    """FoCa in one of its readings (docs/method.md): "r3" and "r6" restart every window from
-    computed values (closed form over the last three), "r0" (``anchor=`` "secant" | "bdf2")
-    and "r4" carry the previous window's forecast in."""
+    """FoCa in one of its readings (docs/method.md), public or study: "r3", "r6" and "r7"
+    restart every window from computed values (closed form over the last three), "r0"
+    (``anchor=`` "secant" | "bdf2") and "r4" carry the previous window's forecast in,
+    "calibrated" fits the corrector's slope weights at every full step. The method names
+    (foca_kernels/registry.py) take the public readings only; this builds the study readings
+    too (:data:`FOCA_STUDY_READINGS`)."""
     reading = DEFAULT_FOCA_READING if reading is None else reading
-    if reading not in FOCA_READINGS:
-        raise ValueError(f"FoCa reading must be one of {FOCA_READINGS}, got {reading!r}")
+    if reading not in FOCA_READINGS + FOCA_STUDY_READINGS:
+        raise ValueError(f"FoCa reading must be one of {FOCA_READINGS} (study readings: {FOCA_STUDY_READINGS}), "
+                         f"got {reading!r}")
     if reading == "calibrated":
         if set(options) - {"sharded"}:
             raise TypeError(f"FoCa reading calibrated takes only sharded=, got {sorted(options)}")
@@ -45,7 +55,7 @@ def make_foca(reading=None, **options) -> Method:
 
 
 __all__ = [
-    "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FoCa", "FoCaCalibrated",
-    "FoCaClosed", "Fitted", "Keep", "RawHistory", "Method", "Reuse", "Same", "StepContext", "TaylorSeer",
-    "Transition", "make_foca",
+    "ANCHORS", "CLOSED_FOCA_READING", "DEFAULT_FOCA_READING", "FEATURE", "FOCA_READINGS", "FOCA_STUDY_READINGS", "FoCa",
+    "FoCaCalibrated", "FoCaClosed", "Fitted", "Keep", "RawHistory", "Method", "Reuse", "Same", "StepContext",
+    "TaylorSeer", "Transition", "make_foca",
 ]
