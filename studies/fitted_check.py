@@ -20,29 +20,20 @@ from types import SimpleNamespace
 
 import torch
 
-from foca_kernels.demo.harness import CALIBRATION_SEED_OFFSET, HarnessConfig, paired_psnr_difference
-from foca_kernels.demo.metrics import psnr
+from foca_kernels.demo.harness import HarnessConfig, paired_psnr_difference
 from foca_kernels.demo.model import load_demo_dit
-from foca_kernels.demo.sampler import sample
 from foca_kernels.demo.specs import resolve_spec
-from foca_kernels.hooks import cached, calibrate
+
+from fitted_confident import SETTINGS, check_cell
 
 SHIPPED = ("digits", "mnist")
-SETTINGS = {"euler-cfg": {}, "uncond": {"unconditional": True}, "sampler-dpm": {"sampler": "dpm"}}
 
 
 def check(model, cfg: HarnessConfig, n: int) -> tuple:
-    """(picked method, fitted PSNR, TaylorSeer-2 PSNR) on the calibration batch."""
-    labels = torch.arange(cfg.calibration_samples) % 10
-    seed = cfg.seed + CALIBRATION_SEED_OFFSET
-    with calibrate(model, cfg.cache_config("taylorseer2", n), fit="free") as cal:
-        ref = sample(model, labels, seed=seed, num_steps=cfg.num_steps, **cfg.sample_options())
-    got = {}
-    for name, config in (("fitted-free", cfg.cache_config("fitted-free", n, weights=cal.method_options)),
-                         ("taylorseer2", cfg.cache_config("taylorseer2", n))):
-        with cached(model, config):
-            x = sample(model, labels, seed=seed, num_steps=cfg.num_steps, **cfg.sample_options())
-        got[name] = float(psnr(x, ref, reduction="none").mean())
+    """(picked method, fitted PSNR, TaylorSeer-2 PSNR) on the calibration batch: the check of
+    studies/fitted_confident.py, picked by the higher mean."""
+    _, scores = check_cell(model, cfg, n)
+    got = {k: sum(v) / len(v) for k, v in scores.items()}
     pick = "fitted-free" if got["fitted-free"] > got["taylorseer2"] else "taylorseer2"
     return pick, got["fitted-free"], got["taylorseer2"]
 
